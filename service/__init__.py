@@ -1,0 +1,1 @@
+"""cellstream server: stateful LSTM inference over gRPC. Nothing here imports torch."""

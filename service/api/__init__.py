@@ -1,0 +1,1 @@
+"""Transport layers: thin servicers that convert protobuf to DataPlane calls and back."""

@@ -1,0 +1,144 @@
+"""Python client for the cellstream.v1 API, and the `cellstream chat` terminal chat."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from service._proto.cellstream.v1 import inference_pb2 as pb
+from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    position: int
+    logits: np.ndarray | None  # (V,) last step, or (T, V) with all_steps
+    top: list[tuple[int, float, str]]
+    state: pb.State | None
+
+
+class Client:
+    """Async client; use as `async with Client("127.0.0.1:50051") as client:`."""
+
+    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = 30.0) -> None:
+        self.channel = channel or grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def open_session(self, model: str = "", ttl_seconds: int = 0, initial_state: pb.State | None = None
+                           ) -> pb.SessionInfo:
+        request = pb.OpenSessionRequest(model=model, ttl_seconds=ttl_seconds, initial_state=initial_state)
+        return await self.stub.OpenSession(request, timeout=self.timeout)
+
+    @staticmethod
+    def step_request(
+        session_id: str = "",
+        *,
+        tokens: Sequence[int] | None = None,
+        text: str | None = None,
+        features: np.ndarray | None = None,
+        expected_position: int | None = None,
+        logits: bool = False,
+        top_k: int = 0,
+        all_steps: bool = False,
+        state: bool = False,
+    ) -> pb.StepRequest:
+        """A StepRequest with exactly one of tokens, text or features (T, F)."""
+        request = pb.StepRequest(session_id=session_id, expected_position=expected_position,
+                                 want=pb.Outputs(logits=logits, top_k=top_k, all_steps=all_steps, state=state))
+        if tokens is not None:
+            request.tokens.ids.extend(int(t) for t in tokens)
+        elif text is not None:
+            request.text = text
+        elif features is not None:
+            array = np.asarray(features, dtype=np.float32)
+            request.features.values.extend(array.ravel().tolist())
+            request.features.dim = array.shape[-1]
+        return request
+
+    @staticmethod
+    def step_output(response: pb.StepResponse, vocab_size: int | None = None) -> StepOutput:
+        logits = None
+        if response.logits:
+            logits = np.asarray(response.logits, dtype=np.float32)
+            if vocab_size and logits.size > vocab_size:
+                logits = logits.reshape(-1, vocab_size)
+        top = [(t.token, t.prob, t.text) for t in response.top]
+        state = response.state if response.HasField("state") else None
+        return StepOutput(response.position, logits, top, state)
+
+    async def step(self, session_id: str, **kwargs: object) -> pb.StepResponse:
+        return await self.stub.Step(self.step_request(session_id, **kwargs), timeout=self.timeout)
+
+    def stream_steps(self) -> grpc.aio.StreamStreamCall:
+        """A StreamSteps call: `await call.write(request)`, `await call.read()`, `await call.done_writing()`."""
+        return self.stub.StreamSteps(timeout=self.timeout)
+
+    async def generate(self, session_id: str, prompt: str, *, max_tokens: int = 0, temperature: float = 0.0,
+                       top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()
+                       ) -> AsyncIterator[pb.GenerateChunk]:
+        request = pb.GenerateRequest(session_id=session_id, prompt=prompt, max_tokens=max_tokens,
+                                     temperature=temperature, top_k=top_k, seed=seed, stop=list(stop))
+        async for chunk in self.stub.Generate(request, timeout=self.timeout):
+            yield chunk
+
+    async def reply(self, session_id: str, prompt: str, **kwargs: object) -> str:
+        """The whole generated text of one Generate call."""
+        return "".join([chunk.text async for chunk in self.generate(session_id, prompt, **kwargs)])
+
+    async def get_state(self, session_id: str) -> pb.State:
+        return await self.stub.GetState(pb.SessionRef(session_id=session_id), timeout=self.timeout)
+
+    async def fork(self, session_id: str, ttl_seconds: int = 0) -> pb.SessionInfo:
+        request = pb.ForkSessionRequest(session_id=session_id, ttl_seconds=ttl_seconds)
+        return await self.stub.ForkSession(request, timeout=self.timeout)
+
+    async def close_session(self, session_id: str) -> pb.CloseSessionResponse:
+        return await self.stub.CloseSession(pb.SessionRef(session_id=session_id), timeout=self.timeout)
+
+    async def list_models(self) -> pb.ListModelsResponse:
+        return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+
+
+async def chat(target: str, *, model: str = "", temperature: float = 0.0, max_tokens: int = 200) -> int:
+    """Interactive chat on stdin/stdout: one session for the whole conversation, replies streamed."""
+    async with Client(target) as client:
+        try:
+            session = await client.open_session(model=model)
+        except grpc.aio.AioRpcError as exc:
+            print(f"cellstream chat: cannot open a session on {target}: {exc.code().name}: {exc.details()}",
+                  file=sys.stderr)
+            return 1
+        print(f"session {session.session_id} on model {session.model}; empty line or Ctrl-D to quit")
+        loop = asyncio.get_running_loop()
+        while True:
+            print("you> ", end="", flush=True)
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line.strip():
+                break
+            print("bot> ", end="", flush=True)
+            prompt = f"user: {line.strip()}\nbot: "
+            reply = ""
+            try:
+                async for chunk in client.generate(session.session_id, prompt, temperature=temperature,
+                                                   max_tokens=max_tokens, stop=["\n"]):
+                    reply += chunk.text
+                    print(chunk.text, end="", flush=True)
+            except grpc.aio.AioRpcError as exc:
+                print(f"\n[error: {exc.code().name}: {exc.details()}]")
+                return 1
+            if not reply.endswith("\n"):
+                print()
+        await client.close_session(session.session_id)
+    return 0

@@ -1,0 +1,276 @@
+"""The shared core both APIs call: validate inputs, manage sessions, run steps through the batcher.
+
+Servicers only convert protobuf to the arguments here and results back; every rule lives here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.batcher import Batcher, StepJob, StepResult
+from service.config import Settings
+from service.engine import FEATURES, TOKENS, ModelRegistry, ModelSpec
+from service.errors import InvalidArgument, NotFound
+from service.metrics import Metrics
+from service.sessions.base import SessionRecord, SessionStore, new_session_id
+from service.textcodec import StreamDecoder, encode_text
+
+
+@dataclass(frozen=True)
+class InitialState:
+    """A client-supplied state: layer-major flat h and c, and the position it stands for."""
+
+    model: str
+    num_layers: int
+    hidden_size: int
+    h: Sequence[float]
+    c: Sequence[float]
+    position: int
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    spec: ModelSpec
+    result: StepResult
+
+
+@dataclass(frozen=True)
+class GeneratedChunk:
+    text: str
+    tokens: list[int]
+    position: int
+    finish_reason: str = ""  # set on the last chunk
+
+
+class DataPlane:
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self.batchers = {
+            name: Batcher(engine, store, metrics, max_batch_size=settings.max_batch_size,
+                          max_queue_size=settings.max_queue_size)
+            for name, engine in registry.engines.items()
+        }
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="session-sweeper")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for batcher in self.batchers.values():
+            await batcher.close()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            self.store.sweep()
+
+    # --- models -------------------------------------------------------------------------------
+
+    def spec(self, model: str) -> ModelSpec:
+        """The spec of a requested model ('' = default); NotFound names the models served."""
+        try:
+            return self.registry.engines[self.registry.resolve(model)].spec
+        except KeyError:
+            raise NotFound(f"model {model!r} is not served; models: {sorted(self.registry.engines)}") from None
+
+    # --- input validation ---------------------------------------------------------------------
+
+    def _check_length(self, steps: int, field: str) -> None:
+        if steps == 0:
+            raise InvalidArgument(f"{field} is empty; send at least one token or feature vector")
+        limit = self.settings.max_tokens_per_request
+        if steps > limit:
+            raise InvalidArgument(f"{field} has {steps} steps, more than max_tokens_per_request ({limit})")
+
+    def tokens_input(self, spec: ModelSpec, ids: Sequence[int] | np.ndarray, field: str = "tokens") -> np.ndarray:
+        if spec.input_kind != TOKENS:
+            raise InvalidArgument(f"model {spec.name!r} takes features ({spec.feature_size} floats per step), "
+                                  f"not {field}")
+        tokens = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self._check_length(len(tokens), field)
+        bad = np.flatnonzero((tokens < 0) | (tokens >= spec.vocab_size))
+        if len(bad):
+            k = int(bad[0])
+            raise InvalidArgument(f"{field}[{k}] = {int(tokens[k])} is outside the vocabulary "
+                                  f"[0, {spec.vocab_size}) of model {spec.name!r}")
+        return tokens
+
+    def text_input(self, spec: ModelSpec, text: str, field: str = "text") -> np.ndarray:
+        if not spec.accepts_text:
+            raise InvalidArgument(f"model {spec.name!r} has no byte tokenizer ({spec.input_kind} input); "
+                                  f"send {'tokens' if spec.input_kind == TOKENS else 'features'} instead of {field}")
+        return self.tokens_input(spec, encode_text(text), field)
+
+    def features_input(
+        self, spec: ModelSpec, values: Sequence[float] | np.ndarray, dim: int, field: str = "features"
+    ) -> np.ndarray:
+        if spec.input_kind != FEATURES:
+            raise InvalidArgument(f"model {spec.name!r} takes tokens, not {field}")
+        if dim != spec.feature_size:
+            raise InvalidArgument(f"{field}.dim is {dim} but model {spec.name!r} takes {spec.feature_size} "
+                                  "features per step")
+        array = np.asarray(values, dtype=np.float32).reshape(-1)
+        if len(array) % dim:
+            raise InvalidArgument(f"{field}.values has {len(array)} floats, not a multiple of dim {dim}")
+        self._check_length(len(array) // dim, f"{field}.values")
+        finite = np.isfinite(array)
+        if not finite.all():
+            k = int(np.flatnonzero(~finite)[0])
+            raise InvalidArgument(f"{field}.values[{k}] is {array[k]}; features must be finite (no NaN or Inf)")
+        return array.reshape(-1, dim)
+
+    def _ttl(self, ttl_seconds: float, field: str = "ttl_seconds") -> float:
+        if ttl_seconds == 0:
+            return self.settings.session_ttl_seconds
+        limit = self.settings.max_session_ttl_seconds
+        if not 0 < ttl_seconds <= limit:
+            raise InvalidArgument(f"{field} is {ttl_seconds}; it must be in (0, {limit:g}] (max_session_ttl_seconds)")
+        return float(ttl_seconds)
+
+    def _initial_arrays(self, spec: ModelSpec, state: InitialState) -> tuple[np.ndarray, np.ndarray]:
+        if state.model and state.model != spec.name:
+            raise InvalidArgument(f"initial_state.model is {state.model!r} but the session is for {spec.name!r}")
+        if (state.num_layers, state.hidden_size) != spec.state_shape:
+            raise InvalidArgument(
+                f"initial_state is {state.num_layers} layers x {state.hidden_size} units but model {spec.name!r} "
+                f"has {spec.num_layers} x {spec.hidden_size}"
+            )
+        arrays = []
+        for name, values in (("h", state.h), ("c", state.c)):
+            array = np.asarray(values, dtype=np.float32)
+            size = spec.num_layers * spec.hidden_size
+            if array.size != size:
+                raise InvalidArgument(f"initial_state.{name} has {array.size} floats; expected {size} "
+                                      f"(num_layers * hidden_size, layer-major)")
+            if not np.isfinite(array).all():
+                raise InvalidArgument(f"initial_state.{name} has NaN or Inf values")
+            arrays.append(array.reshape(spec.state_shape).copy())
+        return arrays[0], arrays[1]
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    async def open_session(
+        self, model: str, ttl_seconds: float = 0, initial: InitialState | None = None, owner: str = ""
+    ) -> SessionRecord:
+        spec = self.spec(model)
+        ttl = self._ttl(ttl_seconds)
+        if initial is not None:
+            h, c = self._initial_arrays(spec, initial)
+            position = initial.position
+        else:
+            h = np.zeros(spec.state_shape, np.float32)
+            c = np.zeros(spec.state_shape, np.float32)
+            position = 0
+        record = SessionRecord(new_session_id(), spec.name, h, c, position, ttl, owner)
+        return await self.store.create(record)
+
+    async def session(self, session_id: str) -> SessionRecord:
+        if not session_id:
+            raise InvalidArgument("session_id is empty; open a session first (OpenSession)")
+        return await self.store.get(session_id)
+
+    async def fork(self, session_id: str, ttl_seconds: float = 0) -> SessionRecord:
+        source = await self.session(session_id)
+        ttl = self._ttl(ttl_seconds)
+        copy = SessionRecord(new_session_id(), source.model, source.h, source.c, source.position, ttl, source.owner)
+        return await self.store.create(copy)
+
+    async def close_session(self, session_id: str) -> SessionRecord:
+        await self.session(session_id)
+        record = await self.store.delete(session_id)
+        self.metrics.sessions_closed.inc()
+        return record
+
+    # --- steps --------------------------------------------------------------------------------
+
+    async def step(
+        self, record: SessionRecord, inputs: np.ndarray, *, expected_position: int | None = None,
+        timeout: float | None = None,
+    ) -> StepResult:
+        """Feed validated `inputs` to the session and wait for the new state and logits."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        job = StepJob(record.session_id, inputs, expected_position, deadline)
+        return await self.batchers[record.model].submit(job)
+
+    async def generate(
+        self,
+        record: SessionRecord,
+        prompt: np.ndarray,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_k: int,
+        seed: int | None,
+        stop: Sequence[str],
+        timeout: float | None = None,
+    ) -> AsyncIterator[GeneratedChunk]:
+        """Feed the prompt, then sample and feed one token at a time, yielding text as it completes."""
+        spec = self.registry.engines[record.model].spec
+        limit = self.settings.max_generate_tokens
+        if max_tokens == 0:
+            max_tokens = limit
+        if max_tokens > limit:
+            raise InvalidArgument(f"max_tokens is {max_tokens}, more than max_generate_tokens ({limit})")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise InvalidArgument(f"temperature is {temperature}; it must be a finite number >= 0 (0: greedy)")
+        if top_k > spec.vocab_size:
+            raise InvalidArgument(f"top_k is {top_k}, more than the vocabulary size {spec.vocab_size}")
+        if any(not s for s in stop):
+            raise InvalidArgument("stop has an empty string; every stop sequence needs at least one character")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rng = np.random.default_rng(seed)
+        end_tokens = spec.end_tokens()
+        decoder = StreamDecoder()
+        reply = ""
+        result = await self.step(record, prompt, timeout=timeout)
+        pending: list[int] = []
+        for count in range(1, max_tokens + 1):
+            token = sample_token(result.logits[-1], temperature, top_k, rng)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            result = await self.step(record, np.array([token], np.int64), timeout=remaining)
+            pending.append(token)
+            text = decoder.feed([token])
+            reply += text
+            finish = ""
+            if token in end_tokens:
+                finish = "end_token"
+            elif any(reply.endswith(s) for s in stop):
+                finish = "stop"
+            elif count == max_tokens:
+                finish = "length"
+            if finish:
+                yield GeneratedChunk(text + decoder.flush(), pending, result.position, finish)
+                return
+            if text:
+                yield GeneratedChunk(text, pending, result.position)
+                pending = []
+
+
+def sample_token(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; else a draw from softmax(logits / T), limited to the top_k when > 0."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    if 0 < top_k < len(scaled):
+        cutoff = np.partition(scaled, -top_k)[-top_k]
+        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))

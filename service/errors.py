@@ -1,0 +1,47 @@
+"""One error base class that carries its gRPC status; the API layer maps it in one place."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CellstreamError(Exception):
+    """An error a client caused or can act on; `code` is the gRPC status it becomes."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(CellstreamError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(CellstreamError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Aborted(CellstreamError):
+    code = grpc.StatusCode.ABORTED
+
+
+class ResourceExhausted(CellstreamError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(CellstreamError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(CellstreamError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPrecondition(CellstreamError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelLoadError(Exception):
+    """A model file cannot be served; raised at start-up with the reason."""

@@ -1,0 +1,75 @@
+"""Every Prometheus collector of the server, in one registry per server instance.
+
+Names follow Prometheus conventions: `cellstream_` prefix, base units (seconds, bytes), `_total`
+on counters. A registry per instance keeps tests (and several servers in one process) apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._http_server: WSGIServer | None = None
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "cellstream_requests", "RPCs handled, by method and final gRPC status code.",
+            ["method", "code"], registry=r,
+        )
+        self.request_latency = Histogram(
+            "cellstream_request_duration_seconds", "Wall time of an RPC (streams: per message).",
+            ["method"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "cellstream_queue_wait_seconds", "Time a step waited in the batcher before its batch ran.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "cellstream_batch_size", "Session steps per onnxruntime call.", ["model"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.compute = Histogram(
+            "cellstream_compute_seconds", "onnxruntime time per batch.", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.tokens = Counter(
+            "cellstream_tokens", "Tokens (or feature vectors) consumed by sessions.", ["model"], registry=r,
+        )
+        self.steps_dropped = Counter(
+            "cellstream_steps_dropped", "Steps refused by the batcher before compute, by reason.",
+            ["model", "reason"], registry=r,
+        )
+        self.sessions_active = Gauge("cellstream_sessions_active", "Live sessions in the store.", registry=r)
+        self.state_bytes = Gauge("cellstream_state_bytes", "Bytes of h and C state held by live sessions.",
+                                 registry=r)
+        self.sessions_opened = Counter("cellstream_sessions_opened", "Sessions opened (incl. forks).",
+                                       registry=r)
+        self.sessions_closed = Counter("cellstream_sessions_closed", "Sessions closed by clients.", registry=r)
+        self.sessions_expired = Counter("cellstream_sessions_expired", "Sessions dropped after their idle TTL.",
+                                        registry=r)
+        self.sessions_evicted = Counter("cellstream_sessions_evicted",
+                                        "Least recently used sessions evicted at max_sessions.", registry=r)
+
+    def watch_store(self, count: Callable[[], int], state_bytes: Callable[[], int]) -> None:
+        """Read the store's size at scrape time rather than tracking every change."""
+        self.sessions_active.set_function(count)
+        self.state_bytes.set_function(state_bytes)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start /metrics on a daemon thread; returns the bound port (useful with port 0)."""
+        self._http_server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return self._http_server.server_address[1]
+
+    def stop_http(self) -> None:
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.server_close()
+            self._http_server = None

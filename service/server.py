@@ -1,0 +1,109 @@
+"""Wiring: gRPC server, both APIs' servicers, health, reflection, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service._proto.cellstream.v1 import inference_pb2, inference_pb2_grpc
+from service.api.native import NativeServicer
+from service.config import Settings
+from service.dataplane import DataPlane
+from service.engine import ModelRegistry
+from service.metrics import Metrics
+from service.sessions.memory import MemoryStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
+
+
+@dataclass
+class RunningServer:
+    """A started server and what tests or the CLI need to reach and stop it."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    dataplane: DataPlane | None
+    metrics: Metrics
+    port: int
+    metrics_port: int
+    settings: Settings
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Flip health to NOT_SERVING first, let in-flight calls finish within `grace`, then stop."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.dataplane is not None:
+            await self.dataplane.close()
+        self.metrics.stop_http()
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", *SERVICE_NAMES):
+        await servicer.set(name, status)
+
+
+async def start_server(settings: Settings, metrics: Metrics | None = None) -> RunningServer:
+    """Bind and start reporting NOT_SERVING, load the models, then report SERVING."""
+    metrics = metrics or Metrics()
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    native = NativeServicer(metrics)
+    inference_pb2_grpc.add_InferenceServicer_to_server(native, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC port {settings.host}:{settings.port}")
+    metrics_port = metrics.serve_http(settings.metrics_host, settings.metrics_port)
+    await server.start()
+    running = RunningServer(server, health_servicer, None, metrics, port, metrics_port, settings)
+    try:
+        running.dataplane = await _load(settings, metrics)
+    except BaseException:
+        await server.stop(0)
+        metrics.stop_http()
+        raise
+    native.attach(running.dataplane)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d (metrics on :%d)", sorted(running.dataplane.registry.engines),
+             settings.host, port, metrics_port)
+    return running
+
+
+async def _load(settings: Settings, metrics: Metrics) -> DataPlane:
+    registry = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: ModelRegistry.from_directory(
+            settings.model_dir, default=settings.default_model, intra_op_threads=settings.ort_intra_op_threads)
+    )
+    store = MemoryStore(metrics, max_sessions=settings.max_sessions, evict_when_full=settings.when_full == "evict")
+    dataplane = DataPlane(settings, registry, store, metrics)
+    await dataplane.start()
+    return dataplane
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining for up to %.1fs", settings.shutdown_grace_seconds)
+    await running.stop()
+    log.info("stopped")

@@ -1,0 +1,68 @@
+"""The session record and the protocol every store implements."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+def new_session_id() -> str:
+    """128 random bits, hex: unguessable, so a session id works as a capability."""
+    return secrets.token_hex(16)
+
+
+@dataclass
+class SessionRecord:
+    """One session: its model, layer-major state h/c (L, H) float32 and tokens consumed."""
+
+    session_id: str
+    model: str
+    h: np.ndarray
+    c: np.ndarray
+    position: int
+    ttl_seconds: float
+    owner: str = ""
+    last_used: float = 0.0  # time.monotonic() of the last access
+    expires_at: float = 0.0  # wall-clock time.time() it expires if left idle
+
+    @property
+    def state_bytes(self) -> int:
+        return self.h.nbytes + self.c.nbytes
+
+
+@dataclass(frozen=True)
+class StateUpdate:
+    """New state for a session, applied only if its position is still `expected_position`."""
+
+    session_id: str
+    expected_position: int
+    h: np.ndarray
+    c: np.ndarray
+    position: int
+
+
+class SessionStore(Protocol):
+    async def create(self, record: SessionRecord) -> SessionRecord:
+        """Add a new session (stamping its expiry); ResourceExhausted when full and not evicting."""
+
+    async def get(self, session_id: str) -> SessionRecord:
+        """The live session, refreshing its idle TTL; NotFound if unknown, expired or closed."""
+
+    async def load_many(self, session_ids: list[str]) -> list[SessionRecord | None]:
+        """Live sessions in one round trip, None where missing; refreshes their TTLs."""
+
+    async def commit_many(self, updates: list[StateUpdate]) -> list[bool]:
+        """Apply updates whose expected position still holds (compare-and-set); False where not."""
+
+    async def delete(self, session_id: str) -> SessionRecord:
+        """Remove and return a live session; NotFound if there is none."""
+
+    def sweep(self) -> int:
+        """Drop expired sessions now; returns how many."""
+
+    def count(self) -> int: ...
+
+    def state_bytes(self) -> int: ...
