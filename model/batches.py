@@ -23,19 +23,20 @@ class Batch:
     carry_state: bool  # True when each row continues the previous batch's row
 
 
-def dialogue_weights(text: str, bot_weight: float) -> list[float]:
-    """Loss weight of each byte of `text` as a target: `bot_weight` inside bot lines, else 1."""
-    weights: list[float] = []
-    for line in text.splitlines(keepends=True):
-        weight = bot_weight if line.startswith("bot: ") else 1.0
-        weights.extend([weight] * len(line.encode("utf-8")))
+def dialogue_weights(dialogue: corpus.Dialogue, answer_weight: float) -> list[float]:
+    """Loss weight of each byte of the dialogue as a target: `answer_weight` on the bot lines that
+    answer the questions (the only bytes that need the remembered facts), 1 elsewhere."""
+    weights = [1.0] * len(dialogue.context.encode("utf-8"))
+    for qa in dialogue.questions:
+        weights += [1.0] * len(corpus.line("user", qa.question).encode("utf-8"))
+        weights += [answer_weight] * len(corpus.line("bot", qa.answer).encode("utf-8"))
     return weights
 
 
-def encode_dialogue(dialogue: corpus.Dialogue, bot_weight: float) -> tuple[list[int], list[float]]:
+def encode_dialogue(dialogue: corpus.Dialogue, answer_weight: float) -> tuple[list[int], list[float]]:
     """Ids of a dialogue followed by EOS, and the weight of predicting each id."""
     ids = tokenizer.encode(dialogue.text, eos=True)
-    return ids, [*dialogue_weights(dialogue.text, bot_weight), 1.0]
+    return ids, [*dialogue_weights(dialogue, answer_weight), 1.0]
 
 
 def pad_batch(rows: list[tuple[list[int], list[float]]]) -> Batch:
@@ -52,13 +53,31 @@ def pad_batch(rows: list[tuple[list[int], list[float]]]) -> Batch:
     return Batch(inputs, targets, weights, carry_state=False)
 
 
+def curriculum_max_filler(batch_index: int, ramp_batches: int) -> int:
+    """Most filler turns at a point of training: 2 at first, growing to 8 by `ramp_batches`.
+
+    Short gaps between a fact and its question teach the model to store facts in its cell state
+    quickly; the forget gates it learns then carry them across the longer gaps.
+    """
+    if ramp_batches <= 0 or batch_index >= ramp_batches:
+        return 8
+    return 2 + (6 * batch_index) // ramp_batches
+
+
 def dialogue_batches(
-    seed: int, batch_size: int, bot_weight: float, bucket: int = 16
+    seed: int, batch_size: int, answer_weight: float, *, first_batch: int = 0, ramp_batches: int = 0,
+    bucket: int = 16,
 ) -> Iterator[Batch]:
     """Endless batches of training dialogues; `bucket` batches at a time are sorted by length."""
     rng = random.Random(seed)
+    index = first_batch
     while True:
-        rows = [encode_dialogue(corpus.make_dialogue(rng), bot_weight) for _ in range(batch_size * bucket)]
+        max_filler = curriculum_max_filler(index, ramp_batches)
+        index += bucket
+        rows = [
+            encode_dialogue(corpus.make_dialogue(rng, max_filler=max_filler), answer_weight)
+            for _ in range(batch_size * bucket)
+        ]
         rows.sort(key=lambda r: len(r[0]))
         groups = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
         rng.shuffle(groups)

@@ -84,8 +84,8 @@ _USER_SHAPES = (
     "{time} i {verb} a {adj} {noun}.",
     "i {verb} the {noun} {time}.",
     "the {noun} was {adj} {time}.",
-    "do you like {noun}s?",
     "have you ever {verb} a {noun}?",
+    "do you like {noun}s?",
     "my {noun} is {adj}.",
     "i think the {noun} looks {adj}.",
     "what do you think of the {adj} {noun}?",
@@ -132,7 +132,7 @@ def _half(items: tuple[str, ...], heldout: bool) -> tuple[str, ...]:
 # Time expressions span several words, so they are listed whole rather than split on spaces.
 _TIMES = (
     "yesterday", "today", "this morning", "last night", "on monday", "on friday", "last week",
-    "this weekend", "at noon", "in the evening", "after lunch", "before dinner", "last summer",
+    "this spring", "at noon", "in the evening", "after work", "before bed", "last summer",
     "every day", "sometimes", "on sunday",
 )
 
@@ -186,11 +186,11 @@ class Dialogue:
     @property
     def text(self) -> str:
         return self.context + "".join(
-            _line("user", qa.question) + _line("bot", qa.answer) for qa in self.questions
+            line("user", qa.question) + line("bot", qa.answer) for qa in self.questions
         )
 
 
-def _line(speaker: Literal["user", "bot"], text: str) -> str:
+def line(speaker: Literal["user", "bot"], text: str) -> str:
     return f"{speaker}: {text}\n"
 
 
@@ -209,15 +209,15 @@ def make_dialogue(
     rng.shuffle(order)
     lines: list[str] = []
     if rng.random() < 0.15:
-        lines.append(_line("user", "hello!"))
-        lines.append(_line("bot", "hello! how can i help?"))
+        lines.append(line("user", "hello!"))
+        lines.append(line("bot", "hello! how can i help?"))
     for kind in order:
         value = facts[kind]
-        lines.append(_line("user", rng.choice(FACT_PHRASES[kind]).format(v=value)))
-        lines.append(_line("bot", rng.choice(ACKS[kind]).format(v=value)))
+        lines.append(line("user", rng.choice(FACT_PHRASES[kind]).format(v=value)))
+        lines.append(line("bot", rng.choice(ACKS[kind]).format(v=value)))
     for _ in range(rng.randint(min_filler, max_filler)):
-        lines.append(_line("user", filler.user_line(rng)))
-        lines.append(_line("bot", filler.bot_line(rng)))
+        lines.append(line("user", filler.user_line(rng)))
+        lines.append(line("bot", filler.bot_line(rng)))
     asked = list(facts)
     rng.shuffle(asked)
     questions = []

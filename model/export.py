@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-
-import warnings
 
 import numpy as np
 import onnx

@@ -36,6 +36,15 @@ class LSTMLanguageModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
         self.lstm = nn.LSTM(config.embed_dim, config.hidden_size, config.num_layers, batch_first=True)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        self._open_forget_gates()
+
+    def _open_forget_gates(self) -> None:
+        """Start with forget-gate bias +1 (Jozefowicz et al., 2015): memory is kept until learned otherwise."""
+        hidden = self.config.hidden_size
+        with torch.no_grad():
+            for name, bias in self.lstm.named_parameters():
+                if name.startswith("bias_ih"):
+                    bias[hidden : 2 * hidden].fill_(1.0)  # torch's gate order is i, f, g, o
 
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.config.num_layers, batch, self.config.hidden_size)

@@ -36,6 +36,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -58,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bptt", type=_positive_int, default=1024, help="truncated-BPTT window (steps)")
     parser.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--clip", type=_positive_float, default=1.0, help="gradient-norm clip")
-    parser.add_argument("--bot-weight", type=_positive_float, default=3.0, help="loss weight of bot lines")
+    parser.add_argument("--answer-weight", type=_positive_float, default=5.0,
+                        help="loss weight of the bot lines answering the questions")
+    parser.add_argument("--curriculum-steps", type=_non_negative_int, default=300,
+                        help="steps over which the most filler turns grows from 2 to 8 (0: always 8)")
     parser.add_argument("--embed-dim", type=_positive_int, default=64)
     parser.add_argument("--hidden-size", type=_positive_int, default=256)
     parser.add_argument("--layers", type=_positive_int, default=2)
@@ -79,7 +92,8 @@ class Evaluation:
 
 def describe_corpus(args: argparse.Namespace) -> str:
     if args.corpus is None:
-        return f"synthetic memory dialogues (seed {args.seed}, filler 1-8 turns)"
+        return (f"synthetic memory dialogues (seed {args.seed}, filler 1-8 turns, "
+                f"curriculum over {args.curriculum_steps} steps)")
     return f"text file {args.corpus.name}"
 
 
@@ -154,12 +168,15 @@ def train(args: argparse.Namespace) -> dict:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_step = checkpoint["step"]
+        if start_step >= args.steps:
+            raise ValueError(f"--resume checkpoint is already at step {start_step}, --steps must exceed it")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, total_steps=args.steps + 1, pct_start=0.05, last_epoch=start_step - 1
     )
     # Resuming restarts the batch stream from a seed derived from the step: deterministic, never a replay.
     if text is None:
-        batches = dialogue_batches(args.seed + start_step, args.batch_size, args.bot_weight)
+        batches = dialogue_batches(args.seed + start_step, args.batch_size, args.answer_weight,
+                                   first_batch=start_step, ramp_batches=args.curriculum_steps)
     else:
         batches = text_batches(train_text, args.batch_size, args.bptt)
     state = model.zero_state(args.batch_size)
@@ -174,11 +191,12 @@ def train(args: argparse.Namespace) -> dict:
             state = model.zero_state(batch.inputs.shape[0])
         optimizer.zero_grad()
         total_loss = 0.0
-        for logits, state, window in run_batch(model, batch, state, args.bptt):
+        for logits, window_state, window in run_batch(model, batch, state, args.bptt):
             loss = weighted_loss(logits, batch.targets[:, window], batch.weights[:, window])
             loss.backward()
             total_loss += loss.item()
-        state = (state[0].detach(), state[1].detach())
+            carried = window_state
+        state = (carried[0].detach(), carried[1].detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
         scheduler.step()

@@ -15,6 +15,7 @@ onnxruntime runs in a worker thread (it releases the GIL) so the event loop keep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -163,15 +164,18 @@ class Batcher:
         inputs = np.stack([job.inputs for job, _ in ready])  # (B, T[, F])
         h0 = np.stack([record.h for _, record in ready], axis=1)  # (L, B, H)
         c0 = np.stack([record.c for _, record in ready], axis=1)
+        # The positions this state stands for, read now: a store may update its records in place
+        # while the batch runs, and compare-and-set must check against what was computed from.
+        positions = [record.position for _, record in ready]
         logits, hn, cn = await loop.run_in_executor(self._executor, self.engine.run, inputs, h0, c0)
         self.metrics.compute.labels(self.model).observe(loop.time() - started)
         self.metrics.batch_size.labels(self.model).observe(len(ready))
         # A caller that went away while the batch ran gets nothing applied: its request failed.
-        committing = [(b, job, record) for b, (job, record) in enumerate(ready) if not job.future.done()]
+        committing = [(b, job, positions[b]) for b, (job, _) in enumerate(ready) if not job.future.done()]
         updates = [
-            StateUpdate(job.session_id, record.position, np.ascontiguousarray(hn[:, b]),
-                        np.ascontiguousarray(cn[:, b]), record.position + job.steps)
-            for b, job, record in committing
+            StateUpdate(job.session_id, position, np.ascontiguousarray(hn[:, b]),
+                        np.ascontiguousarray(cn[:, b]), position + job.steps)
+            for b, job, position in committing
         ]
         applied = await self.store.commit_many(updates)
         for (b, job, _), update, ok in zip(committing, updates, applied, strict=True):
@@ -187,10 +191,8 @@ class Batcher:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         for job in self._queue:
             job.fail(Unavailable("server shut down before this step ran; retry"))
         self._queue.clear()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from service.errors import ModelLoadError
 
@@ -119,7 +120,8 @@ class Engine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
+        except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.NoSuchFile,
+                ort_errors.InvalidArgument, ort_errors.RuntimeException) as exc:
             raise ModelLoadError(f"{path.name}: onnxruntime cannot load it: {exc}") from None
         self.path = path
         self.spec = inspect_session(name or path.stem, path, self.session)

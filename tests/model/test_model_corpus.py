@@ -1,0 +1,166 @@
+import random
+import re
+from itertools import islice
+
+import pytest
+
+from model import corpus
+from model.corpus import CITIES, JOBS, NAMES, CorpusError, FillerGenerator, make_dialogue, read_text_corpus
+
+KINDS = ("noun", "adj", "verb", "feeling", "time")
+SHAPES = corpus._USER_SHAPES + corpus._BOT_SHAPES
+FACT_WORDS = set(NAMES) | set(CITIES) | set(JOBS)
+
+
+def texts(seed, count=40, **kwargs):
+    return [d.text for d in islice(corpus.dialogues(seed, **kwargs), count)]
+
+
+def filler_turns(dialogue):
+    """Small-talk turns of a dialogue: context lines minus the fact pairs and the optional greeting."""
+    lines = dialogue.context.splitlines()
+    greeting = 2 if lines[0] == "user: hello!" else 0
+    filler_lines = len(lines) - greeting - 2 * len(dialogue.facts)
+    assert filler_lines % 2 == 0
+    return filler_lines // 2
+
+
+def test_dialogues_are_deterministic_per_seed():
+    assert texts(7) == texts(7)
+    assert texts(7) != texts(8)
+    assert texts(7, heldout=True) == texts(7, heldout=True)
+    assert texts(7, heldout=True) != texts(7)
+    a, b = random.Random(3), random.Random(3)
+    assert make_dialogue(a, exact_questions=True) == make_dialogue(b, exact_questions=True)
+
+
+@pytest.mark.parametrize("heldout", [False, True])
+def test_every_line_has_a_speaker_and_ends_with_newline(heldout):
+    for text in texts(1, count=200, heldout=heldout):
+        assert text.endswith("\n")
+        for line in text.splitlines(keepends=True):
+            assert line.startswith(("user: ", "bot: ")), line
+            assert line.endswith("\n") and line.count("\n") == 1, line
+
+
+def test_canonical_fact_phrasings_occur():
+    dialogues = list(islice(corpus.dialogues(5), 300))
+    seen = {"name": 0, "city": 0, "job": 0}
+    for d in dialogues:
+        seen["name"] += f"user: my name is {d.facts['name']}.\n" in d.context
+        seen["city"] += f"user: i live in {d.facts['city']}.\n" in d.context
+        seen["job"] += f"user: i work as a {d.facts['job']}.\n" in d.context
+    # Each canonical phrasing is drawn with probability 2/5 (name), 2/4 (city, job).
+    assert seen["name"] > 60 and seen["city"] > 60 and seen["job"] > 60, seen
+    for d in dialogues:
+        for kind, value in d.facts.items():
+            stated = [p.format(v=value) for p in corpus.FACT_PHRASES[kind]]
+            assert any(f"user: {s}\n" in d.context for s in stated), (kind, d.context)
+
+
+def test_exact_questions_and_answers():
+    rng = random.Random(9)
+    for _ in range(100):
+        d = make_dialogue(rng, exact_questions=True, heldout=True)
+        name, city, job = d.facts["name"], d.facts["city"], d.facts["job"]
+        assert sorted(qa.kind for qa in d.questions) == ["city", "job", "name"]
+        expected = {
+            "name": ("what is my name?", f"your name is {name}."),
+            "city": ("where do i live?", f"you live in {city}."),
+            "job": ("what is my job?", f"you work as a {job}."),
+        }
+        for qa in d.questions:
+            assert (qa.question, qa.answer) == expected[qa.kind]
+        tail = d.text[len(d.context) :]
+        assert tail == "".join(f"user: {qa.question}\nbot: {qa.answer}\n" for qa in d.questions)
+        assert "user: what is my name?\nbot: your name is " + name + ".\n" in d.text
+        assert "user: where do i live?\nbot: you live in " + city + ".\n" in d.text
+        assert "user: what is my job?\nbot: you work as a " + job + ".\n" in d.text
+
+
+def test_question_variants_without_exact_questions():
+    rng = random.Random(4)
+    questions = {qa.question for _ in range(300) for qa in make_dialogue(rng).questions}
+    assert questions == {q for variants in corpus.QUESTION_VARIANTS.values() for q in variants}
+
+
+def test_fact_lists():
+    for values, minimum in ((NAMES, 50), (CITIES, 30), (JOBS, 20)):
+        assert len(values) >= minimum
+        assert len(set(values)) == len(values)
+        for value in values:
+            assert re.fullmatch(r"[a-z]+", value), value
+    assert not (set(NAMES) & set(CITIES) or set(NAMES) & set(JOBS) or set(CITIES) & set(JOBS))
+
+
+def test_filler_turn_count_between_1_and_8():
+    rng = random.Random(2)
+    counts = [filler_turns(make_dialogue(rng)) for _ in range(400)]
+    assert min(counts) == 1 and max(counts) == 8
+    assert set(counts) == set(range(1, 9))
+    rng = random.Random(2)
+    assert {filler_turns(make_dialogue(rng, min_filler=3, max_filler=3)) for _ in range(20)} == {3}
+
+
+def test_heldout_filler_shares_no_shape_or_word_with_training():
+    train, heldout = FillerGenerator(heldout=False), FillerGenerator(heldout=True)
+    assert set(train._shapes(SHAPES)).isdisjoint(heldout._shapes(SHAPES))
+    assert set(train._shapes(SHAPES)) | set(heldout._shapes(SHAPES)) == set(SHAPES)
+    train_words = {w for kind in KINDS for w in train._pool(kind)}
+    heldout_words = {w for kind in KINDS for w in heldout._pool(kind)}
+    assert train_words.isdisjoint(heldout_words)
+    for kind in KINDS:
+        assert heldout._pool(kind) and train._pool(kind)
+    # Observable consequence: no held-out sentence is ever produced by the training generator.
+    rng = random.Random(0)
+    train_lines = {f(rng) for _ in range(3000) for f in (train.user_line, train.bot_line)}
+    heldout_lines = {f(rng) for _ in range(3000) for f in (heldout.user_line, heldout.bot_line)}
+    assert train_lines.isdisjoint(heldout_lines)
+    # ...and neither side ever uses a one-word pool entry of the other, not even inside its time phrases.
+    single_train = {w for w in train_words if " " not in w}
+    single_heldout = {w for w in heldout_words if " " not in w}
+    heldout_tokens = {w for line in heldout_lines for w in re.findall(r"[a-z]+", line)}
+    train_tokens = {w for line in train_lines for w in re.findall(r"[a-z]+", line)}
+    assert len(heldout_tokens & single_heldout) > 20 and len(train_tokens & single_train) > 60
+    assert not heldout_tokens & single_train, heldout_tokens & single_train
+    assert not train_tokens & single_heldout, train_tokens & single_heldout
+    # Every kind of pool, verbs included, is used by the held-out shapes.
+    assert any("{verb}" in shape for shape in heldout._shapes(SHAPES))
+
+
+@pytest.mark.parametrize("heldout", [False, True])
+def test_filler_never_mentions_a_fact_word(heldout):
+    filler = FillerGenerator(heldout=heldout)
+    rng = random.Random(1)
+    words = set()
+    for _ in range(3000):
+        for line in (filler.user_line(rng), filler.bot_line(rng)):
+            words.update(re.findall(r"[a-z]+", line))
+    assert len(words) > 30
+    assert not words & FACT_WORDS, words & FACT_WORDS
+
+
+def test_read_text_corpus_accepts_utf8(tmp_path):
+    path = tmp_path / "fr.txt"
+    path.write_text("Élodie a mangé une crème brûlée à Noël.\n", encoding="utf-8")
+    assert read_text_corpus(path) == "Élodie a mangé une crème brûlée à Noël.\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        ("dir", "not a file"),
+        (b"", "empty"),
+        (b"  \n\t\n ", "empty"),
+        (b"caf\xe9 au lait\n", "not valid UTF-8"),
+    ],
+)
+def test_read_text_corpus_rejects(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CorpusError, match=message):
+        read_text_corpus(path)

@@ -1,0 +1,122 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from model import tokenizer
+from model.evaluate import MAX_REPLY_TOKENS, NEWLINE, GreedyChat, Recall, evaluate_recall
+from model.parity import TOLERANCE, scaled_max_diff
+
+# Exporting with torch's TorchScript exporter is noisy by design; model/export.py chose it on purpose.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+]
+
+LAYERS, HIDDEN = 2, 16
+
+
+def chat_for(path):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return GreedyChat(session, LAYERS, HIDDEN)
+
+
+def rigged(make_model, token, seed=5):
+    """A random LSTM whose head ignores the state and always prefers `token`."""
+    model = make_model(seed)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[token] = 10.0
+    return model
+
+
+def assert_same_state(a, b):
+    assert scaled_max_diff(a.h, b.h) <= TOLERANCE
+    assert scaled_max_diff(a.c, b.c) <= TOLERANCE
+    assert scaled_max_diff(a.last_logits, b.last_logits) <= TOLERANCE
+
+
+def test_feed_advances_state_and_splits_exactly(exported):
+    _, path = exported
+    whole, split, once = chat_for(path), chat_for(path), chat_for(path)
+    assert whole.last_logits is None and not whole.h.any() and not whole.c.any()
+    ids = tokenizer.encode("user: my name is zoe.\n")
+    once.feed(ids[:1])
+    assert once.h.shape == (LAYERS, 1, HIDDEN) and np.abs(once.h).max() > 1e-3
+    assert once.last_logits.shape == (tokenizer.VOCAB_SIZE,)
+    whole.feed(ids[:2])
+    split.feed(ids[:1])
+    split.feed(ids[1:2])
+    assert_same_state(whole, split)
+    assert scaled_max_diff(whole.h, once.h) > 1e-4  # the second token moved the state further
+    whole.feed(ids[2:])
+    for token in ids[2:]:
+        split.feed([token])
+    assert_same_state(whole, split)
+    whole.reset()
+    assert whole.last_logits is None and not whole.h.any() and not whole.c.any()
+    assert whole.reply() == ""
+
+
+def test_random_model_reply_is_bounded_and_single_line(exported):
+    _, path = exported
+    chat = chat_for(path)
+    for prompt in ("user: what is my name?\nbot: ", "user: hello!\nbot: ", "bot: "):
+        chat.reset()
+        chat.feed(tokenizer.encode(prompt))
+        reply = chat.reply()
+        assert "\n" not in reply
+        assert len(reply) <= MAX_REPLY_TOKENS
+
+
+def test_reply_stops_at_newline_and_feeds_it_back(make_model, export_model):
+    path = export_model(rigged(make_model, NEWLINE), seed=5, name="newline")
+    chat, twin = chat_for(path), chat_for(path)
+    prompt = tokenizer.encode("user: hi\nbot: ")
+    chat.feed(prompt)
+    assert chat.reply() == ""
+    twin.feed([*prompt, NEWLINE])
+    assert_same_state(chat, twin)  # exactly one token (the newline) was fed back
+
+
+def test_reply_stops_at_a_special_token(make_model, export_model):
+    chat = chat_for(export_model(rigged(make_model, tokenizer.EOS), seed=5, name="eos"))
+    chat.feed(tokenizer.encode("bot: "))
+    assert chat.reply() == ""
+
+
+def test_reply_stops_at_max_reply_tokens(make_model, export_model):
+    path = export_model(rigged(make_model, ord("a")), seed=5, name="aaa")
+    chat, twin = chat_for(path), chat_for(path)
+    prompt = tokenizer.encode("bot: ")
+    chat.feed(prompt)
+    assert chat.reply() == "a" * MAX_REPLY_TOKENS
+    twin.feed(prompt + [ord("a")] * MAX_REPLY_TOKENS)
+    assert_same_state(chat, twin)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_evaluate_recall_on_random_model(exported, reset):
+    _, path = exported
+    recall = evaluate_recall(path, 3, reset=reset, seed=7)
+    assert recall.dialogues == 3
+    for kind in ("name", "city", "job"):
+        assert 0.0 <= recall.rate(kind) <= 1.0
+        assert 0 <= recall.correct[kind] <= 3
+    assert 0.0 <= recall.overall() <= 1.0
+    assert set(recall.as_dict()) == {"name", "city", "job", "overall"}
+
+
+def test_evaluate_recall_counts_wrong_answers_as_zero(make_model, export_model):
+    path = export_model(rigged(make_model, NEWLINE), seed=5, name="mute")
+    recall = evaluate_recall(path, 4, reset=False)
+    assert recall.dialogues == 4
+    assert recall.as_dict() == {"name": 0.0, "city": 0.0, "job": 0.0, "overall": 0.0}
+
+
+def test_recall_rates():
+    recall = Recall(dialogues=4, correct={"name": 4, "city": 2, "job": 0})
+    assert recall.rate("name") == 1.0 and recall.rate("city") == 0.5 and recall.rate("job") == 0.0
+    assert recall.overall() == 0.5
+    assert Recall().overall() == 0.0

@@ -1,0 +1,163 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model import tokenizer
+from model.export import OPSET, ExportError, check_parity, export_onnx, metadata_for
+from model.parity import TOLERANCE, scaled_max_diff
+
+# Exporting with torch's TorchScript exporter is noisy by design; model/export.py chose it on purpose.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+]
+
+LAYERS, HIDDEN, VOCAB = 2, 16, 260
+
+
+@pytest.fixture(scope="module")
+def session(exported):
+    return ort.InferenceSession(str(exported[1]), providers=["CPUExecutionProvider"])
+
+
+def inputs(rng, batch, time, scale=0.5):
+    tokens = rng.integers(0, VOCAB, size=(batch, time), dtype=np.int64)
+    shape = (LAYERS, batch, HIDDEN)
+    h0 = rng.normal(0, scale, shape).astype(np.float32)
+    c0 = rng.normal(0, scale * 4, shape).astype(np.float32)
+    return tokens, h0, c0
+
+
+def run(session, tokens, h, c):
+    return session.run(None, {"tokens": tokens, "h0": h, "c0": c})
+
+
+def dims(value_info):
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_onnx_graph_signature(exported):
+    graph = onnx.load(str(exported[1]))
+    onnx.checker.check_model(graph, full_check=True)
+    opsets = {o.domain: o.version for o in graph.opset_import}
+    opset = opsets.get("", opsets.get("ai.onnx", 0))
+    assert opset >= 17 and opset == OPSET
+    ins = {i.name: i for i in graph.graph.input}
+    outs = {o.name: o for o in graph.graph.output}
+    assert list(ins) == ["tokens", "h0", "c0"]
+    assert list(outs) == ["logits", "hn", "cn"]
+    elem = onnx.TensorProto
+    assert ins["tokens"].type.tensor_type.elem_type == elem.INT64
+    for name in ("h0", "c0"):
+        assert ins[name].type.tensor_type.elem_type == elem.FLOAT
+    for name in ("logits", "hn", "cn"):
+        assert outs[name].type.tensor_type.elem_type == elem.FLOAT
+    assert dims(ins["tokens"]) == ["batch", "time"]
+    assert dims(outs["logits"]) == ["batch", "time", VOCAB]
+    for vi in (ins["h0"], ins["c0"], outs["hn"], outs["cn"]):
+        assert dims(vi) == [LAYERS, "batch", HIDDEN], vi.name
+
+
+def test_onnx_metadata(exported):
+    model, path = exported
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["cellstream.format_version"] == "1"
+    assert meta["cellstream.tokenizer"] == tokenizer.KIND == "bytes-v1"
+    assert meta["cellstream.vocab_size"] == str(tokenizer.VOCAB_SIZE)
+    assert json.loads(meta["cellstream.special_tokens"]) == tokenizer.SPECIAL_TOKENS
+    assert meta["cellstream.num_layers"] == str(LAYERS)
+    assert meta["cellstream.hidden_size"] == str(HIDDEN)
+    assert meta["cellstream.embed_dim"] == str(model.config.embed_dim)
+    assert meta["cellstream.training_seed"] == "11"
+    assert meta["cellstream.corpus"] == "test corpus"
+    assert json.loads(meta["cellstream.eval"])["loss"] == 5.5
+    # onnxruntime sees the same metadata (the service reads it from there).
+    session_meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+    assert session_meta["cellstream.hidden_size"] == str(HIDDEN)
+
+
+def test_metadata_without_history(make_model):
+    meta = metadata_for(make_model(0), {"seed": 5})
+    assert meta["cellstream.training_seed"] == "5"
+    assert json.loads(meta["cellstream.eval"]) == {}
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+@pytest.mark.parametrize("time", [1, 7, 40])
+def test_onnxruntime_matches_torch(exported, session, batch, time):
+    model, _ = exported
+    rng = np.random.default_rng(batch * 100 + time)
+    tokens, h0, c0 = inputs(rng, batch, time)
+    got = run(session, tokens, h0, c0)
+    with torch.no_grad():
+        want = model(torch.from_numpy(tokens), torch.from_numpy(h0), torch.from_numpy(c0))
+    assert got[0].shape == (batch, time, VOCAB)
+    assert got[1].shape == got[2].shape == (LAYERS, batch, HIDDEN)
+    for name, g, w in zip(("logits", "hn", "cn"), got, want, strict=True):
+        assert scaled_max_diff(g, w.numpy()) <= TOLERANCE, name
+
+
+def split_run(session, tokens, h, c, cuts):
+    """Run `tokens` in chunks ending at `cuts`, carrying (h, c) from one call to the next."""
+    logits = []
+    start = 0
+    for end in [*cuts, tokens.shape[1]]:
+        if end > start:
+            chunk_logits, h, c = run(session, tokens[:, start:end], h, c)
+            logits.append(chunk_logits)
+            start = end
+    return np.concatenate(logits, axis=1), h, c
+
+
+def assert_same_run(got, want):
+    logits, h, c = got
+    assert scaled_max_diff(logits[:, -1], want[0][:, -1]) <= TOLERANCE
+    assert scaled_max_diff(logits, want[0]) <= TOLERANCE
+    assert scaled_max_diff(h, want[1]) <= TOLERANCE
+    assert scaled_max_diff(c, want[2]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_split_invariance_one_call_vs_single_tokens_vs_random_splits(session, batch):
+    steps = 48
+    rng = np.random.default_rng(batch)
+    tokens, h0, c0 = inputs(rng, batch, steps)
+    whole = run(session, tokens, h0, c0)
+    assert_same_run(split_run(session, tokens, h0, c0, list(range(1, steps))), whole)
+    for _ in range(6):
+        cuts = sorted(rng.choice(np.arange(1, steps), size=rng.integers(1, 10), replace=False).tolist())
+        assert_same_run(split_run(session, tokens, h0, c0, cuts), whole)
+    # Carrying the state matters: restarting from zeros at a cut changes the result.
+    restarted = run(session, tokens[:, 24:], np.zeros_like(h0), np.zeros_like(c0))
+    assert scaled_max_diff(restarted[0], whole[0][:, 24:]) > 1e-3
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=29), max_size=12, unique=True).map(sorted),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_split_invariance_property(session, cuts, seed):
+    rng = np.random.default_rng(seed)
+    tokens, h0, c0 = inputs(rng, 2, 30)
+    assert_same_run(split_run(session, tokens, h0, c0, cuts), run(session, tokens, h0, c0))
+
+
+def test_check_parity_passes_on_the_exported_model(exported):
+    model, path = exported
+    assert 0.0 <= check_parity(model, path, seed=3) <= TOLERANCE
+
+
+def test_check_parity_rejects_a_different_model(make_model, tmp_path):
+    model_a, model_b = make_model(1), make_model(2)
+    path = tmp_path / "a.onnx"
+    export_onnx(model_a, metadata_for(model_a, {"seed": 1}), path)
+    assert check_parity(model_a, path) <= TOLERANCE
+    with pytest.raises(ExportError, match="onnxruntime and torch differ"):
+        check_parity(model_b, path)
