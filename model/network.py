@@ -13,6 +13,8 @@ from torch import nn
 
 from model import tokenizer
 
+CHRONO_MAX_STEPS = 600  # bytes between a fact and its question in the longest dialogues
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -36,15 +38,25 @@ class LSTMLanguageModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
         self.lstm = nn.LSTM(config.embed_dim, config.hidden_size, config.num_layers, batch_first=True)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
-        self._open_forget_gates()
+        self._chrono_init()
 
-    def _open_forget_gates(self) -> None:
-        """Start with forget-gate bias +1 (Jozefowicz et al., 2015): memory is kept until learned otherwise."""
+    def _chrono_init(self) -> None:
+        """Chrono initialisation (Tallec & Ollivier, 2018): b_f = log(U(1, T_max - 1)), b_i = -b_f.
+
+        A plain init (b_f ~ 0, so f ~ 0.5) forgets within a few steps: the gradient from an answer
+        hundreds of bytes after its fact vanishes before it can teach the gates to remember. Chrono
+        gives the units memory timescales spread up to CHRONO_MAX_STEPS, the span of a dialogue.
+        """
         hidden = self.config.hidden_size
         with torch.no_grad():
             for name, bias in self.lstm.named_parameters():
+                if not name.startswith("bias_"):
+                    continue
+                bias.zero_()
                 if name.startswith("bias_ih"):
-                    bias[hidden : 2 * hidden].fill_(1.0)  # torch's gate order is i, f, g, o
+                    forget = torch.log(torch.empty(hidden).uniform_(1.0, CHRONO_MAX_STEPS - 1.0))
+                    bias[hidden : 2 * hidden] = forget  # torch's gate order is i, f, g, o
+                    bias[:hidden] = -forget
 
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.config.num_layers, batch, self.config.hidden_size)

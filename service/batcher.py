@@ -113,6 +113,10 @@ class Batcher:
                 except CellstreamError as exc:
                     for job in batch:
                         job.fail(exc)
+                except asyncio.CancelledError:
+                    for job in batch:
+                        job.fail(Unavailable("server shut down while this step ran; nothing was applied"))
+                    raise
                 except Exception:  # the loop must survive anything, or every later caller hangs
                     log.exception("batch of %d steps on model %s failed", len(batch), self.model)
                     for job in batch:
@@ -196,4 +200,5 @@ class Batcher:
         for job in self._queue:
             job.fail(Unavailable("server shut down before this step ran; retry"))
         self._queue.clear()
-        self._executor.shutdown(wait=True)
+        # A batch cut off mid-compute finishes in its thread on its own; waiting would block the loop.
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -24,26 +23,33 @@ class HasMetrics:
     metrics: Metrics
 
 
-async def _status_of(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> grpc.StatusCode:
-    """Abort the call with the status `exc` stands for (never returns normally for errors)."""
-    if isinstance(exc, CellstreamError):
-        await context.abort(exc.code, exc.message)
-    log.exception("unexpected error in %s", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-    raise AssertionError("context.abort returned")  # pragma: no cover
+class _CallRecord:
+    """Counts and times one RPC when gRPC reports it complete: only then is a cancellation known."""
 
+    def __init__(self, metrics: Metrics, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.started = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        context.add_done_callback(self._done)
 
-def _final_code(exc: BaseException | None, context: grpc.aio.ServicerContext) -> str:
-    if exc is None:
-        return grpc.StatusCode.OK.name
-    if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED.name
-    if isinstance(exc, CellstreamError):
-        return exc.code.name
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return grpc.StatusCode.INTERNAL.name
+    def _done(self, context: grpc.aio.ServicerContext) -> None:
+        code = grpc.StatusCode.CANCELLED if context.cancelled() else self.code
+        self.metrics.requests.labels(self.method, code.name).inc()
+        self.metrics.request_latency.labels(self.method).observe(time.perf_counter() - self.started)
+
+    async def fail(self, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        """Abort the call with the status `exc` stands for; unexpected errors become INTERNAL, logged once."""
+        if isinstance(exc, grpc.aio.AbortError):  # the servicer aborted by itself
+            code = context.code()
+            self.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            return
+        if isinstance(exc, CellstreamError):
+            self.code = exc.code
+            await context.abort(exc.code, exc.message)
+        log.exception("unexpected error in %s", self.method, exc_info=exc)
+        self.code = grpc.StatusCode.INTERNAL
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
 
 def rpc(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,35 +60,23 @@ def rpc(func: Callable[..., Any]) -> Callable[..., Any]:
 
         @functools.wraps(func)
         async def stream_wrapper(self: HasMetrics, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-            started = time.perf_counter()
-            error: BaseException | None = None
+            record = _CallRecord(self.metrics, method, context)
             try:
                 async for reply in func(self, request, context):
                     yield reply
-            except BaseException as exc:
-                error = exc
-                if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
-                    await _status_of(exc, context, method)
+            except Exception as exc:
+                await record.fail(exc, context)
                 raise
-            finally:
-                self.metrics.requests.labels(method, _final_code(error, context)).inc()
-                self.metrics.request_latency.labels(method).observe(time.perf_counter() - started)
 
         return stream_wrapper
 
     @functools.wraps(func)
-    async def unary_wrapper(self: HasMetrics, request: Any, context: grpc.aio.ServicerContext) -> Awaitable:
-        started = time.perf_counter()
-        error: BaseException | None = None
+    async def unary_wrapper(self: HasMetrics, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        record = _CallRecord(self.metrics, method, context)
         try:
             return await func(self, request, context)
-        except BaseException as exc:
-            error = exc
-            if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
-                await _status_of(exc, context, method)
+        except Exception as exc:
+            await record.fail(exc, context)
             raise
-        finally:
-            self.metrics.requests.labels(method, _final_code(error, context)).inc()
-            self.metrics.request_latency.labels(method).observe(time.perf_counter() - started)
 
     return unary_wrapper

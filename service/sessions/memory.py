@@ -1,7 +1,8 @@
 """In-memory session store: LRU order, per-session idle TTL, byte accounting.
 
-Only the event loop thread touches it, so it needs no locks; arrays are replaced, never written in
-place, so a record handed out stays a consistent snapshot.
+Only the event loop thread touches it, so it needs no locks. A commit replaces a record's arrays
+(never writes into them) and its position: arrays handed out stay valid, but a reader that needs the
+position a state stood for must read it together with the arrays.
 """
 
 from __future__ import annotations

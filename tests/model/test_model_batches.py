@@ -1,3 +1,4 @@
+import math
 import random
 from itertools import islice, pairwise
 
@@ -13,6 +14,7 @@ from model.batches import (
     pad_batch,
     text_batches,
 )
+from model.network import CHRONO_MAX_STEPS
 from model.parity import TOLERANCE, scaled_max_diff
 from model.train import run_batch, weighted_loss
 
@@ -114,10 +116,14 @@ def test_curriculum_grows_filler_from_2_to_8():
     assert {curriculum_max_filler(k, 0) for k in (0, 1, 50)} == {8}
 
 
-def test_forget_gate_biases_start_open(make_model):
+def test_chrono_initialisation_spreads_memory_timescales(make_model):
     model = make_model(0)
     hidden = model.config.hidden_size
     for layer in range(model.config.num_layers):
-        bias = getattr(model.lstm, f"bias_ih_l{layer}").detach()
-        assert torch.equal(bias[hidden : 2 * hidden], torch.ones(hidden))
-        assert not torch.equal(bias[:hidden], torch.ones(hidden))
+        bias_ih = getattr(model.lstm, f"bias_ih_l{layer}").detach()
+        bias_hh = getattr(model.lstm, f"bias_hh_l{layer}").detach()
+        forget, input_gate = bias_ih[hidden : 2 * hidden], bias_ih[:hidden]
+        assert torch.equal(input_gate, -forget)
+        assert forget.min() >= 0 and forget.max() <= math.log(CHRONO_MAX_STEPS - 1)
+        assert forget.std() > 0.3  # a spread of timescales, not one value
+        assert not bias_hh.any() and not bias_ih[2 * hidden :].any()

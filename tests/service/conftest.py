@@ -1,0 +1,184 @@
+"""Fixtures for the live-server tests: in-process servers on real ports, clients, references, scrapes.
+
+Helpers are handed out through fixtures so no test module imports a conftest by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model.parity import TOLERANCE, scaled_max_diff
+from service.client import Client
+from service.config import load_settings
+from service.server import RunningServer, start_server
+
+CHAT, FEATURES = "tiny-chat", "tiny-features"
+
+
+class Reference:
+    """In-process onnxruntime on the same .onnx files: the outputs the server must reproduce."""
+
+    def __init__(self, model_dir: Path) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.sessions = {
+            name: ort.InferenceSession(str(model_dir / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+            for name in (CHAT, FEATURES)
+        }
+
+    def zero_state(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+        shape = self.sessions[model].get_inputs()[1].shape  # h0 (L, B, H)
+        zeros = np.zeros((shape[0], shape[2]), np.float32)
+        return zeros, zeros.copy()
+
+    def run(
+        self, model: str, inputs: np.ndarray, h: np.ndarray | None = None, c: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One session, batch 1: inputs (T,) tokens or (T, F) features, h/c (L, H) -> logits (T, V), h, c."""
+        if h is None or c is None:
+            h, c = self.zero_state(model)
+        kind = self.sessions[model].get_inputs()[0].name
+        batch = np.asarray(inputs, dtype=np.int64 if kind == "tokens" else np.float32)[None]
+        logits, hn, cn = self.sessions[model].run(
+            ["logits", "hn", "cn"],
+            {kind: batch, "h0": np.asarray(h, np.float32)[:, None], "c0": np.asarray(c, np.float32)[:, None]},
+        )
+        return logits[0], hn[:, 0], cn[:, 0]
+
+
+class Samples:
+    """One /metrics scrape: sample values by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.values: dict[tuple[str, frozenset], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.values[(sample.name, frozenset(sample.labels.items()))] = sample.value
+
+    def get(self, name: str, default: float | None = None, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        if key not in self.values:
+            if default is not None:
+                return default
+            raise KeyError(f"no sample {name}{labels} in the scrape")
+        return self.values[key]
+
+    def names(self) -> set[str]:
+        return {name for name, _ in self.values}
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
+    diff = scaled_max_diff(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert diff <= TOLERANCE, f"{what}: scaled max diff {diff:.3g} > {TOLERANCE}"
+
+
+def state_arrays(state) -> tuple[np.ndarray, np.ndarray]:
+    """(h, c) of a State message as (L, H) float32 arrays."""
+    shape = (state.num_layers, state.hidden_size)
+    return (np.asarray(state.h, np.float32).reshape(shape), np.asarray(state.c, np.float32).reshape(shape))
+
+
+@pytest.fixture(scope="session")
+def ref(tiny_model_dir: Path) -> Reference:
+    return Reference(tiny_model_dir)
+
+
+@pytest.fixture
+def close():
+    """assert_close(got, want, what): scaled max diff within model.parity.TOLERANCE."""
+    return assert_close
+
+
+@pytest.fixture
+def arrays():
+    """state_arrays(State) -> (h, c) as (L, H) arrays."""
+    return state_arrays
+
+
+@pytest.fixture
+async def start(tiny_model_dir: Path) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
+    """start(**settings) -> a RunningServer on 127.0.0.1 with free ports; all stopped after the test."""
+    servers: list[RunningServer] = []
+
+    async def _start(**overrides: object) -> RunningServer:
+        settings = dict(
+            host="127.0.0.1",
+            port=0,
+            metrics_host="127.0.0.1",
+            metrics_port=0,
+            model_dir=tiny_model_dir,
+            default_model=CHAT,
+            ort_intra_op_threads=1,
+        )
+        settings.update(overrides)
+        running = await asyncio.wait_for(start_server(load_settings(**settings)), 60)
+        servers.append(running)
+        return running
+
+    yield _start
+    for running in servers:
+        await asyncio.wait_for(running.stop(0), 30)
+
+
+@pytest.fixture
+async def server(start) -> RunningServer:
+    return await start()
+
+
+@pytest.fixture
+async def client(server: RunningServer) -> AsyncIterator[Client]:
+    async with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[RunningServer], Client]]:
+    """connect(running) -> a Client on a real channel to that server; closed after the test."""
+    clients: list[Client] = []
+
+    def _connect(running: RunningServer) -> Client:
+        c = Client(f"127.0.0.1:{running.port}", timeout=30)
+        clients.append(c)
+        return c
+
+    yield _connect
+    for c in clients:
+        await c.channel.close()
+
+
+@pytest.fixture
+def scrape() -> Callable[[RunningServer], Awaitable[Samples]]:
+    """scrape(running) -> Samples of GET http://127.0.0.1:<metrics_port>/metrics."""
+
+    async def _scrape(running: RunningServer) -> Samples:
+        def fetch() -> str:
+            url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200
+                return response.read().decode()
+
+        return Samples(await asyncio.to_thread(fetch))
+
+    return _scrape
+
+
+@pytest.fixture
+def rpc_error():
+    """await rpc_error(awaitable) -> the grpc.aio.AioRpcError it raised (fails if it succeeded)."""
+
+    async def _rpc_error(awaitable: Awaitable[object]) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(awaitable, 30)
+        return info.value
+
+    return _rpc_error

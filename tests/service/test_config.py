@@ -1,0 +1,196 @@
+"""J. Settings validation, env variables, the `serve` CLI, and the engine's refusal of bad graphs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from service.config import Settings, SettingsError, load_settings
+from service.engine import Engine, ModelRegistry
+from service.errors import ModelLoadError
+from service.server import start_server
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    env = {k: v for k, v in env.items() if not k.startswith("CELLSTREAM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"port": -1}, "port"),
+        ({"port": 70000}, "port"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_queue_size": 0}, "max_queue_size"),
+        ({"when_full": "drop"}, "when_full"),
+        ({"session_ttl_seconds": 0}, "session_ttl_seconds"),
+        ({"log_level": "LOUD"}, "log_level"),
+        ({"no_such_setting": 1}, "no_such_setting"),
+    ],
+)
+def test_bad_settings_name_the_field(overrides, field):
+    with pytest.raises(SettingsError) as info:
+        load_settings(**overrides)
+    message = str(info.value)
+    assert message.startswith(f"{field}:"), message
+    assert repr(next(iter(overrides.values()))) in message
+
+
+def test_ttl_bound_is_checked():
+    with pytest.raises(SettingsError, match=r"session_ttl_seconds .* exceeds max_session_ttl_seconds"):
+        load_settings(session_ttl_seconds=100, max_session_ttl_seconds=10)
+
+
+def test_environment_is_honoured_and_overrides_win(monkeypatch):
+    monkeypatch.setenv("CELLSTREAM_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("CELLSTREAM_WHEN_FULL", "reject")
+    settings = load_settings()
+    assert settings.max_batch_size == 7 and settings.when_full == "reject"
+    assert load_settings(max_batch_size=9).max_batch_size == 9
+    assert load_settings(max_batch_size=None).max_batch_size == 7, "None means: not given"
+    monkeypatch.setenv("CELLSTREAM_MAX_BATCH_SIZE", "0")
+    with pytest.raises(SettingsError, match="max_batch_size"):
+        load_settings()
+
+
+def test_serve_help_lists_every_setting():
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in help_text, name
+        assert f"CELLSTREAM_{name.upper()}" in help_text, name
+
+
+def test_serve_with_missing_model_dir_fails_cleanly(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = run_cli(
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--model-dir",
+        str(missing),
+    )
+    assert result.returncode != 0
+    assert "model directory not found" in result.stderr and str(missing) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_serve_with_invalid_flag_value_fails_cleanly():
+    result = run_cli("serve", "--port", "-1", "--max-batch-size", "0")
+    assert result.returncode == 2
+    assert "invalid settings" in result.stderr
+    assert "port" in result.stderr and "max_batch_size" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _graph(path: Path, inputs: list, outputs: list[str], feed: str) -> Path:
+    """A small graph whose outputs are copies of the input `feed`, with the given inputs."""
+    nodes = [helper.make_node("Identity", [feed], [name]) for name in outputs]
+    out_infos = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs]
+    graph = helper.make_graph(nodes, "bad", inputs, out_infos)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_engine_refuses_graph_without_h0(tmp_path):
+    tokens = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])
+    c0 = helper.make_tensor_value_info("c0", TensorProto.FLOAT, [2, "batch", 4])
+    path = _graph(tmp_path / "no-h0.onnx", [tokens, c0], ["logits", "hn", "cn"], "c0")
+    with pytest.raises(ModelLoadError) as info:
+        Engine(path)
+    message = str(info.value)
+    assert message.startswith("no-h0.onnx:")
+    assert "inputs must be tokens, h0, c0" in message and "['c0', 'tokens']" in message
+
+
+def test_engine_refuses_graph_without_cn(tmp_path):
+    tokens = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])
+    h0 = helper.make_tensor_value_info("h0", TensorProto.FLOAT, [2, "batch", 4])
+    c0 = helper.make_tensor_value_info("c0", TensorProto.FLOAT, [2, "batch", 4])
+    path = _graph(tmp_path / "no-cn.onnx", [tokens, h0, c0], ["logits", "hn"], "h0")
+    with pytest.raises(ModelLoadError, match=r"no-cn\.onnx: missing outputs \['cn'\]"):
+        Engine(path)
+
+
+def test_engine_refuses_dynamic_state_size(tmp_path):
+    tokens = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])
+    h0 = helper.make_tensor_value_info("h0", TensorProto.FLOAT, [2, "batch", "hidden"])
+    c0 = helper.make_tensor_value_info("c0", TensorProto.FLOAT, [2, "batch", "hidden"])
+    path = _graph(tmp_path / "dynamic.onnx", [tokens, h0, c0], ["logits", "hn", "cn"], "h0")
+    with pytest.raises(ModelLoadError, match="h0 hidden size must be a fixed positive size"):
+        Engine(path)
+
+
+def test_engine_refuses_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(ModelLoadError, match="model file not found"):
+        Engine(tmp_path / "absent.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not an onnx graph")
+    with pytest.raises(ModelLoadError, match=r"garbage\.onnx: onnxruntime cannot load it"):
+        Engine(garbage)
+
+
+def test_registry_checks(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="model directory not found"):
+        ModelRegistry.from_directory(tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match=r"no \.onnx models"):
+        ModelRegistry.from_directory(tmp_path)
+    with pytest.raises(ModelLoadError, match="default model 'nope' is not among"):
+        ModelRegistry.from_directory(tiny_model_dir, default="nope")
+    registry = ModelRegistry.from_directory(tiny_model_dir, default="tiny-features")
+    assert registry.resolve("") == "tiny-features" and registry.resolve("tiny-chat") == "tiny-chat"
+    engine = registry.engines["tiny-chat"]
+    logits, hn, cn = engine.run(
+        np.zeros((3, 4), np.int64), np.zeros((2, 3, 16), np.float32), np.zeros((2, 3, 16), np.float32)
+    )
+    assert logits.shape == (3, 4, 260) and hn.shape == cn.shape == (2, 3, 16)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_start_server_with_bad_default_fails_and_frees_ports(tiny_model_dir):
+    ports = {"port": free_port(), "metrics_port": free_port()}
+    common = dict(host="127.0.0.1", metrics_host="127.0.0.1", model_dir=tiny_model_dir, **ports)
+    with pytest.raises(ModelLoadError, match="default model 'nope'"):
+        await start_server(load_settings(default_model="nope", **common))
+    # Both ports were released: a correct server binds them again.
+    running = await start_server(load_settings(default_model="tiny-chat", **common))
+    try:
+        assert (running.port, running.metrics_port) == (ports["port"], ports["metrics_port"])
+    finally:
+        await running.stop(0)

@@ -1,0 +1,139 @@
+"""G. Generate on the tiny random model: greedy equals in-process greedy decoding, chunks are well formed,
+the reply stays in the state, seeds reproduce, stop sequences stop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+PROMPT = "user: héllo\nbot: "
+END_TOKENS = {258, 259}  # eos, eot
+
+
+def greedy(ref, prompt: str, max_tokens: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """In-process greedy decoding: feed the prompt, then argmax and feed, token by token."""
+    logits, h, c = ref.run("tiny-chat", np.frombuffer(prompt.encode(), np.uint8).astype(np.int64))
+    tokens: list[int] = []
+    for _ in range(max_tokens):
+        token = int(np.argmax(logits[-1]))
+        tokens.append(token)
+        logits, h, c = ref.run("tiny-chat", np.array([token]), h, c)
+        if token in END_TOKENS:
+            break
+    return tokens, h, c
+
+
+def decode(tokens: list[int]) -> str:
+    return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
+
+
+async def collect(client, session_id: str, prompt: str, **kwargs) -> list:
+    async def run() -> list:
+        return [chunk async for chunk in client.generate(session_id, prompt, **kwargs)]
+
+    return await asyncio.wait_for(run(), 60)
+
+
+def check_chunks(chunks: list, start_position: int) -> tuple[list[int], str]:
+    assert chunks, "no chunks"
+    assert [c.done for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert all(c.finish_reason == "" for c in chunks[:-1])
+    assert chunks[-1].finish_reason in ("length", "stop", "end_token")
+    tokens = [t for c in chunks for t in c.tokens]
+    text = "".join(c.text for c in chunks)
+    assert text == decode(tokens)
+    # Positions grow with the tokens of each chunk.
+    position = start_position
+    for chunk in chunks:
+        position += len(chunk.tokens)
+        assert chunk.position == position
+    return tokens, text
+
+
+async def test_greedy_matches_in_process_decoding(client, ref, close, arrays):
+    session = await client.open_session()
+    chunks = await collect(client, session.session_id, PROMPT, max_tokens=12, temperature=0.0)
+    prompt_bytes = len(PROMPT.encode())
+    tokens, _ = check_chunks(chunks, prompt_bytes)
+    want_tokens, want_h, want_c = greedy(ref, PROMPT, 12)
+    assert tokens == want_tokens
+    finish = chunks[-1].finish_reason
+    if finish == "length":
+        assert len(tokens) == 12
+    else:
+        assert finish == "end_token" and tokens[-1] in END_TOKENS
+    assert chunks[-1].position == prompt_bytes + len(tokens)
+    # The reply stays in the state: the session is exactly where in-process decoding ended.
+    state = await client.get_state(session.session_id)
+    assert state.position == prompt_bytes + len(tokens)
+    h, c = arrays(state)
+    close(h, want_h, "h")
+    close(c, want_c, "c")
+
+
+async def test_top_k_one_is_greedy(client):
+    first, second = await client.open_session(), await client.open_session()
+    greedy_chunks = await collect(client, first.session_id, PROMPT, max_tokens=12)
+    top1_chunks = await collect(client, second.session_id, PROMPT, max_tokens=12, temperature=5.0, top_k=1, seed=9)
+    assert [t for c in greedy_chunks for t in c.tokens] == [t for c in top1_chunks for t in c.tokens]
+
+
+async def test_same_seed_same_reply_on_forks(client):
+    base = await client.open_session()
+    await client.step(base.session_id, text="user: tell me a story\n")
+    forks = [await client.fork(base.session_id) for _ in range(3)]
+    runs = [await collect(client, f.session_id, "bot: ", max_tokens=20, temperature=1.0, seed=42) for f in forks[:2]]
+    other = await collect(client, forks[2].session_id, "bot: ", max_tokens=20, temperature=1.0, seed=43)
+    start = len("user: tell me a story\n") + len("bot: ")
+    (tokens_a, text_a), (tokens_b, text_b) = (check_chunks(r, start) for r in runs)
+    assert tokens_a == tokens_b and text_a == text_b
+    assert [c.position for c in runs[0]] == [c.position for c in runs[1]]
+    states = [await client.get_state(f.session_id) for f in forks[:2]]
+    assert states[0] == states[1]
+    tokens_other, _ = check_chunks(other, start)
+    assert tokens_other != tokens_a, "seed 43 sampled exactly what seed 42 did"
+    # The base session was never touched by its forks' replies.
+    assert (await client.get_state(base.session_id)).position == len("user: tell me a story\n")
+
+
+async def test_stop_sequence(client):
+    base = await client.open_session()
+    await client.step(base.session_id, text="user: hi\n")
+    # Find a seed whose unconstrained reply holds an "e" (deterministic: fixed weights and seeds).
+    for seed in range(40):
+        fork = await client.fork(base.session_id)
+        free = await collect(client, fork.session_id, "bot: ", max_tokens=150, temperature=1.5, seed=seed)
+        free_tokens, free_text = check_chunks(free, 9 + 5)
+        if "e" in free_text[1:]:
+            break
+    else:
+        raise AssertionError("no seed in 0..39 produced an 'e' in 150 tokens")
+    fork = await client.fork(base.session_id)
+    chunks = await collect(
+        client,
+        fork.session_id,
+        "bot: ",
+        max_tokens=150,
+        temperature=1.5,
+        seed=seed,
+        stop=["no such stop", "e"],
+    )
+    tokens, text = check_chunks(chunks, 9 + 5)
+    assert chunks[-1].finish_reason == "stop"
+    assert text == free_text[: free_text.index("e") + 1]
+    assert text.endswith("e") and "e" not in text[:-1]
+    assert tokens == free_tokens[: len(tokens)] and tokens[-1] == ord("e")
+    # The stop sequence is kept in the state.
+    assert (await client.get_state(fork.session_id)).position == 9 + 5 + len(tokens)
+
+
+async def test_default_max_tokens(start, connect):
+    server = await start(max_generate_tokens=5)
+    client = connect(server)
+    session = await client.open_session()
+    chunks = await collect(client, session.session_id, "a", temperature=1.0, seed=1)
+    tokens, _ = check_chunks(chunks, 1)
+    assert len(tokens) <= 5
+    if chunks[-1].finish_reason == "length":
+        assert len(tokens) == 5

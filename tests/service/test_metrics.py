@@ -1,0 +1,89 @@
+"""L. /metrics over HTTP after a known workload: every series exists and its values add up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+
+from service.client import Client
+
+CHAT_STATE_BYTES = 2 * 2 * 16 * 4
+FEATURES_STATE_BYTES = 2 * 2 * 12 * 4
+
+
+async def test_metrics_after_a_workload(server, client, scrape, rpc_error):
+    chat = await client.open_session()
+    features = await client.open_session(model="tiny-features")
+    doomed = await client.open_session()
+    fork = await client.fork(chat.session_id)
+
+    chat_steps, chat_tokens = 0, 0
+    for tokens in ([1, 2, 3], [4], list(range(10)), [7, 7]):
+        await client.step(chat.session_id, tokens=tokens)
+        chat_steps, chat_tokens = chat_steps + 1, chat_tokens + len(tokens)
+    await client.step(doomed.session_id, text="bye")
+    chat_steps, chat_tokens = chat_steps + 1, chat_tokens + 3
+    for rows in (2, 5):
+        await client.step(features.session_id, features=np.ones((rows, 5)))
+
+    call = client.stream_steps()
+    for i, tokens in enumerate(([5, 6], [7], [8, 9, 10])):
+        await call.write(Client.step_request(fork.session_id if i == 0 else "", tokens=tokens))
+        await asyncio.wait_for(call.read(), 30)
+        chat_steps, chat_tokens = chat_steps + 1, chat_tokens + len(tokens)
+    await call.done_writing()
+    assert await asyncio.wait_for(call.code(), 30) == grpc.StatusCode.OK
+
+    chunks = [c async for c in client.generate(chat.session_id, "hi", max_tokens=6)]
+    generated = sum(len(c.tokens) for c in chunks)
+    chat_steps += 1 + generated  # the prompt, then one step per sampled token
+    chat_tokens += 2 + generated
+
+    error = await rpc_error(client.step(chat.session_id, tokens=[999]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await client.close_session(doomed.session_id)
+
+    samples = await scrape(server)
+    get = samples.get
+    # Requests by method and code.
+    assert get("cellstream_requests_total", method="Step", code="OK") == 7
+    assert get("cellstream_requests_total", method="Step", code="INVALID_ARGUMENT") == 1
+    assert get("cellstream_requests_total", method="StreamSteps", code="OK") == 1
+    assert get("cellstream_requests_total", method="Generate", code="OK") == 1
+    assert get("cellstream_requests_total", method="OpenSession", code="OK") == 3
+    assert get("cellstream_requests_total", method="ForkSession", code="OK") == 1
+    assert get("cellstream_requests_total", method="CloseSession", code="OK") == 1
+    # Latency histogram: one observation per call, every bucket cumulative up to +Inf.
+    assert get("cellstream_request_duration_seconds_count", method="Step") == 8
+    assert get("cellstream_request_duration_seconds_bucket", method="Step", le="+Inf") == 8
+    assert get("cellstream_request_duration_seconds_sum", method="Step") > 0
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in samples.values.items()
+        if name == "cellstream_request_duration_seconds_bucket" and dict(labels)["method"] == "Step"
+    )
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)
+    # Batcher series: sequential calls, so each step ran alone.
+    for model, steps in (("tiny-chat", chat_steps), ("tiny-features", 2)):
+        assert get("cellstream_queue_wait_seconds_count", model=model) == steps
+        assert get("cellstream_queue_wait_seconds_sum", model=model) >= 0
+        assert get("cellstream_batch_size_count", model=model) == steps
+        assert get("cellstream_batch_size_sum", model=model) == steps
+        assert get("cellstream_batch_size_bucket", model=model, le="1.0") == steps
+        assert get("cellstream_compute_seconds_count", model=model) == steps
+        assert get("cellstream_compute_seconds_sum", model=model) > 0
+    assert get("cellstream_tokens_total", model="tiny-chat") == chat_tokens
+    assert get("cellstream_tokens_total", model="tiny-features") == 7
+    # Sessions: opened (incl. the fork), closed, none expired or evicted; gauges read the store.
+    assert get("cellstream_sessions_opened_total") == 4
+    assert get("cellstream_sessions_closed_total") == 1
+    assert get("cellstream_sessions_expired_total") == 0
+    assert get("cellstream_sessions_evicted_total") == 0
+    assert get("cellstream_sessions_active") == 3
+    assert get("cellstream_state_bytes") == 2 * CHAT_STATE_BYTES + FEATURES_STATE_BYTES
+    # The same numbers are in the server's own registry (the HTTP endpoint serves that registry).
+    registry = server.metrics.registry
+    assert registry.get_sample_value("cellstream_tokens_total", {"model": "tiny-chat"}) == chat_tokens
+
