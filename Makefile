@@ -7,7 +7,7 @@ MODEL := model/artifacts/cellstream-chat.onnx
 HOST ?= 0.0.0.0
 PORT ?= 50051
 
-.PHONY: serve test test-slow lint protos model venv venv-dev clean
+.PHONY: serve test lint protos model venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,6 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-test-slow: $(VENV)/.dev
-	$(BIN)/python -m pytest -q -m slow --runslow
-
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -41,7 +38,7 @@ lint: $(VENV)/.dev
 protos: $(VENV)/.dev
 	$(BIN)/python -m service.protogen
 
-# Full training + export + quality report of the shipped default model (about 17 minutes on 2 cores).
+# Full training + export + quality report of the shipped default model (about 45 minutes on 2 cores).
 model: $(VENV)/.dev
 	$(BIN)/python -m model.train --out runs/default/model.pt --quiet
 	$(BIN)/python -m model.export runs/default/model.pt --out $(MODEL)

@@ -25,11 +25,11 @@ class Batch:
 
 def dialogue_weights(dialogue: corpus.Dialogue, answer_weight: float) -> list[float]:
     """Loss weight of each byte of the dialogue as a target: `answer_weight` on the bot lines that
-    answer the questions (the only bytes that need the remembered facts), 1 elsewhere."""
-    weights = [1.0] * len(dialogue.context.encode("utf-8"))
-    for qa in dialogue.questions:
-        weights += [1.0] * len(corpus.line("user", qa.question).encode("utf-8"))
-        weights += [answer_weight] * len(corpus.line("bot", qa.answer).encode("utf-8"))
+    answer a question (the only bytes that need the remembered facts), 1 elsewhere."""
+    weights: list[float] = []
+    for text_line in dialogue.text.splitlines(keepends=True):
+        answers = text_line.startswith("bot: ") and corpus.is_answer(text_line[len("bot: ") :])
+        weights += [answer_weight if answers else 1.0] * len(text_line.encode("utf-8"))
     return weights
 
 
@@ -66,7 +66,7 @@ def curriculum_max_filler(batch_index: int, ramp_batches: int) -> int:
 
 def dialogue_batches(
     seed: int, batch_size: int, answer_weight: float, *, first_batch: int = 0, ramp_batches: int = 0,
-    bucket: int = 16,
+    quiz_rate: float = 0.0, bucket: int = 16,
 ) -> Iterator[Batch]:
     """Endless batches of training dialogues; `bucket` batches at a time are sorted by length."""
     rng = random.Random(seed)
@@ -75,7 +75,7 @@ def dialogue_batches(
         max_filler = curriculum_max_filler(index, ramp_batches)
         index += bucket
         rows = [
-            encode_dialogue(corpus.make_dialogue(rng, max_filler=max_filler), answer_weight)
+            encode_dialogue(corpus.make_dialogue(rng, max_filler=max_filler, quiz_rate=quiz_rate), answer_weight)
             for _ in range(batch_size * bucket)
         ]
         rows.sort(key=lambda r: len(r[0]))

@@ -40,9 +40,9 @@ FACT_PHRASES: dict[str, tuple[str, ...]] = {
     "job": ("i work as a {v}.", "i work as a {v}.", "my job is {v}.", "i earn my living as a {v}."),
 }
 ACKS: dict[str, tuple[str, ...]] = {
-    "name": ("nice to meet you, {v}.", "hello {v}!", "got it.", "pleased to meet you."),
-    "city": ("{v} sounds lovely.", "noted.", "oh, {v}!", "i see."),
-    "job": ("being a {v} must be interesting.", "noted.", "a {v}, nice.", "good to know."),
+    "name": ("nice to meet you, {v}.", "hello {v}!", "got it, {v}.", "pleased to meet you, {v}."),
+    "city": ("{v} sounds lovely.", "noted, {v}.", "oh, {v}!", "i see, {v}."),
+    "job": ("being a {v} must be interesting.", "noted, a {v}.", "a {v}, nice.", "good to know, a {v}."),
 }
 QUESTIONS: dict[str, tuple[str, str]] = {
     "name": ("what is my name?", "your name is {v}."),
@@ -121,6 +121,14 @@ _BOT_SHAPES = (
     "the {noun} sounds {adj}.",
     "interesting, tell me more.",
     "{time} sounds {feeling}.",
+    "a {echo}? tell me more.",
+    "i love a good {echo}.",
+    "oh, the {echo}!",
+    "your {echo} sounds {adj}.",
+    "what kind of {echo}?",
+    "a {adj} {echo}, nice.",
+    "i also like the {echo}.",
+    "the {echo} again?",
 )
 
 
@@ -150,20 +158,26 @@ class FillerGenerator:
     def _shapes(self, shapes: tuple[str, ...]) -> tuple[str, ...]:
         return _half(shapes, self.heldout)
 
-    def _fill(self, shape: str, rng: random.Random) -> str:
+    def _fill(self, shape: str, rng: random.Random, echo: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+        """The shape with each {kind} drawn from its pool ({echo}: from `echo`), and the nouns drawn."""
         out = shape
+        nouns = []
         while "{" in out:
             start = out.index("{")
             end = out.index("}", start)
             kind = out[start + 1 : end]
-            out = out[:start] + rng.choice(self._pool(kind)) + out[end + 1 :]
-        return out
+            word = rng.choice(echo) if kind == "echo" else rng.choice(self._pool(kind))
+            if kind == "noun":
+                nouns.append(word)
+            out = out[:start] + word + out[end + 1 :]
+        return out, nouns
 
-    def user_line(self, rng: random.Random) -> str:
-        return self._fill(rng.choice(self._shapes(_USER_SHAPES)), rng)
-
-    def bot_line(self, rng: random.Random) -> str:
-        return self._fill(rng.choice(self._shapes(_BOT_SHAPES)), rng)
+    def turn(self, rng: random.Random) -> tuple[str, str]:
+        """A user line and the bot's reply, which often picks up a noun of the user's (copying practice)."""
+        user, nouns = self._fill(rng.choice(self._shapes(_USER_SHAPES)), rng)
+        shapes = [s for s in self._shapes(_BOT_SHAPES) if nouns or "{echo}" not in s]
+        bot, _ = self._fill(rng.choice(shapes), rng, tuple(nouns))
+        return user, bot
 
 
 @dataclass(frozen=True)
@@ -201,8 +215,13 @@ def make_dialogue(
     min_filler: int = 1,
     max_filler: int = 8,
     exact_questions: bool = False,
+    quiz_rate: float = 0.0,
 ) -> Dialogue:
-    """A dialogue: facts, then `min_filler`..`max_filler` small-talk turns, then questions on the facts."""
+    """A dialogue: facts, then `min_filler`..`max_filler` small-talk turns, then questions on the facts.
+
+    `quiz_rate` (training only) asks a fact back after a small-talk turn with that probability, so
+    recall is practised at every distance, not only after all the filler.
+    """
     facts = {"name": rng.choice(NAMES), "city": rng.choice(CITIES), "job": rng.choice(JOBS)}
     filler = FillerGenerator(heldout=heldout)
     order = list(facts)
@@ -216,17 +235,27 @@ def make_dialogue(
         lines.append(line("user", rng.choice(FACT_PHRASES[kind]).format(v=value)))
         lines.append(line("bot", rng.choice(ACKS[kind]).format(v=value)))
     for _ in range(rng.randint(min_filler, max_filler)):
-        lines.append(line("user", filler.user_line(rng)))
-        lines.append(line("bot", filler.bot_line(rng)))
+        user, bot = filler.turn(rng)
+        lines += [line("user", user), line("bot", bot)]
+        if rng.random() < quiz_rate:
+            qa = _question(rng.choice(list(facts)), facts, rng, exact_questions)
+            lines += [line("user", qa.question), line("bot", qa.answer)]
     asked = list(facts)
     rng.shuffle(asked)
-    questions = []
-    for kind in asked:
-        question, answer = QUESTIONS[kind]
-        if not exact_questions:
-            question = rng.choice(QUESTION_VARIANTS[kind])
-        questions.append(QuestionAnswer(kind, question, answer.format(v=facts[kind])))
+    questions = [_question(kind, facts, rng, exact_questions) for kind in asked]
     return Dialogue(context="".join(lines), questions=tuple(questions), facts=facts)
+
+
+def _question(kind: str, facts: dict[str, str], rng: random.Random, exact: bool) -> QuestionAnswer:
+    question, answer = QUESTIONS[kind]
+    if not exact:
+        question = rng.choice(QUESTION_VARIANTS[kind])
+    return QuestionAnswer(kind, question, answer.format(v=facts[kind]))
+
+
+def is_answer(bot_text: str) -> bool:
+    """Whether a bot line's text answers a question on a fact."""
+    return any(bot_text.startswith(answer.split("{")[0]) for _, answer in QUESTIONS.values())
 
 
 def dialogues(seed: int, *, heldout: bool = False) -> Iterator[Dialogue]:

@@ -41,22 +41,27 @@ class LSTMLanguageModel(nn.Module):
         self._chrono_init()
 
     def _chrono_init(self) -> None:
-        """Chrono initialisation (Tallec & Ollivier, 2018): b_f = log(U(1, T_max - 1)), b_i = -b_f.
+        """Chrono initialisation (Tallec & Ollivier, 2018) on half the units: b_f = log(U(1, T_max - 1)),
+        b_i = -b_f; the other half start with b_f = 1.
 
-        A plain init (b_f ~ 0, so f ~ 0.5) forgets within a few steps: the gradient from an answer
-        hundreds of bytes after its fact vanishes before it can teach the gates to remember. Chrono
-        gives the units memory timescales spread up to CHRONO_MAX_STEPS, the span of a dialogue.
+        A plain init (f ~ 0.5) forgets within a few steps: the gradient from an answer hundreds of
+        bytes after its fact vanishes before it can teach the gates to remember. Chrono units get
+        memory timescales spread up to CHRONO_MAX_STEPS, the span of a dialogue; but their input
+        gates start nearly closed, so the plain half is kept to learn the local structure fast.
         """
         hidden = self.config.hidden_size
+        slow = hidden // 2
         with torch.no_grad():
             for name, bias in self.lstm.named_parameters():
                 if not name.startswith("bias_"):
                     continue
                 bias.zero_()
                 if name.startswith("bias_ih"):
-                    forget = torch.log(torch.empty(hidden).uniform_(1.0, CHRONO_MAX_STEPS - 1.0))
-                    bias[hidden : 2 * hidden] = forget  # torch's gate order is i, f, g, o
-                    bias[:hidden] = -forget
+                    forget = torch.log(torch.empty(slow).uniform_(1.0, CHRONO_MAX_STEPS - 1.0))
+                    # torch's gate order is i, f, g, o: the slow units are the last `slow` of each gate.
+                    bias[hidden - slow : hidden] = -forget
+                    bias[2 * hidden - slow : 2 * hidden] = forget
+                    bias[hidden : 2 * hidden - slow] = 1.0
 
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.config.num_layers, batch, self.config.hidden_size)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,34 +27,27 @@ from model.network import LSTMLanguageModel, ModelConfig
 EVAL_SEED_OFFSET = 1_000_003  # evaluation dialogues never share a seed with training ones
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _bounded(cast: type, what: str, minimum: float, *, strict: bool = False, maximum: float = math.inf
+             ) -> Callable[[str], float]:
+    """An argparse type: `cast` the text and keep it within bounds, or explain what was expected."""
+
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        low_ok = value > minimum if strict else value >= minimum
+        if not (low_ok and value <= maximum and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
+_positive_int = _bounded(int, "a positive integer", 1)
+_non_negative_int = _bounded(int, "an integer >= 0", 0)
+_positive_float = _bounded(float, "a positive finite number", 0.0, strict=True)
+_probability = _bounded(float, "a probability in [0, 1]", 0.0, maximum=1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,21 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corpus", type=Path, help="plain UTF-8 text file (default: synthetic dialogues)")
     parser.add_argument("--out", type=Path, default=Path("runs/model.pt"), help="final checkpoint path")
     parser.add_argument("--resume", type=Path, help="checkpoint to continue training from")
-    parser.add_argument("--steps", type=_positive_int, default=600, help="optimiser steps in total")
+    parser.add_argument("--steps", type=_positive_int, default=4500, help="optimiser steps in total")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per batch")
     parser.add_argument("--bptt", type=_positive_int, default=1024, help="truncated-BPTT window (steps)")
-    parser.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=_positive_float, default=4e-3, help="Adam learning rate")
     parser.add_argument("--clip", type=_positive_float, default=1.0, help="gradient-norm clip")
     parser.add_argument("--answer-weight", type=_positive_float, default=5.0,
                         help="loss weight of the bot lines answering the questions")
-    parser.add_argument("--curriculum-steps", type=_non_negative_int, default=300,
+    parser.add_argument("--quiz-rate", type=_probability, default=0.3,
+                        help="chance of a recall question after each small-talk turn (training dialogues)")
+    parser.add_argument("--curriculum-steps", type=_non_negative_int, default=1000,
                         help="steps over which the most filler turns grows from 2 to 8 (0: always 8)")
     parser.add_argument("--embed-dim", type=_positive_int, default=64)
-    parser.add_argument("--hidden-size", type=_positive_int, default=256)
+    parser.add_argument("--hidden-size", type=_positive_int, default=128)
     parser.add_argument("--layers", type=_positive_int, default=2)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=_positive_int, default=2, help="torch intra-op threads")
-    parser.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations")
+    parser.add_argument("--eval-every", type=_positive_int, default=250, help="steps between evaluations")
     parser.add_argument("--eval-dialogues", type=_positive_int, default=64)
     parser.add_argument("--checkpoint-every", type=_positive_int, default=100)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -176,7 +172,8 @@ def train(args: argparse.Namespace) -> dict:
     # Resuming restarts the batch stream from a seed derived from the step: deterministic, never a replay.
     if text is None:
         batches = dialogue_batches(args.seed + start_step, args.batch_size, args.answer_weight,
-                                   first_batch=start_step, ramp_batches=args.curriculum_steps)
+                                   first_batch=start_step, ramp_batches=args.curriculum_steps,
+                                   quiz_rate=args.quiz_rate)
     else:
         batches = text_batches(train_text, args.batch_size, args.bptt)
     state = model.zero_state(args.batch_size)

@@ -119,11 +119,15 @@ def test_curriculum_grows_filler_from_2_to_8():
 def test_chrono_initialisation_spreads_memory_timescales(make_model):
     model = make_model(0)
     hidden = model.config.hidden_size
+    slow = hidden // 2
     for layer in range(model.config.num_layers):
         bias_ih = getattr(model.lstm, f"bias_ih_l{layer}").detach()
         bias_hh = getattr(model.lstm, f"bias_hh_l{layer}").detach()
-        forget, input_gate = bias_ih[hidden : 2 * hidden], bias_ih[:hidden]
-        assert torch.equal(input_gate, -forget)
-        assert forget.min() >= 0 and forget.max() <= math.log(CHRONO_MAX_STEPS - 1)
-        assert forget.std() > 0.3  # a spread of timescales, not one value
+        input_gate, forget = bias_ih[:hidden], bias_ih[hidden : 2 * hidden]
+        long_forget = forget[hidden - slow :]
+        assert torch.equal(input_gate[hidden - slow :], -long_forget)
+        assert long_forget.min() >= 0 and long_forget.max() <= math.log(CHRONO_MAX_STEPS - 1)
+        assert long_forget.std() > 0.3  # a spread of timescales, not one value
+        assert torch.equal(forget[: hidden - slow], torch.ones(hidden - slow))
+        assert not input_gate[: hidden - slow].any()
         assert not bias_hh.any() and not bias_ih[2 * hidden :].any()

@@ -113,8 +113,8 @@ def test_heldout_filler_shares_no_shape_or_word_with_training():
         assert heldout._pool(kind) and train._pool(kind)
     # Observable consequence: no held-out sentence is ever produced by the training generator.
     rng = random.Random(0)
-    train_lines = {f(rng) for _ in range(3000) for f in (train.user_line, train.bot_line)}
-    heldout_lines = {f(rng) for _ in range(3000) for f in (heldout.user_line, heldout.bot_line)}
+    train_lines = {text for _ in range(3000) for text in train.turn(rng)}
+    heldout_lines = {text for _ in range(3000) for text in heldout.turn(rng)}
     assert train_lines.isdisjoint(heldout_lines)
     # ...and neither side ever uses a one-word pool entry of the other, not even inside its time phrases.
     single_train = {w for w in train_words if " " not in w}
@@ -134,7 +134,7 @@ def test_filler_never_mentions_a_fact_word(heldout):
     rng = random.Random(1)
     words = set()
     for _ in range(3000):
-        for line in (filler.user_line(rng), filler.bot_line(rng)):
+        for line in filler.turn(rng):
             words.update(re.findall(r"[a-z]+", line))
     assert len(words) > 30
     assert not words & FACT_WORDS, words & FACT_WORDS
@@ -164,3 +164,23 @@ def test_read_text_corpus_rejects(tmp_path, content, message):
         path.write_bytes(content)
     with pytest.raises(CorpusError, match=message):
         read_text_corpus(path)
+
+
+def test_bot_small_talk_often_picks_up_a_noun_of_the_user():
+    filler = FillerGenerator()
+    rng = random.Random(4)
+    turns = [filler.turn(rng) for _ in range(500)]
+    nouns = set(filler._pool("noun"))
+    echoed = sum(bool(nouns & set(re.findall(r"[a-z]+", user)) & set(re.findall(r"[a-z]+", bot)))
+                 for user, bot in turns)
+    assert 0.2 < echoed / len(turns) < 0.9
+
+
+def test_quiz_questions_ask_stated_facts_during_small_talk():
+    rng = random.Random(5)
+    dialogue = make_dialogue(rng, min_filler=8, max_filler=8, quiz_rate=1.0)
+    lines = dialogue.context.splitlines()
+    answers = [text[len("bot: "):] for text in lines if text.startswith("bot: ") and corpus.is_answer(text[5:])]
+    assert len(answers) == 8
+    assert all(any(value in answer for value in dialogue.facts.values()) for answer in answers)
+    assert make_dialogue(random.Random(5), min_filler=8, max_filler=8).context.count("\n") == 6 + 16

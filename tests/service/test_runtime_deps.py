@@ -1,0 +1,38 @@
+"""The server runs without torch: its install does not pull it, and importing it does not load it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TRAINING_ONLY = ("torch", "onnx", "tqdm")
+
+
+def package_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].lower() for req in requirements}
+
+
+def test_runtime_dependencies_exclude_training_packages():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert package_names(project["dependencies"]).isdisjoint(TRAINING_ONLY)
+    assert {"torch", "onnx"} <= package_names(project["optional-dependencies"]["train"])
+
+
+def test_importing_the_server_loads_no_training_package():
+    code = (
+        "import sys; import service.cli, service.server, service.client; "
+        f"loaded = sorted(m for m in {TRAINING_ONLY!r} if m in sys.modules); print(loaded); "
+        "sys.exit(1 if loaded else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_module_under_service_imports_model_or_torch():
+    pattern = re.compile(r"^\s*(import|from)\s+(torch|model)\b", re.MULTILINE)
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "service").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
