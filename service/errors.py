@@ -39,9 +39,5 @@ class Unavailable(CellstreamError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class FailedPrecondition(CellstreamError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
 class ModelLoadError(Exception):
     """A model file cannot be served; raised at start-up with the reason."""
