@@ -89,7 +89,7 @@ class Evaluation:
 def describe_corpus(args: argparse.Namespace) -> str:
     if args.corpus is None:
         return (f"synthetic memory dialogues (seed {args.seed}, filler 1-8 turns, "
-                f"curriculum over {args.curriculum_steps} steps)")
+                f"curriculum over {args.curriculum_steps} steps, quiz rate {args.quiz_rate})")
     return f"text file {args.corpus.name}"
 
 
