@@ -6,8 +6,10 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 MODEL := model/artifacts/cellstream-chat.onnx
 HOST ?= 0.0.0.0
 PORT ?= 50051
+# Extra flags for `make bench`, e.g. BENCH_ARGS="--quick --out-dir /tmp/bench".
+BENCH_ARGS ?=
 
-.PHONY: serve test lint protos model venv venv-dev clean
+.PHONY: serve test lint protos model bench venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +19,13 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) -e .
 	touch $@
 
+# Every extra in one install, so they resolve together.
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PIP) -e '.[train,dev]'
+	$(PIP) -e '.[train,dev,bench]'
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.runtime
+	$(PIP) -e '.[bench]'
 	touch $@
 
 venv: $(VENV)/.runtime
@@ -34,6 +41,10 @@ test: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Every figure of docs/BENCHMARKS.md into docs/benchmarks/ (5-10 minutes; run it on a quiet machine).
+bench: $(VENV)/.bench
+	$(BIN)/cellstream bench $(BENCH_ARGS)
 
 protos: $(VENV)/.dev
 	$(BIN)/python -m service.protogen

@@ -1,4 +1,4 @@
-"""`cellstream serve|health|chat|train|export|evaluate`."""
+"""`cellstream serve|chat|bench|train|export|evaluate`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def _chat(args: argparse.Namespace) -> int:
                             max_tokens=args.max_tokens))
 
 
+def _bench(argv: Sequence[str]) -> int:
+    # Imported only here: the harness is a separate top-level package with its own flags.
+    from bench.cli import main as bench_main
+
+    return bench_main(argv)
+
+
 def _training(command: str, argv: Sequence[str]) -> int:
     import importlib
 
@@ -68,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     chat.add_argument("--max-tokens", type=int, default=200)
     chat.set_defaults(func=_chat)
+    commands.add_parser("bench", help="benchmark a server this command starts itself (see `cellstream bench --help`)",
+                        add_help=False)
     for name, module in TRAINING_COMMANDS.items():
         commands.add_parser(name, help=f"see `cellstream {name} --help` ({module}; needs the train extra)",
                             add_help=False)
@@ -78,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TRAINING_COMMANDS:
         return _training(argv[0], argv[1:])
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

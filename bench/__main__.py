@@ -1,0 +1,9 @@
+"""`python -m bench`: see `bench.cli`."""
+
+import sys
+
+from bench.cli import main
+
+# Client processes are spawned: they re-import this module, and must not rerun the benchmark.
+if __name__ == "__main__":
+    sys.exit(main())

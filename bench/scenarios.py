@@ -1,0 +1,140 @@
+"""The client side of each figure, run inside a client process on its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from bench import wire
+from bench.gate import Gate
+from bench.jobs import Conversation, Events, GenerateLoad, Job, OpenIdle, StepLoad, TurnLatencies
+from bench.options import API_STREAM
+from bench.stats import split_evenly
+
+
+async def run_job(target: str, job: Job, gate: Gate) -> Events | TurnLatencies | int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        match job:
+            case StepLoad():
+                return await step_load(channel, job, gate)
+            case GenerateLoad():
+                return await generate_load(channel, job, gate)
+            case OpenIdle():
+                return await open_idle(channel, job, gate)
+            case Conversation():
+                return await conversation(channel, job, gate)
+    raise TypeError(f"unknown job {job!r}")
+
+
+async def _open_sessions(channel: grpc.aio.Channel, count: int, timeout: float) -> list[str]:
+    return list(await asyncio.gather(*(wire.open_session(channel, timeout) for _ in range(count))))
+
+
+async def step_load(channel: grpc.aio.Channel, job: StepLoad, gate: Gate) -> Events:
+    """Every session steps back to back; one step each happens before `ready`, so nothing is cold."""
+    ids = await _open_sessions(channel, job.sessions, job.timeout_seconds)
+    events = Events()
+    if job.api == API_STREAM:
+        calls = await asyncio.gather(*(_open_stream(channel, sid, job.timeout_seconds) for sid in ids))
+        await gate.ready()
+        await asyncio.gather(*(_drive_stream(call, gate, events) for call in calls))
+        return events
+    step = channel.unary_unary(wire.STEP)
+    requests = [wire.step_request(sid) for sid in ids]
+    await asyncio.gather(*(step(request, timeout=job.timeout_seconds) for request in requests))
+    await gate.ready()
+    await asyncio.gather(*(_drive_unary(step, request, job.timeout_seconds, gate, events) for request in requests))
+    return events
+
+
+async def _open_stream(channel: grpc.aio.Channel, session_id: str, timeout: float) -> grpc.aio.StreamStreamCall:
+    """A StreamSteps call bound to the session by its first step."""
+    call = channel.stream_stream(wire.STREAM_STEPS)(timeout=timeout)
+    await call.write(wire.step_request(session_id))
+    await call.read()
+    return call
+
+
+async def _drive_stream(call: grpc.aio.StreamStreamCall, gate: Gate, events: Events) -> None:
+    request = wire.step_request()  # the stream is bound to its session: the same bytes every time
+    while not gate.stopping:
+        start = time.monotonic()
+        await call.write(request)
+        await call.read()
+        events.add(start, time.monotonic())
+    await call.done_writing()
+    code = await call.code()
+    if code != grpc.StatusCode.OK:
+        raise RuntimeError(f"StreamSteps ended with {code.name}: {await call.details()}")
+
+
+async def _drive_unary(step: grpc.aio.UnaryUnaryMultiCallable, request: bytes, timeout: float, gate: Gate,
+                       events: Events) -> None:
+    while not gate.stopping:
+        start = time.monotonic()
+        await step(request, timeout=timeout)
+        events.add(start, time.monotonic())
+
+
+async def generate_load(channel: grpc.aio.Channel, job: GenerateLoad, gate: Gate) -> Events:
+    """Every session asks for replies back to back; each streamed chunk is one event counting its tokens."""
+    ids = await _open_sessions(channel, job.sessions, job.timeout_seconds)
+    generate = channel.unary_stream(wire.GENERATE)
+    requests = [wire.generate_request(sid, job.prompt, job.max_tokens) for sid in ids]
+    events = Events()
+    await gate.ready()
+    await asyncio.gather(*(_drive_generate(generate, r, job.timeout_seconds, gate, events) for r in requests))
+    return events
+
+
+async def _drive_generate(generate: grpc.aio.UnaryStreamMultiCallable, request: bytes, timeout: float, gate: Gate,
+                          events: Events) -> None:
+    while not gate.stopping:
+        last = time.monotonic()
+        async for chunk in generate(request, timeout=timeout):
+            now = time.monotonic()
+            events.add(last, now, wire.generated_tokens(chunk))
+            last = now
+
+
+async def open_idle(channel: grpc.aio.Channel, job: OpenIdle, gate: Gate) -> int:
+    """Open sessions with `concurrency` calls in flight and leave them idle; returns how many were opened."""
+    open_session = channel.unary_unary(wire.OPEN_SESSION)
+
+    async def opener(count: int) -> None:
+        for _ in range(count):
+            await open_session(wire.OPEN_REQUEST, timeout=job.timeout_seconds)
+
+    # The first sessions also warm the server's per-call machinery, which is not per-session memory.
+    await asyncio.gather(*(opener(n) for n in split_evenly(job.warmup_sessions, job.concurrency)))
+    await gate.ready()
+    await asyncio.gather(*(opener(n) for n in split_evenly(job.sessions, job.concurrency)))
+    return job.sessions
+
+
+async def conversation(channel: grpc.aio.Channel, job: Conversation, gate: Gate) -> TurnLatencies:
+    """Each turn: the new text to the carried session, then the whole history to a fresh zero-state one."""
+    step = channel.unary_unary(wire.STEP)
+    close = channel.unary_unary(wire.CLOSE_SESSION)
+    timeout = job.timeout_seconds
+    latencies = TurnLatencies([[] for _ in job.turns], [[] for _ in job.turns])
+    await gate.ready()
+    for _ in range(job.repetitions):
+        session = await wire.open_session(channel, timeout)
+        history = ""
+        for turn, text in enumerate(job.turns):
+            history += text
+            latencies.stateful[turn].append(await _timed(step, wire.text_request(session, text), timeout))
+            fresh = await wire.open_session(channel, timeout)
+            latencies.stateless[turn].append(await _timed(step, wire.text_request(fresh, history), timeout))
+            await close(wire.close_request(fresh), timeout=timeout)
+        await close(wire.close_request(session), timeout=timeout)
+    return latencies
+
+
+async def _timed(call: grpc.aio.UnaryUnaryMultiCallable, request: bytes, timeout: float) -> float:
+    start = time.monotonic()
+    await call(request, timeout=timeout)
+    return time.monotonic() - start

@@ -1,0 +1,128 @@
+"""`cellstream serve` in a separate process on 127.0.0.1, timed from spawn to SERVING."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.errors import BenchError
+from bench.procfs import cpu_seconds
+from bench.scrape import BatchCounters, batch_counters
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_SECONDS = 60.0
+HEALTH_POLL_SECONDS = 0.005
+SHUTDOWN_GRACE_SECONDS = 1.0
+# gRPC backs off up to seconds between failed connects by default, which would be timed as start-up.
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 5),
+    ("grpc.min_reconnect_backoff_ms", 5),
+    ("grpc.max_reconnect_backoff_ms", 20),
+]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The server at one instant: its CPU time so far and its batch counters."""
+
+    time: float  # time.monotonic()
+    cpu_seconds: float
+    batches: BatchCounters
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free right now on HOST (all held open together, so they differ)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class ServerProcess:
+    """A context manager: started (and timed to SERVING) on enter, stopped with SIGTERM on exit."""
+
+    def __init__(self, model_dir: Path, model: str, settings: dict[str, object], extra_args: tuple[str, ...],
+                 log_path: Path) -> None:
+        self.port, self.metrics_port = free_ports(2)
+        self.target = f"{HOST}:{self.port}"
+        self.metrics_url = f"http://{HOST}:{self.metrics_port}/metrics"
+        self.log_path = log_path
+        self.startup_seconds = 0.0
+        flags = {"host": HOST, "port": self.port, "metrics_host": HOST, "metrics_port": self.metrics_port,
+                 "model_dir": model_dir, "default_model": model, "log_level": "WARNING",
+                 "shutdown_grace_seconds": SHUTDOWN_GRACE_SECONDS, **settings}
+        self.argv = [sys.executable, "-m", "service.cli", "serve"]
+        for name, value in flags.items():
+            self.argv += ["--" + name.replace("_", "-"), str(value)]
+        self.argv += extra_args  # argparse keeps the last value of a repeated flag: the user's wins
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise BenchError("the server is not running")
+        return self._process.pid
+
+    def __enter__(self) -> ServerProcess:
+        with self.log_path.open("wb") as log:
+            started = time.monotonic()
+            self._process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_serving(started + STARTUP_TIMEOUT_SECONDS)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
+
+    def _wait_serving(self, deadline: float) -> None:
+        request = health_pb2.HealthCheckRequest()
+        with grpc.insecure_channel(self.target, options=FAST_RECONNECT) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            while True:
+                try:
+                    if check(request, timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass  # not listening yet: keep polling
+                if self._process is not None and self._process.poll() is not None:
+                    raise BenchError(f"the server exited with code {self._process.returncode}:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the server was not SERVING within {STARTUP_TIMEOUT_SECONDS:.0f}s:\n"
+                                     f"{self.log_tail()}")
+                time.sleep(HEALTH_POLL_SECONDS)
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def snapshot(self) -> Snapshot:
+        now = time.monotonic()
+        return Snapshot(now, cpu_seconds(self.pid), batch_counters(self.metrics_url))
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.terminate()  # SIGTERM: the server drains and exits by itself
+            try:
+                self._process.wait(SHUTDOWN_GRACE_SECONDS + 10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
