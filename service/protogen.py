@@ -2,6 +2,11 @@
 
 The generated modules import each other as top-level packages (`from cellstream.v1 import ...`);
 they are rewritten to live under `service._proto` so the stubs need no sys.path tricks.
+
+The Open Inference Protocol messages (`protos/inference/`) are registered in a descriptor pool of
+their own instead of protobuf's default one: tritonclient (like any client generated from the
+protocol) registers the same `inference.*` names there from its own copy, and two files defining
+one symbol in one pool fail at import, so a process could not load both the server and such a client.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ PROTO_DIR = ROOT / "protos"
 OUT_DIR = ROOT / "service" / "_proto"
 PACKAGE = "service._proto"
 _IMPORT = re.compile(r"^from ((?:cellstream|inference)[\w.]*) import", re.MULTILINE)
+_DEFAULT_POOL = "_descriptor_pool.Default()"
+PRIVATE_POOL_PACKAGES = ("inference",)
 
 
 def generate(out_dir: Path = OUT_DIR) -> list[Path]:
@@ -34,6 +41,8 @@ def generate(out_dir: Path = OUT_DIR) -> list[Path]:
         if path.suffix not in (".py", ".pyi"):
             continue
         text = _IMPORT.sub(lambda m: f"from {PACKAGE}.{m.group(1)} import", path.read_text())
+        if path.relative_to(out_dir).parts[0] in PRIVATE_POOL_PACKAGES:
+            text = text.replace(_DEFAULT_POOL, "_descriptor_pool.DescriptorPool()")
         path.write_text(text)
         written.append(path)
     for folder in [out_dir, *(p for p in out_dir.rglob("*") if p.is_dir())]:

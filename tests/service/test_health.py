@@ -20,7 +20,7 @@ async def channel(server):
 
 async def test_health_serving(channel):
     stub = health_pb2_grpc.HealthStub(channel)
-    for name in ("", "cellstream.v1.Inference"):
+    for name in ("", "cellstream.v1.Inference", "inference.GRPCInferenceService"):
         response = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
         assert response.status == SERVING, name
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -33,13 +33,16 @@ async def test_reflection_lists_services(channel):
     requests = [
         reflection_pb2.ServerReflectionRequest(list_services=""),
         reflection_pb2.ServerReflectionRequest(file_containing_symbol="cellstream.v1.Inference"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.health.v1.Health"),
     ]
     call = stub.ServerReflectionInfo(requests, timeout=10)
     responses = await asyncio.wait_for(_all(call), 10)
     names = {service.name for service in responses[0].list_services_response.service}
-    assert {"cellstream.v1.Inference", "grpc.health.v1.Health"} <= names
+    assert {"cellstream.v1.Inference", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
     assert "grpc.reflection.v1alpha.ServerReflection" in names
-    assert responses[1].file_descriptor_response.file_descriptor_proto, "no descriptor for the service"
+    for response in responses[1:]:
+        assert response.file_descriptor_response.file_descriptor_proto, f"no descriptor: {response}"
 
 
 async def _all(call) -> list:

@@ -1,7 +1,10 @@
-"""K. The committed stubs under service/_proto are exactly what protogen makes from protos/."""
+"""K. The committed stubs under service/_proto are exactly what protogen makes from protos/, and the
+KServe ones match the public protocol on the wire."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import service
@@ -28,3 +31,44 @@ def test_generated_stubs_match_the_committed_ones(tmp_path):
         assert data == committed[name], f"{name} is stale: run `make protos`"
     assert "cellstream/v1/inference_pb2_grpc.py" in fresh
     assert b"from service._proto.cellstream.v1 import inference_pb2" in fresh["cellstream/v1/inference_pb2_grpc.py"]
+    assert "inference/grpc_service_pb2_grpc.py" in fresh
+    assert b"_descriptor_pool.DescriptorPool()" in fresh["inference/grpc_service_pb2.py"]
+
+
+def _layout(message) -> dict:
+    """What reaches the wire: each field by number (name, type, repeated, oneof, message type), nested too."""
+    fields = {
+        f.number: (f.name, f.type, f.is_repeated, f.containing_oneof and f.containing_oneof.name,
+                   f.message_type and f.message_type.full_name)
+        for f in message.fields
+    }
+    nested = {n.name: _layout(n) for n in message.nested_types}
+    return {"fields": fields, "nested": nested}
+
+
+def test_kserve_proto_is_wire_compatible_with_tritonclient():
+    """Every message and RPC we define matches the public protocol as tritonclient ships it."""
+    from tritonclient.grpc import service_pb2 as triton
+
+    from service._proto.inference import grpc_service_pb2 as ours
+
+    assert ours.DESCRIPTOR.package == triton.DESCRIPTOR.package == "inference"
+    for name, message in ours.DESCRIPTOR.message_types_by_name.items():
+        assert _layout(message) == _layout(triton.DESCRIPTOR.message_types_by_name[name]), name
+    service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    theirs = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == theirs.full_name
+    assert len(service.methods) == 7
+    for method in service.methods:
+        other = theirs.methods_by_name[method.name]
+        assert (method.input_type.full_name, method.output_type.full_name, method.client_streaming,
+                method.server_streaming) == (other.input_type.full_name, other.output_type.full_name,
+                                             other.client_streaming, other.server_streaming), method.name
+
+
+def test_server_and_tritonclient_load_in_one_process_in_either_order():
+    """Both define `inference.*` messages; ours live in a pool of their own, so neither import breaks."""
+    for modules in ("service.server, tritonclient.grpc", "tritonclient.grpc, service.server"):
+        result = subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=COMMITTED.parents[1],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr

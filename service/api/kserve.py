@@ -1,0 +1,222 @@
+"""inference.GRPCInferenceService (Open Inference Protocol, KServe v2) servicer.
+
+Thin like the native servicer: kserve_codec turns messages into validated arrays, and the shared
+core does the work — DataPlane for stateless calls, sequences.py for calls with a `sequence_id` — so
+both APIs share one batcher, one session store and one set of metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from importlib import metadata
+
+import grpc
+import numpy as np
+
+from service._proto.inference import grpc_service_pb2 as pb
+from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api.handling import INTERNAL_MESSAGE, DataPlaneServicer, rpc
+from service.api.kserve_codec import read_inputs, read_options, requested_outputs, signature, write_outputs
+from service.batcher import StepResult
+from service.engine import ModelSpec
+from service.errors import CellstreamError, DeadlineExceeded, NotFound
+from service.metrics import Metrics
+from service.sequences import sequence_key, step_sequence
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "cellstream"
+EXTENSIONS = ("sequence", "sequence(string_id)", "parameters")
+MODEL_VERSION = "1"  # each model is served in one version
+PLATFORM = "onnxruntime_onnx"
+
+
+def _installed_version() -> str:
+    try:
+        return metadata.version("cellstream")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+SERVER_VERSION = _installed_version()
+
+
+class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol RPCs; registered before the models load, `attach`ed after."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(metrics)
+        self._draining = False
+
+    def drain(self) -> None:
+        """Report not ready from now on: the server is shutting down."""
+        self._draining = True
+
+    @property
+    def ready(self) -> bool:
+        return self._dataplane is not None and not self._draining
+
+    def _spec(self, name: str, version: str) -> ModelSpec:
+        spec = self.dataplane.spec(name)
+        if version not in ("", MODEL_VERSION):
+            raise NotFound(f"model {spec.name!r} has no version {version!r}; it is served as version "
+                           f"{MODEL_VERSION!r} (or leave the version empty)")
+        return spec
+
+    # --- health and metadata ------------------------------------------------------------------
+
+    @rpc
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.ready)
+
+    @rpc
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ModelReadyResponse:
+        if not self.ready:
+            return pb.ModelReadyResponse(ready=False)
+        try:
+            self._spec(request.name, request.version)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @rpc
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    @rpc
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ModelMetadataResponse:
+        spec = self._spec(request.name, request.version)
+        sig = signature(spec)
+        return pb.ModelMetadataResponse(
+            name=spec.name, versions=[MODEL_VERSION], platform=PLATFORM,
+            inputs=[t.metadata() for t in sig.inputs.values()], outputs=[t.metadata() for t in sig.outputs.values()],
+        )
+
+    # --- inference ----------------------------------------------------------------------------
+
+    async def _infer(self, request: pb.ModelInferRequest, remaining: float | None) -> pb.ModelInferResponse:
+        """Validate everything, then run: a refused request changes no state."""
+        spec = self._spec(request.model_name, request.model_version)
+        options = read_options(request)
+        inputs = read_inputs(request, spec, self.dataplane)
+        outputs = requested_outputs(request, spec)
+        timeout = options.timeout(remaining)
+        try:
+            if options.sequence_id is not None:
+                row = inputs.sequence_row(options.sequence_id)
+                results = [await step_sequence(self.dataplane, spec, options.sequence_id, row, start=options.start,
+                                               end=options.end, timeout=timeout)]
+            else:
+                zeros = np.zeros((spec.num_layers, len(inputs.main), spec.hidden_size), np.float32)
+                h, c = inputs.state or (zeros, zeros)
+                results = await self.dataplane.step_stateless(spec.name, inputs.main, h, c, timeout=timeout)
+        except DeadlineExceeded as exc:
+            if not options.timeout_us:
+                raise
+            raise DeadlineExceeded(f"{exc.message} (timeout parameter: {options.timeout_us} µs); "
+                                   "nothing was applied") from None
+        return self._response(request, spec, outputs, results)
+
+    def _response(self, request: pb.ModelInferRequest, spec: ModelSpec, outputs: list[str],
+                  results: list[StepResult]) -> pb.ModelInferResponse:
+        response = pb.ModelInferResponse(model_name=spec.name, model_version=MODEL_VERSION, id=request.id)
+        arrays = {
+            "logits": np.stack([r.logits for r in results]),  # (B, T, V)
+            "hn": np.stack([r.h for r in results], axis=1),  # (L, B, H)
+            "cn": np.stack([r.c for r in results], axis=1),
+        }
+        write_outputs(response, outputs, arrays)
+        return response
+
+    @rpc
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ModelInferResponse:
+        return await self._infer(request, context.time_remaining())
+
+    @rpc
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently, except that those of one sequence run one after another, so
+        its responses keep request order; a failed request gets an error response, the stream goes on.
+
+        At most max_queue_size requests are in flight or unsent per stream: past that the stream
+        stops reading, and gRPC flow control holds the client back.
+        """
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.dataplane.settings.max_queue_size)
+        reader = asyncio.create_task(self._read_stream(requests, context, responses, slots))
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+                slots.release()
+            await reader  # re-raise what ended the reading, if anything
+        finally:
+            reader.cancel()
+
+    async def _read_stream(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext,
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None], slots: asyncio.Semaphore,
+    ) -> None:
+        pending: set[asyncio.Task[None]] = set()
+        last: dict[str, asyncio.Task[None]] = {}  # the latest request of each sequence still running
+        try:
+            async for request in requests:
+                await slots.acquire()
+                key = self._sequence_of(request)
+                task = asyncio.create_task(self._answer(request, last.get(key) if key else None, context, responses))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                if key:
+                    last[key] = task
+                    task.add_done_callback(lambda done, key=key: last.pop(key) if last.get(key) is done else None)
+            await asyncio.gather(*pending)
+        finally:
+            for task in pending:  # the stream is gone: its requests are not worth computing
+                task.cancel()
+            responses.put_nowait(None)
+
+    def _sequence_of(self, request: pb.ModelInferRequest) -> str | None:
+        """The store key of the request's sequence, or None when it has none (or it will fail anyway)."""
+        try:
+            sequence_id = read_options(request).sequence_id
+            model = self.dataplane.spec(request.model_name).name
+        except CellstreamError:
+            return None
+        return None if sequence_id is None else sequence_key(model, sequence_id)
+
+    async def _answer(
+        self, request: pb.ModelInferRequest, after: asyncio.Task[None] | None, context: grpc.aio.ServicerContext,
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
+    ) -> None:
+        if after is not None:
+            await asyncio.wait([after])
+        # A failed request is reported in its own response; the stream serves the next requests.
+        try:
+            response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context.time_remaining()))
+        except CellstreamError as exc:
+            response = _error_response(request, exc.code, exc.message)
+        except Exception:  # a bug: logged once, reported as INTERNAL like a failed unary call
+            log.exception("unexpected error in ModelStreamInfer")
+            response = _error_response(request, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        responses.put_nowait(response)
+
+
+def _error_response(request: pb.ModelInferRequest, code: grpc.StatusCode, message: str) -> pb.ModelStreamInferResponse:
+    """The status goes into the message (the stream itself stays OK); the id says which request failed."""
+    prefix = f"request {request.id!r}: " if request.id else ""
+    return pb.ModelStreamInferResponse(
+        error_message=f"{prefix}{code.name}: {message}",
+        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+    )
+

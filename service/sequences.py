@@ -1,0 +1,84 @@
+"""Triton-style sequences: sessions named by the client, started and ended by request flags.
+
+A sequence is a session of the shared store whose id the client picks (an int or a string),
+namespaced per model: same TTL, metrics and persistence as a native session, and its steps go
+through the same batcher, so KServe sequence steps batch with native Step calls.
+
+Rules:
+  - START runs the step from zero state and then stores the sequence, replacing a live one of the
+    same id; a START that fails leaves the old sequence as it was.
+  - without START, the id must name a live sequence; otherwise the client is told the first request
+    must carry the START flag (the sequence never started, ended, or idled past its TTL).
+  - END closes the sequence after its step succeeded; a failed END request leaves it open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from service.auth import current_principal
+from service.batcher import StepResult
+from service.dataplane import DataPlane
+from service.engine import ModelSpec
+from service.errors import InvalidArgument, NotFound
+from service.sessions.base import SessionRecord
+
+SequenceId = int | str
+
+
+def sequence_key(model: str, sequence_id: SequenceId) -> str:
+    """The store id of a sequence. The int 7 and the string "7" are different sequences; model names
+    are file stems (no '/') and native session ids are hex, so no two keys collide. With tokens, each
+    principal (no '/' either) has its own sequence ids: another's sequence 7 is not yours."""
+    kind = "int" if isinstance(sequence_id, int) else "str"
+    principal = current_principal()
+    return f"kserve/{principal + '/' if principal else ''}{model}/{kind}/{sequence_id}"
+
+
+async def step_sequence(
+    dataplane: DataPlane, spec: ModelSpec, sequence_id: SequenceId, inputs: np.ndarray, *, start: bool, end: bool,
+    timeout: float | None,
+) -> StepResult:
+    """Feed validated `inputs` (T[, F]) to the sequence; start and end it as the flags say."""
+    key = sequence_key(spec.name, sequence_id)
+    if start:
+        result = await _start(dataplane, spec, key, inputs, timeout)
+    else:
+        result = await _continue(dataplane, spec, key, sequence_id, inputs, timeout)
+    if end:
+        with contextlib.suppress(NotFound):  # it expired meanwhile: ended all the same
+            await dataplane.close_session(key)
+    return result
+
+
+async def _start(
+    dataplane: DataPlane, spec: ModelSpec, key: str, inputs: np.ndarray, timeout: float | None
+) -> StepResult:
+    zeros = np.zeros((spec.num_layers, 1, spec.hidden_size), np.float32)
+    [result] = await dataplane.step_stateless(spec.name, inputs[None], zeros, zeros, timeout=timeout)
+    with contextlib.suppress(NotFound):  # a START replaces a live sequence of the same id
+        await dataplane.close_session(key)
+    ttl = dataplane.settings.session_ttl_seconds
+    await dataplane.store.create(SessionRecord(key, spec.name, result.h, result.c, result.position, ttl,
+                                               current_principal()))
+    return result
+
+
+async def _continue(
+    dataplane: DataPlane, spec: ModelSpec, key: str, sequence_id: SequenceId, inputs: np.ndarray,
+    timeout: float | None,
+) -> StepResult:
+    # NotFound comes from the store now, or from the batcher if the sequence expired or was evicted
+    # while this step waited: either way the client has to start it again.
+    try:
+        record = await dataplane.store.get(key)
+        return await dataplane.step(record, inputs, timeout=timeout)
+    except NotFound:
+        ttl = dataplane.settings.session_ttl_seconds
+        raise InvalidArgument(
+            f"sequence {sequence_id!r} of model {spec.name!r} is not active (never started, ended, or idle "
+            f"longer than {ttl:g} s): the first request of a sequence must carry the START flag "
+            "(sequence_start=true)"
+        ) from None
