@@ -9,7 +9,7 @@ PORT ?= 50051
 # Extra flags for `make bench`, e.g. BENCH_ARGS="--quick --out-dir /tmp/bench".
 BENCH_ARGS ?=
 
-.PHONY: serve test lint protos model bench venv venv-dev clean
+.PHONY: serve test soak lint protos model bench venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ serve: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The soak of tests/e2e/test_soak.py for SOAK_SECONDS (default 60) instead of the suite's 15 s.
+soak: $(VENV)/.dev
+	SOAK_SECONDS=$(or $(SOAK_SECONDS),60) $(BIN)/python -m pytest -q -s tests/e2e/test_soak.py
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -8,7 +8,10 @@ Rules, each needed for exact state carry:
   - every step in a batch has the same length T (padding would change the carried state);
     the oldest waiting step picks T, so no length starves;
   - a step whose deadline passed, or whose caller went away, is dropped before compute;
-  - new state is committed with compare-and-set on the position the step was computed from.
+  - overload is refused, not queued: a full queue, or a queue whose oldest step already waited
+    max_queue_wait, refuses new steps at once, and a step that waited longer is refused unrun;
+  - new state is committed with compare-and-set on the position the step was computed from;
+    a step that carries its own state (client-held) starts from it and commits nothing.
 onnxruntime runs in a worker thread (it releases the GIL) so the event loop keeps serving.
 """
 
@@ -45,6 +48,7 @@ class StepJob:
     inputs: np.ndarray  # (T,) int64 tokens or (T, F) float32 features
     expected_position: int | None = None
     deadline: float | None = None  # loop.time() after which the step is not worth computing
+    state: tuple[np.ndarray, np.ndarray] | None = None  # client-held (h, c) (L, H): not in the store
     future: asyncio.Future[StepResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = 0.0
 
@@ -68,6 +72,7 @@ class Batcher:
         *,
         max_batch_size: int,
         max_queue_size: int,
+        max_queue_wait: float | None = None,
     ) -> None:
         self.engine = engine
         self.model = engine.spec.name
@@ -75,6 +80,7 @@ class Batcher:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
+        self.max_queue_wait = max_queue_wait  # seconds
         self._queue: deque[StepJob] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.model}")
@@ -96,7 +102,12 @@ class Batcher:
             raise ResourceExhausted(
                 f"model {self.model!r} has {len(self._queue)} steps queued (max_queue_size); retry later"
             )
-        job.enqueued = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        if self._queue and self._overdue(self._queue[0], now):
+            self.metrics.steps_dropped.labels(self.model, "queue_wait").inc()
+            raise ResourceExhausted(f"model {self.model!r} is overloaded: its oldest queued step has waited "
+                                    f"{now - self._queue[0].enqueued:.3f}s (max_queue_wait_ms); retry later")
+        job.enqueued = now
         self._queue.append(job)
         self._wakeup.set()
         return await job.future
@@ -122,6 +133,9 @@ class Batcher:
                     for job in batch:
                         job.fail(CellstreamError(f"internal error running model {self.model!r}"))
 
+    def _overdue(self, job: StepJob, now: float) -> bool:
+        return self.max_queue_wait is not None and now - job.enqueued > self.max_queue_wait
+
     def _take_batch(self) -> list[StepJob]:
         now = asyncio.get_running_loop().time()
         chosen: list[StepJob] = []
@@ -136,6 +150,12 @@ class Batcher:
                 self.metrics.steps_dropped.labels(self.model, "deadline").inc()
                 job.fail(DeadlineExceeded(f"deadline passed after {now - job.enqueued:.3f}s in the queue"))
                 continue
+            if self._overdue(job, now):
+                self.metrics.steps_dropped.labels(self.model, "queue_wait").inc()
+                job.fail(ResourceExhausted(f"model {self.model!r} is overloaded: this step waited "
+                                           f"{now - job.enqueued:.3f}s in the queue (max_queue_wait_ms); "
+                                           "nothing was applied, retry later"))
+                continue
             eligible = job.session_id not in seen and (length is None or job.steps == length)
             if eligible and len(chosen) < self.max_batch_size:
                 chosen.append(job)
@@ -148,7 +168,7 @@ class Batcher:
 
     async def _execute(self, batch: list[StepJob]) -> None:
         loop = asyncio.get_running_loop()
-        records = await self.store.load_many([job.session_id for job in batch])
+        records = await self._starting_points(batch)
         ready: list[tuple[StepJob, SessionRecord]] = []
         for job, record in zip(batch, records, strict=True):
             if record is None:
@@ -175,7 +195,13 @@ class Batcher:
         self.metrics.compute.labels(self.model).observe(loop.time() - started)
         self.metrics.batch_size.labels(self.model).observe(len(ready))
         # A caller that went away while the batch ran gets nothing applied: its request failed.
-        committing = [(b, job, positions[b]) for b, (job, _) in enumerate(ready) if not job.future.done()]
+        live = [(b, job) for b, (job, _) in enumerate(ready) if not job.future.done()]
+        for b, job in live:
+            if job.state is not None:
+                self.metrics.tokens.labels(self.model).inc(job.steps)
+                job.future.set_result(StepResult(logits[b], np.ascontiguousarray(hn[:, b]),
+                                                 np.ascontiguousarray(cn[:, b]), job.steps))
+        committing = [(b, job, positions[b]) for b, job in live if job.state is None]
         updates = [
             StateUpdate(job.session_id, position, np.ascontiguousarray(hn[:, b]),
                         np.ascontiguousarray(cn[:, b]), position + job.steps)
@@ -189,6 +215,13 @@ class Batcher:
             self.metrics.tokens.labels(self.model).inc(job.steps)
             if not job.future.done():
                 job.future.set_result(StepResult(logits[b], update.h, update.c, update.position))
+
+    async def _starting_points(self, batch: list[StepJob]) -> list[SessionRecord | None]:
+        """Each job's record: its stored session (one store round trip), or its client-held state."""
+        stored = [job.session_id for job in batch if job.state is None]
+        loaded = iter(await self.store.load_many(stored) if stored else [])
+        return [next(loaded) if job.state is None else SessionRecord(job.session_id, self.model, *job.state, 0, 0.0)
+                for job in batch]
 
     async def close(self) -> None:
         """Stop taking steps; fail those still queued with UNAVAILABLE."""

@@ -7,9 +7,12 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from service.auth import SecurityConfigError
 from service.config import SettingsError, add_settings_arguments, load_settings
 from service.errors import ModelLoadError
+from service.sessions.snapshot import SnapshotError
 
 TRAINING_COMMANDS = {"train": "model.train", "export": "model.export", "evaluate": "model.evaluate"}
 
@@ -29,6 +32,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"cellstream serve: cannot serve the models: {exc}", file=sys.stderr)
         return 2
+    except (SnapshotError, SecurityConfigError) as exc:
+        print(f"cellstream serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"cellstream serve: {exc}", file=sys.stderr)
         return 2
@@ -36,10 +42,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from service.client import chat
+    from service.client import chat, tls_credentials
 
+    if (args.cert is None) != (args.key is None):
+        print("cellstream chat: --cert and --key go together (mutual TLS)", file=sys.stderr)
+        return 2
+    try:
+        token = args.token_file.read_text().strip() if args.token_file else None
+        tls = args.tls or args.ca is not None or args.cert is not None
+        credentials = tls_credentials(args.ca, args.cert, args.key) if tls else None
+    except OSError as exc:
+        print(f"cellstream chat: {exc}", file=sys.stderr)
+        return 2
     return asyncio.run(chat(args.target, model=args.model, temperature=args.temperature,
-                            max_tokens=args.max_tokens))
+                            max_tokens=args.max_tokens, token=token, credentials=credentials))
 
 
 def _bench(argv: Sequence[str]) -> int:
@@ -74,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default="", help="model name (default: the server's default)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     chat.add_argument("--max-tokens", type=int, default=200)
+    chat.add_argument("--token-file", type=Path, help="file holding the bearer token (kept out of `ps`)")
+    chat.add_argument("--tls", action="store_true", help="TLS, trusting the system's CA roots")
+    chat.add_argument("--ca", type=Path, help="TLS, trusting this PEM CA bundle")
+    chat.add_argument("--cert", type=Path, help="client certificate (PEM) for mutual TLS; with --key")
+    chat.add_argument("--key", type=Path, help="client private key (PEM) for mutual TLS")
     chat.set_defaults(func=_chat)
     commands.add_parser("bench", help="benchmark a server this command starts itself (see `cellstream bench --help`)",
                         add_help=False)

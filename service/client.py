@@ -6,6 +6,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,13 +23,33 @@ class StepOutput:
     state: pb.State | None
 
 
-class Client:
-    """Async client; use as `async with Client("127.0.0.1:50051") as client:`."""
+def _pem(path: Path | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
 
-    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = 30.0) -> None:
-        self.channel = channel or grpc.aio.insecure_channel(target)
+
+def tls_credentials(ca_path: Path | None = None, cert_path: Path | None = None, key_path: Path | None = None
+                    ) -> grpc.ChannelCredentials:
+    """TLS to the server: trust `ca_path` (default: the system's roots); present cert/key for mutual TLS."""
+    return grpc.ssl_channel_credentials(root_certificates=_pem(ca_path), private_key=_pem(key_path),
+                                        certificate_chain=_pem(cert_path))
+
+
+class Client:
+    """Async client; use as `async with Client("127.0.0.1:50051") as client:`.
+
+    `credentials` (see tls_credentials) make the channel TLS; `token` is sent as
+    `authorization: Bearer <token>` with every call.
+    """
+
+    def __init__(self, target: str, *, channel: grpc.aio.Channel | None = None, timeout: float | None = 30.0,
+                 token: str | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
+        if channel is None:
+            channel = (grpc.aio.secure_channel(target, credentials) if credentials is not None
+                       else grpc.aio.insecure_channel(target))
+        self.channel = channel
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     async def __aenter__(self) -> Client:
         return self
@@ -39,7 +60,7 @@ class Client:
     async def open_session(self, model: str = "", ttl_seconds: int = 0, initial_state: pb.State | None = None
                            ) -> pb.SessionInfo:
         request = pb.OpenSessionRequest(model=model, ttl_seconds=ttl_seconds, initial_state=initial_state)
-        return await self.stub.OpenSession(request, timeout=self.timeout)
+        return await self.stub.OpenSession(request, timeout=self.timeout, metadata=self.metadata)
 
     @staticmethod
     def step_request(
@@ -79,18 +100,19 @@ class Client:
         return StepOutput(response.position, logits, top, state)
 
     async def step(self, session_id: str, **kwargs: object) -> pb.StepResponse:
-        return await self.stub.Step(self.step_request(session_id, **kwargs), timeout=self.timeout)
+        return await self.stub.Step(self.step_request(session_id, **kwargs), timeout=self.timeout,
+                                    metadata=self.metadata)
 
     def stream_steps(self) -> grpc.aio.StreamStreamCall:
         """A StreamSteps call: `await call.write(request)`, `await call.read()`, `await call.done_writing()`."""
-        return self.stub.StreamSteps(timeout=self.timeout)
+        return self.stub.StreamSteps(timeout=self.timeout, metadata=self.metadata)
 
     async def generate(self, session_id: str, prompt: str, *, max_tokens: int = 0, temperature: float = 0.0,
                        top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()
                        ) -> AsyncIterator[pb.GenerateChunk]:
         request = pb.GenerateRequest(session_id=session_id, prompt=prompt, max_tokens=max_tokens,
                                      temperature=temperature, top_k=top_k, seed=seed, stop=list(stop))
-        async for chunk in self.stub.Generate(request, timeout=self.timeout):
+        async for chunk in self.stub.Generate(request, timeout=self.timeout, metadata=self.metadata):
             yield chunk
 
     async def reply(self, session_id: str, prompt: str, **kwargs: object) -> str:
@@ -98,22 +120,25 @@ class Client:
         return "".join([chunk.text async for chunk in self.generate(session_id, prompt, **kwargs)])
 
     async def get_state(self, session_id: str) -> pb.State:
-        return await self.stub.GetState(pb.SessionRef(session_id=session_id), timeout=self.timeout)
+        return await self.stub.GetState(pb.SessionRef(session_id=session_id), timeout=self.timeout,
+                                        metadata=self.metadata)
 
     async def fork(self, session_id: str, ttl_seconds: int = 0) -> pb.SessionInfo:
         request = pb.ForkSessionRequest(session_id=session_id, ttl_seconds=ttl_seconds)
-        return await self.stub.ForkSession(request, timeout=self.timeout)
+        return await self.stub.ForkSession(request, timeout=self.timeout, metadata=self.metadata)
 
     async def close_session(self, session_id: str) -> pb.CloseSessionResponse:
-        return await self.stub.CloseSession(pb.SessionRef(session_id=session_id), timeout=self.timeout)
+        return await self.stub.CloseSession(pb.SessionRef(session_id=session_id), timeout=self.timeout,
+                                            metadata=self.metadata)
 
     async def list_models(self) -> pb.ListModelsResponse:
-        return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
 
 
-async def chat(target: str, *, model: str = "", temperature: float = 0.0, max_tokens: int = 200) -> int:
+async def chat(target: str, *, model: str = "", temperature: float = 0.0, max_tokens: int = 200,
+               token: str | None = None, credentials: grpc.ChannelCredentials | None = None) -> int:
     """Interactive chat on stdin/stdout: one session for the whole conversation, replies streamed."""
-    async with Client(target) as client:
+    async with Client(target, token=token, credentials=credentials) as client:
         try:
             session = await client.open_session(model=model)
         except grpc.aio.AioRpcError as exc:

@@ -5,9 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MEMORY = "memory"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+SECRET_FIELDS = frozenset({"state_store"})  # may hold a password: never echoed in errors or logs
+
+
+def redacted_url(url: str) -> str:
+    """`url` without user name and password, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Settings(BaseSettings):
@@ -17,6 +32,15 @@ class Settings(BaseSettings):
     """Address the gRPC server binds."""
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port (both APIs and health); 0 picks a free port."""
+    tls_cert_path: Path | None = None
+    """PEM certificate chain the gRPC port presents; with tls_key_path the port speaks TLS only."""
+    tls_key_path: Path | None = None
+    """PEM private key of tls_cert_path."""
+    tls_client_ca_path: Path | None = None
+    """PEM CA bundle: clients must present a certificate it signed (mutual TLS); needs tls_cert_path."""
+    auth_token_file: Path | None = None
+    """File of `<principal> <token>` lines: API calls need `authorization: Bearer <token>` (health and
+    reflection stay open); re-read when it changes. Unset: no authentication."""
     metrics_host: str = "0.0.0.0"
     """Address the Prometheus /metrics HTTP server binds."""
     metrics_port: int = Field(8000, ge=0, le=65535)
@@ -31,8 +55,16 @@ class Settings(BaseSettings):
     """Most session steps run in one onnxruntime call."""
     max_queue_size: int = Field(4096, ge=1)
     """Most steps waiting per model; past it new steps get RESOURCE_EXHAUSTED."""
+    max_queue_wait_ms: float = Field(2000.0, gt=0)
+    """Longest a step may wait for its batch; a queue whose oldest step waited longer refuses new steps,
+    and steps past it are refused unrun (RESOURCE_EXHAUSTED)."""
+    max_inflight_requests: int = Field(1024, ge=1)
+    """Most API calls handled at once (a stream counts while open; health and reflection do not);
+    further calls get RESOURCE_EXHAUSTED at once."""
     max_sessions: int = Field(100_000, ge=1)
     """Most live sessions in the store."""
+    max_sessions_per_principal: int = Field(0, ge=0)
+    """Most live sessions one authenticated principal may hold; 0: no bound but max_sessions."""
     when_full: Literal["evict", "reject"] = "evict"
     """At max_sessions: evict the least recently used idle session, or reject with RESOURCE_EXHAUSTED."""
     session_ttl_seconds: float = Field(1800.0, gt=0)
@@ -41,6 +73,19 @@ class Settings(BaseSettings):
     """Longest idle time-to-live a client may ask for."""
     sweep_interval_seconds: float = Field(5.0, gt=0)
     """How often expired sessions are swept out (they are also refused on access)."""
+    state_store: str = "memory"
+    """Where sessions live: `memory` (this process) or a Redis URL shared by replicas
+    (`redis://[:password@]host:port/db`, `rediss://` for TLS, `unix:///path?db=0`)."""
+    state_store_timeout_seconds: float = Field(1.0, gt=0)
+    """Redis: longest wait to connect or for a reply; past it the request fails UNAVAILABLE."""
+    snapshot_path: Path | None = None
+    """Memory store: file that receives every live session at graceful shutdown and restores them at
+    start-up (then is removed); unset: sessions end with the process."""
+    snapshot_on_invalid: Literal["refuse", "start-empty"] = "refuse"
+    """An unusable snapshot (corrupt, truncated, foreign) is always renamed `<path>.rejected`; then `refuse`
+    stops start-up with the reason, `start-empty` starts without its sessions."""
+    store_probe_interval_seconds: float = Field(1.0, gt=0)
+    """How often the state store's reachability is checked; health is NOT_SERVING while it is down."""
     max_tokens_per_request: int = Field(4096, ge=1)
     """Most tokens (or feature vectors) in one step."""
     max_generate_tokens: int = Field(512, ge=1)
@@ -51,6 +96,24 @@ class Settings(BaseSettings):
     """On SIGTERM, how long in-flight calls get to finish."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level."""
+
+    @model_validator(mode="after")
+    def _state_store_known(self) -> Settings:
+        if self.state_store != MEMORY and urlsplit(self.state_store).scheme not in REDIS_SCHEMES:
+            raise ValueError(f"state_store must be {MEMORY!r} or a URL with scheme {', '.join(REDIS_SCHEMES)}; "
+                             f"got {redacted_url(self.state_store)!r}")
+        if self.snapshot_path is not None and self.state_store != MEMORY:
+            raise ValueError("snapshot_path applies to the memory store only: Redis keeps the sessions itself; "
+                             "unset one of snapshot_path and state_store")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> Settings:
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ValueError("tls_cert_path and tls_key_path go together: set both for TLS, or neither")
+        if self.tls_client_ca_path is not None and self.tls_cert_path is None:
+            raise ValueError("tls_client_ca_path (mutual TLS) needs the server's own tls_cert_path and tls_key_path")
+        return self
 
     @model_validator(mode="after")
     def _ttl_within_bound(self) -> Settings:
@@ -70,7 +133,10 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "settings"
-        lines.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
+        if field in SECRET_FIELDS or not item["loc"]:  # a model-level check: its message says what it may
+            lines.append(f"{field}: {item['msg']}")
+        else:
+            lines.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
     return "; ".join(lines)
 
 

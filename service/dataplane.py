@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from service.auth import current_principal
 from service.batcher import Batcher, StepJob, StepResult
 from service.config import Settings
 from service.engine import FEATURES, TOKENS, ModelRegistry, ModelSpec
-from service.errors import InvalidArgument, NotFound
+from service.errors import CellstreamError, InvalidArgument, NotFound
 from service.metrics import Metrics
 from service.sessions.base import SessionRecord, SessionStore, new_session_id
+from service.sessions.watch import StoreWatch
 from service.textcodec import StreamDecoder, encode_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class GeneratedChunk:
     finish_reason: str = ""  # set on the last chunk
 
 
+MAX_ID_CHARS = 1024  # session ids (KServe's: prefix + 256) and model names; short enough to echo
+
+
 class DataPlane:
     def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore, metrics: Metrics) -> None:
         self.settings = settings
@@ -57,33 +66,49 @@ class DataPlane:
         self.metrics = metrics
         self.batchers = {
             name: Batcher(engine, store, metrics, max_batch_size=settings.max_batch_size,
-                          max_queue_size=settings.max_queue_size)
+                          max_queue_size=settings.max_queue_size, max_queue_wait=settings.max_queue_wait_ms / 1000)
             for name, engine in registry.engines.items()
         }
         self._sweeper: asyncio.Task[None] | None = None
+        self._watch: StoreWatch | None = None
+        self._stateless_ids = itertools.count()  # unique batcher ids for steps that have no session
 
     async def start(self) -> None:
         for batcher in self.batchers.values():
             batcher.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="session-sweeper")
 
+    async def watch_store(self, on_change: Callable[[bool], Awaitable[None]]) -> None:
+        """Report the store's reachability to `on_change` now and whenever it flips (health follows it)."""
+        self._watch = StoreWatch(self.store, self.settings.store_probe_interval_seconds, on_change)
+        await self._watch.start()
+
     async def close(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         for batcher in self.batchers.values():
             await batcher.close()
+        await self.store.close()
 
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
-            self.store.sweep()
+            # A shared store can be down or full for a while: the store watch reports it, the sweeper retries.
+            try:
+                await self.store.sweep()
+            except CellstreamError as exc:
+                log.warning("session sweep skipped: %s", exc.message)
 
     # --- models -------------------------------------------------------------------------------
 
     def spec(self, model: str) -> ModelSpec:
         """The spec of a requested model ('' = default); NotFound names the models served."""
+        if len(model) > MAX_ID_CHARS:
+            raise InvalidArgument(f"model name has {len(model)} characters; model names have at most {MAX_ID_CHARS}")
         try:
             return self.registry.engines[self.registry.resolve(model)].spec
         except KeyError:
@@ -165,9 +190,9 @@ class DataPlane:
 
     # --- sessions -----------------------------------------------------------------------------
 
-    async def open_session(
-        self, model: str, ttl_seconds: float = 0, initial: InitialState | None = None, owner: str = ""
-    ) -> SessionRecord:
+    async def open_session(self, model: str, ttl_seconds: float = 0, initial: InitialState | None = None
+                           ) -> SessionRecord:
+        """A new session owned by the calling principal."""
         spec = self.spec(model)
         ttl = self._ttl(ttl_seconds)
         if initial is not None:
@@ -177,13 +202,21 @@ class DataPlane:
             h = np.zeros(spec.state_shape, np.float32)
             c = np.zeros(spec.state_shape, np.float32)
             position = 0
-        record = SessionRecord(new_session_id(), spec.name, h, c, position, ttl, owner)
+        record = SessionRecord(new_session_id(), spec.name, h, c, position, ttl, current_principal())
         return await self.store.create(record)
 
     async def session(self, session_id: str) -> SessionRecord:
+        """The caller's live session. Another principal's is NotFound, word for word like a missing one,
+        so an id reveals nothing about sessions that are not the caller's."""
         if not session_id:
             raise InvalidArgument("session_id is empty; open a session first (OpenSession)")
-        return await self.store.get(session_id)
+        if len(session_id) > MAX_ID_CHARS:
+            raise InvalidArgument(f"session_id has {len(session_id)} characters; session ids have at most "
+                                  f"{MAX_ID_CHARS}")
+        record = await self.store.get(session_id)
+        if record.owner != current_principal():
+            raise NotFound(f"session {session_id!r} not found (unknown, expired, evicted or closed)")
+        return record
 
     async def fork(self, session_id: str, ttl_seconds: float = 0) -> SessionRecord:
         source = await self.session(session_id)
@@ -208,6 +241,28 @@ class DataPlane:
         deadline = None if timeout is None else loop.time() + timeout
         job = StepJob(record.session_id, inputs, expected_position, deadline)
         return await self.batchers[record.model].submit(job)
+
+    async def step_stateless(
+        self, model: str, inputs: np.ndarray, h: np.ndarray, c: np.ndarray, *, timeout: float | None = None
+    ) -> list[StepResult]:
+        """Run each row of validated `inputs` (B, T[, F]) from its client-held state h, c (L, B, H).
+
+        The rows go through the model's batcher like any session's step, so they batch with other
+        traffic and honour the queue limit and deadlines, but nothing is loaded or stored. Results
+        come in row order; their positions are T.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        jobs = [
+            StepJob(f"stateless/{next(self._stateless_ids)}", row, deadline=deadline, state=(h[:, b], c[:, b]))
+            for b, row in enumerate(inputs)
+        ]
+        batcher = self.batchers[model]
+        try:
+            return list(await asyncio.gather(*(batcher.submit(job) for job in jobs)))
+        finally:
+            for job in jobs:  # when one row failed, the request failed: the others need no compute
+                job.future.cancel()
 
     async def generate(
         self,

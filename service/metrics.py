@@ -47,9 +47,16 @@ class Metrics:
             "cellstream_steps_dropped", "Steps refused by the batcher before compute, by reason.",
             ["model", "reason"], registry=r,
         )
-        self.sessions_active = Gauge("cellstream_sessions_active", "Live sessions in the store.", registry=r)
-        self.state_bytes = Gauge("cellstream_state_bytes", "Bytes of h and C state held by live sessions.",
-                                 registry=r)
+        self.calls_refused = Counter(
+            "cellstream_calls_refused", "API calls refused before any servicer ran, by reason.", ["reason"],
+            registry=r,
+        )
+        # With Redis, both gauges describe the shared store (every replica reports the same total, read
+        # at its last probe or sweep): aggregate them across replicas with max, not sum.
+        self.sessions_active = Gauge("cellstream_sessions_active",
+                                     "Live sessions in the store (Redis: all replicas' sessions).", registry=r)
+        self.state_bytes = Gauge("cellstream_state_bytes",
+                                 "Bytes of h and C state held by live sessions (Redis: all replicas').", registry=r)
         self.sessions_opened = Counter("cellstream_sessions_opened", "Sessions opened (incl. forks).",
                                        registry=r)
         self.sessions_closed = Counter("cellstream_sessions_closed", "Sessions closed by clients.", registry=r)

@@ -8,20 +8,31 @@ import signal
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from service import auth
 from service._proto.cellstream.v1 import inference_pb2, inference_pb2_grpc
+from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from service.admission import AdmissionInterceptor
+from service.api.decoding import DecodeGuardInterceptor
+from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
-from service.config import Settings
+from service.config import Settings, redacted_url
 from service.dataplane import DataPlane
 from service.engine import ModelRegistry
 from service.metrics import Metrics
-from service.sessions.memory import MemoryStore
+from service.sessions.factory import open_store
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+)
 
 
 @dataclass
@@ -35,10 +46,13 @@ class RunningServer:
     port: int
     metrics_port: int
     settings: Settings
+    kserve: KServeServicer
 
     async def stop(self, grace: float | None = None) -> None:
-        """Flip health to NOT_SERVING first, let in-flight calls finish within `grace`, then stop."""
+        """Flip health (and KServe readiness) to NOT_SERVING first, let in-flight calls finish within
+        `grace`, then stop."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        self.kserve.drain()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.dataplane is not None:
@@ -51,6 +65,27 @@ async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
         await servicer.set(name, status)
 
 
+def _reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
+    """One pool with the served files and their imports: the KServe stubs live outside protobuf's
+    default pool (see service/protogen.py), which reflection would otherwise read."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
+
+
 async def start_server(settings: Settings, metrics: Metrics | None = None) -> RunningServer:
     """Bind and start reporting NOT_SERVING, load the models, then report SERVING."""
     metrics = metrics or Metrics()
@@ -59,19 +94,27 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    # Authentication first: a call refused for its credentials takes no in-flight slot.
+    interceptors = [*auth.interceptors(settings, metrics),
+                    AdmissionInterceptor(settings.max_inflight_requests, metrics), DecodeGuardInterceptor(metrics)]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    pool = _reflection_pool(inference_pb2.DESCRIPTOR, grpc_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR,
+                            reflection_pb2.DESCRIPTOR)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
+                                        pool=pool)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     native = NativeServicer(metrics)
     inference_pb2_grpc.add_InferenceServicer_to_server(native, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    kserve = KServeServicer(metrics)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
+    port = auth.bind(server, settings)
     if port == 0:
         raise OSError(f"cannot bind gRPC port {settings.host}:{settings.port}")
     metrics_port = metrics.serve_http(settings.metrics_host, settings.metrics_port)
     await server.start()
-    running = RunningServer(server, health_servicer, None, metrics, port, metrics_port, settings)
+    running = RunningServer(server, health_servicer, None, metrics, port, metrics_port, settings, kserve)
     try:
         running.dataplane = await _load(settings, metrics)
     except BaseException:
@@ -79,9 +122,10 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         metrics.stop_http()
         raise
     native.attach(running.dataplane)
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (metrics on :%d)", sorted(running.dataplane.registry.engines),
-             settings.host, port, metrics_port)
+    kserve.attach(running.dataplane)
+    await running.dataplane.watch_store(lambda up: _set_health(health_servicer, SERVING if up else NOT_SERVING))
+    log.info("serving %s on %s:%d (metrics on :%d, sessions in %s)", sorted(running.dataplane.registry.engines),
+             settings.host, port, metrics_port, redacted_url(settings.state_store))
     return running
 
 
@@ -90,7 +134,7 @@ async def _load(settings: Settings, metrics: Metrics) -> DataPlane:
         None, lambda: ModelRegistry.from_directory(
             settings.model_dir, default=settings.default_model, intra_op_threads=settings.ort_intra_op_threads)
     )
-    store = MemoryStore(metrics, max_sessions=settings.max_sessions, evict_when_full=settings.when_full == "evict")
+    store = await open_store(settings, metrics, {name: engine.spec for name, engine in registry.engines.items()})
     dataplane = DataPlane(settings, registry, store, metrics)
     await dataplane.start()
     return dataplane

@@ -1,4 +1,5 @@
-"""Fixtures shared by tests/service and tests/e2e: a directory of tiny random ONNX models.
+"""Fixtures shared by tests/service and tests/e2e: a directory of tiny random ONNX models, and
+redis-server processes of the tests' own.
 
 The models have random weights on purpose: the service tests check plumbing and exact state carry
 (server output == in-process onnxruntime on the same file), never the shipped model's quality.
@@ -6,6 +7,10 @@ The models have random weights on purpose: the service tests check plumbing and 
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -80,3 +85,63 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _export_tokens_model(directory / f"{TINY_CHAT}.onnx")
     _export_features_model(directory / f"{TINY_FEATURES}.onnx")
     return directory
+
+
+class RedisServer:
+    """A redis-server process of the test's own on a free loopback port, data in a temp dir.
+
+    Append-only file with fsync on every write, so `stop()` then `start()` (same port, same dir) is a
+    Redis restart that keeps every acknowledged write, like a production Redis with persistence.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.fail("redis-server is not installed: `apt-get install -y redis-server` (.ci/run does it)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.directory = directory
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--logfile", "redis.log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"redis-server exited:\n{self.log()}"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"redis-server not answering on {self.port}:\n{self.log()}")
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (Redis flushes and exits) or SIGKILL; either way every acknowledged write is on disk."""
+        if self.proc is not None and self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(20)
+
+    def log(self) -> str:
+        path = self.directory / "redis.log"
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh redis-server for this test (see RedisServer); stopped afterwards."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop(kill=True)

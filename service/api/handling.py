@@ -11,7 +11,8 @@ from typing import Any
 
 import grpc
 
-from service.errors import CellstreamError
+from service.dataplane import DataPlane
+from service.errors import CellstreamError, Unavailable
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,23 @@ INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 class HasMetrics:
     metrics: Metrics
+
+
+class DataPlaneServicer(HasMetrics):
+    """Registered before the models load (so health can report NOT_SERVING meanwhile); `attach` then."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._dataplane: DataPlane | None = None
+        self.metrics = metrics
+
+    def attach(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
+    @property
+    def dataplane(self) -> DataPlane:
+        if self._dataplane is None:
+            raise Unavailable("models are still loading (health reports NOT_SERVING until they are); retry")
+        return self._dataplane
 
 
 class _CallRecord:

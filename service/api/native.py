@@ -10,12 +10,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
 from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
-from service.api.handling import rpc
+from service.api.handling import DataPlaneServicer, rpc
 from service.batcher import StepResult
-from service.dataplane import DataPlane, InitialState
+from service.dataplane import InitialState
 from service.engine import ModelSpec
-from service.errors import InvalidArgument, Unavailable
-from service.metrics import Metrics
+from service.errors import InvalidArgument
 from service.sessions.base import SessionRecord
 from service.textcodec import token_text
 
@@ -42,21 +41,8 @@ def top_tokens(logits: np.ndarray, k: int) -> list[pb.TokenProb]:
     return [pb.TokenProb(token=int(t), prob=float(probs[t]), text=token_text(int(t))) for t in best]
 
 
-class NativeServicer(pb_grpc.InferenceServicer):
-    """Registered before the models load (so health can report NOT_SERVING meanwhile); `attach` then."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._dataplane: DataPlane | None = None
-        self.metrics = metrics
-
-    def attach(self, dataplane: DataPlane) -> None:
-        self._dataplane = dataplane
-
-    @property
-    def dataplane(self) -> DataPlane:
-        if self._dataplane is None:
-            raise Unavailable("models are still loading (health reports NOT_SERVING until they are); retry")
-        return self._dataplane
+class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
+    """The native API's RPCs; each converts its request, calls the DataPlane and converts the result."""
 
     def _inputs(self, spec: ModelSpec, request: pb.StepRequest) -> np.ndarray:
         kind = request.WhichOneof("input")
@@ -114,8 +100,9 @@ class NativeServicer(pb_grpc.InferenceServicer):
                     raise InvalidArgument("the first StepRequest of a stream must name session_id")
                 session_id = request.session_id
             elif request.session_id and request.session_id != session_id:
+                # Cut: a client's id of any length must not become an error message of that length.
                 raise InvalidArgument(f"this stream is bound to session {session_id!r}; "
-                                      f"request names {request.session_id!r} (open another stream)")
+                                      f"request names {request.session_id[:80]!r} (open another stream)")
             yield await self._step(request, session_id, context)
 
     @rpc

@@ -60,9 +60,17 @@ class SessionStore(Protocol):
     async def delete(self, session_id: str) -> SessionRecord:
         """Remove and return a live session; NotFound if there is none."""
 
-    def sweep(self) -> int:
+    async def sweep(self) -> int:
         """Drop expired sessions now; returns how many."""
 
-    def count(self) -> int: ...
+    async def ping(self) -> None:
+        """Return if the store is reachable, else raise Unavailable (health follows this)."""
 
-    def state_bytes(self) -> int: ...
+    async def close(self) -> None:
+        """Release the store's resources at shutdown (the memory store writes its snapshot here)."""
+
+    def count(self) -> int:
+        """Live sessions, for the gauge; a shared store reports its last known total of all replicas."""
+
+    def state_bytes(self) -> int:
+        """Bytes of h and C of those sessions, read like count()."""

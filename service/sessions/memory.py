@@ -1,4 +1,5 @@
-"""In-memory session store: LRU order, per-session idle TTL, byte accounting.
+"""In-memory session store: LRU order, per-session idle TTL, byte accounting, per-owner limit, and
+an optional snapshot written at graceful shutdown (see snapshot.py; restored by factory.py).
 
 Only the event loop thread touches it, so it needs no locks. A commit replaces a record's arrays
 (never writes into them) and its position: arrays handed out stay valid, but a reader that needs the
@@ -7,13 +8,19 @@ position a state stood for must read it together with the arrays.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
 from service.errors import NotFound, ResourceExhausted
 from service.metrics import Metrics
+from service.sessions import snapshot
 from service.sessions.base import SessionRecord, StateUpdate
+
+log = logging.getLogger(__name__)
 
 
 class MemoryStore:
@@ -23,14 +30,19 @@ class MemoryStore:
         *,
         max_sessions: int,
         evict_when_full: bool = True,
+        max_sessions_per_principal: int = 0,
+        snapshot_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._records: OrderedDict[str, SessionRecord] = OrderedDict()  # least recently used first
         self._bytes = 0
+        self._owned: Counter[str] = Counter()  # live sessions per non-empty owner
+        self._max_per_owner = max_sessions_per_principal
         self._metrics = metrics
         self._max_sessions = max_sessions
         self._evict_when_full = evict_when_full
         self._clock = clock
+        self._snapshot_path = snapshot_path
         metrics.watch_store(self.count, self.state_bytes)
 
     def count(self) -> int:
@@ -50,6 +62,10 @@ class MemoryStore:
     def _remove(self, session_id: str) -> SessionRecord:
         record = self._records.pop(session_id)
         self._bytes -= record.state_bytes
+        if record.owner:
+            self._owned[record.owner] -= 1
+            if not self._owned[record.owner]:
+                del self._owned[record.owner]
         return record
 
     def _live(self, session_id: str, now: float) -> SessionRecord | None:
@@ -62,10 +78,27 @@ class MemoryStore:
             return None
         return record
 
+    def _insert(self, record: SessionRecord) -> None:
+        self._records[record.session_id] = record
+        self._bytes += record.state_bytes
+        if record.owner:
+            self._owned[record.owner] += 1
+
+    def _check_owner_room(self, owner: str) -> None:
+        if not (owner and self._max_per_owner) or self._owned[owner] < self._max_per_owner:
+            return
+        self._sweep()
+        if self._owned[owner] >= self._max_per_owner:
+            raise ResourceExhausted(f"you hold {self._max_per_owner} live sessions (max_sessions_per_principal); "
+                                    "close some before opening more")
+
     async def create(self, record: SessionRecord) -> SessionRecord:
         now = self._clock()
+        if record.session_id in self._records:  # a client-named session (KServe sequence) started again
+            self._remove(record.session_id)
+        self._check_owner_room(record.owner)
         if len(self._records) >= self._max_sessions:
-            self.sweep()
+            self._sweep()
         if len(self._records) >= self._max_sessions:
             if not self._evict_when_full:
                 raise ResourceExhausted(
@@ -75,8 +108,7 @@ class MemoryStore:
             oldest = next(iter(self._records))
             self._remove(oldest)
             self._metrics.sessions_evicted.inc()
-        self._records[record.session_id] = record
-        self._bytes += record.state_bytes
+        self._insert(record)
         self._touch(record, now)
         self._metrics.sessions_opened.inc()
         return record
@@ -115,7 +147,33 @@ class MemoryStore:
             raise NotFound(f"session {session_id!r} not found (unknown, expired, evicted or closed)")
         return self._remove(session_id)
 
-    def sweep(self) -> int:
+    async def sweep(self) -> int:
+        return self._sweep()
+
+    async def ping(self) -> None:
+        """Always reachable: it lives in this process."""
+
+    async def close(self) -> None:
+        """Write every live session to the snapshot file, if there is one; SnapshotError if that fails."""
+        if self._snapshot_path is not None:
+            sessions = self.live_sessions()
+            await asyncio.to_thread(snapshot.write, self._snapshot_path, sessions)
+            log.info("wrote %d sessions to the snapshot %s", len(sessions), self._snapshot_path)
+
+    def live_sessions(self) -> list[tuple[SessionRecord, float]]:
+        """Every live session, least recently used first, with its idle seconds left."""
+        now = self._clock()
+        return [(r, r.ttl_seconds - (now - r.last_used)) for r in self._records.values() if not self._expired(r, now)]
+
+    def restore(self, record: SessionRecord, remaining_seconds: float) -> None:
+        """Add a session from a snapshot with `remaining_seconds` of idle time left; call in LRU order."""
+        if record.session_id in self._records:
+            self._remove(record.session_id)
+        self._insert(record)
+        record.last_used = self._clock() - (record.ttl_seconds - remaining_seconds)
+        record.expires_at = time.time() + remaining_seconds
+
+    def _sweep(self) -> int:
         now = self._clock()
         expired = [sid for sid, record in self._records.items() if self._expired(record, now)]
         for sid in expired:

@@ -8,120 +8,18 @@ that outlive the grace period are cut off and the process still exits 0 in time.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
 from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 from service.client import Client
 
-REPO = Path(__file__).resolve().parents[2]
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 STREAMS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, model_dir: Path, log: Path, grace: float) -> None:
-        self.port = free_port()
-        self.grace = grace
-        self.log_path = log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CELLSTREAM_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--metrics-host",
-                "127.0.0.1",
-                "--metrics-port",
-                "0",
-                "--model-dir",
-                str(model_dir),
-                "--default-model",
-                "tiny-chat",
-                "--shutdown-grace-seconds",
-                str(grace),
-                "--ort-intra-op-threads",
-                "1",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    async def wait_serving(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, f"server exited early:\n{self.log()}"
-                try:
-                    response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if response.status == SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"server not SERVING after {timeout}s:\n{self.log()}")
-
-    async def wait_exit(self, timeout: float) -> int | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return self.proc.returncode
-            await asyncio.sleep(0.05)
-        return None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
-
-
-@pytest.fixture
-def serve_process(tiny_model_dir, tmp_path):
-    started: list[ServerProcess] = []
-
-    def _start(grace: float) -> ServerProcess:
-        process = ServerProcess(tiny_model_dir, tmp_path / f"server-{len(started)}.log", grace)
-        started.append(process)
-        return process
-
-    yield _start
-    for process in started:
-        process.kill()
 
 
 async def new_calls_refused(target: str, within: float) -> bool:
@@ -168,7 +66,8 @@ class Stepper:
 
 
 async def test_sigterm_drains_in_flight_streams(serve_process):
-    server = serve_process(grace=5)
+    grace = 5
+    server = serve_process(shutdown_grace_seconds=grace)
     await server.wait_serving()
     async with Client(server.target, timeout=60) as client:
         sessions = [await client.open_session() for _ in range(STREAMS)]
@@ -201,7 +100,7 @@ async def test_sigterm_drains_in_flight_streams(serve_process):
         assert len(stepper.positions) == stepper.sent, "a step that was sent got no response"
         assert stepper.positions == [2 * (i + 1) for i in range(stepper.sent)]
         assert len(stepper.positions) > at_signal, "no step completed after SIGTERM"
-    code = await server.wait_exit(server.grace + 5 - (time.monotonic() - signalled))
+    code = await server.wait_exit(grace + 5 - (time.monotonic() - signalled))
     assert code == 0, f"exit code {code}:\n{server.log()}"
     log = server.log()
     assert "draining" in log and "stopped" in log
@@ -209,7 +108,8 @@ async def test_sigterm_drains_in_flight_streams(serve_process):
 
 
 async def test_streams_past_the_grace_period_are_cut_off(serve_process):
-    server = serve_process(grace=1)
+    grace = 1
+    server = serve_process(shutdown_grace_seconds=grace)
     await server.wait_serving()
     async with Client(server.target, timeout=60) as client:
         session = await client.open_session()
@@ -221,9 +121,9 @@ async def test_streams_past_the_grace_period_are_cut_off(serve_process):
         code = await asyncio.wait_for(task, 30)
         cut_after = time.monotonic() - signalled
     assert code != grpc.StatusCode.OK
-    assert cut_after < server.grace + 5
+    assert cut_after < grace + 5
     # Every response it did get was a consistent step.
     assert stepper.positions == [2 * (i + 1) for i in range(len(stepper.positions))]
-    exit_code = await server.wait_exit(server.grace + 5 - (time.monotonic() - signalled))
+    exit_code = await server.wait_exit(grace + 5 - (time.monotonic() - signalled))
     assert exit_code == 0, f"exit code {exit_code}:\n{server.log()}"
     assert "Traceback" not in server.log()

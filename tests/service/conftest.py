@@ -6,8 +6,9 @@ Helpers are handed out through fixtures so no test module imports a conftest by 
 from __future__ import annotations
 
 import asyncio
+import threading
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import aio as triton_aio
 
 from model.parity import TOLERANCE, scaled_max_diff
 from service.client import Client
@@ -154,6 +156,45 @@ async def connect() -> AsyncIterator[Callable[[RunningServer], Client]]:
     yield _connect
     for c in clients:
         await c.channel.close()
+
+
+class Gate:
+    """A model's engine whose next run waits (in the ORT worker thread) until the gate opens."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.spec = engine, engine.spec
+        self.running, self.open = threading.Event(), threading.Event()
+
+    def run(self, inputs: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.running.is_set():
+            self.running.set()
+            self.open.wait(30)
+        return self.engine.run(inputs, h0, c0)
+
+
+@pytest.fixture
+def gate() -> Iterator[Callable[..., Gate]]:
+    """gate(running, model="tiny-chat") -> a Gate on that model's batcher: hold the model busy while
+    other steps queue (`gate.running.wait()`, then `gate.open.set()`). Opened after the test anyway."""
+    gates: list[Gate] = []
+
+    def _gate(running: RunningServer, model: str = CHAT) -> Gate:
+        batcher = running.dataplane.batchers[model]
+        batcher.engine = Gate(batcher.engine)
+        gates.append(batcher.engine)
+        return batcher.engine
+
+    yield _gate
+    for g in gates:
+        g.open.set()
+
+
+@pytest.fixture
+async def triton(server: RunningServer) -> AsyncIterator[triton_aio.InferenceServerClient]:
+    """tritonclient.grpc.aio's client on a real channel to `server` (the KServe v2 API)."""
+    c = triton_aio.InferenceServerClient(f"127.0.0.1:{server.port}")
+    yield c
+    await c.close()
 
 
 @pytest.fixture

@@ -51,11 +51,13 @@ async def rig(engine):
     """rig(gated, **batcher kwargs) -> (batcher, store, metrics, recording engine); closed afterwards."""
     made: list[Batcher] = []
 
-    def _rig(gated: bool = False, max_batch_size: int = 256, max_queue_size: int = 1000):
+    def _rig(gated: bool = False, max_batch_size: int = 256, max_queue_size: int = 1000,
+             max_queue_wait: float | None = None):
         metrics = Metrics()
         store = MemoryStore(metrics, max_sessions=1000)
         recorder = RecordingEngine(engine, gated)
-        batcher = Batcher(recorder, store, metrics, max_batch_size=max_batch_size, max_queue_size=max_queue_size)
+        batcher = Batcher(recorder, store, metrics, max_batch_size=max_batch_size, max_queue_size=max_queue_size,
+                          max_queue_wait=max_queue_wait)
         made.append(batcher)
         return batcher, store, metrics, recorder
 
@@ -187,6 +189,34 @@ async def test_queue_full(rig):
     assert (await store.get(sessions[2].session_id)).position == 0
     # With the queue drained, the refused session can step again.
     assert (await asyncio.wait_for(batcher.submit(job(sessions[2], [3])), 30)).position == 1
+
+
+async def test_queue_wait_bound_refuses_at_once_and_drops_overdue_steps(rig):
+    batcher, store, metrics, recorder = rig(gated=True, max_queue_wait=0.2)
+    a, b, c = [await new_session(store) for _ in range(3)]
+    running = await enqueue(batcher, [job(a, [1])])
+    batcher.start()
+    assert await asyncio.to_thread(recorder.entered.wait, 30), "the batch never started"
+    waiting = asyncio.create_task(batcher.submit(job(b, [2])))  # queued behind the held batch
+    await asyncio.sleep(0.3)
+
+    # The oldest queued step waited past the bound: the queue is not draining, refuse without queueing.
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    with pytest.raises(ResourceExhausted, match="oldest queued step has waited"):
+        await batcher.submit(job(c, [3]))
+    assert loop.time() - asked < 0.05
+    assert batcher.queued == 1
+
+    recorder.release.set()
+    assert (await asyncio.wait_for(running[0], 30)).position == 1
+    with pytest.raises(ResourceExhausted, match=r"this step waited .* nothing was applied"):
+        await asyncio.wait_for(waiting, 30)
+    assert [batch.tolist() for batch in recorder.batches] == [[[1]]], "an overdue step was computed"
+    assert (await store.get(b.session_id)).position == 0
+    assert dropped(metrics, "queue_wait") == 2
+    # Drained: steps are admitted again.
+    assert (await asyncio.wait_for(batcher.submit(job(c, [3])), 30)).position == 1
 
 
 async def test_cancelled_mid_batch(rig, ref, close):

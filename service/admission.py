@@ -1,0 +1,50 @@
+"""Admission control: a bound on the API calls handled at once, refused fast past it.
+
+The batcher bounds queued steps and their wait (per model); this bounds everything else a flood of
+calls costs (tasks, decoded requests, store round trips) before any of it is spent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from service.api.interception import is_infrastructure, refusing_handler, wrap_handler
+from service.metrics import Metrics
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, max_inflight: int, metrics: Metrics) -> None:
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or is_infrastructure(handler_call_details.method):
+            return handler
+        if self.inflight >= self.max_inflight:  # refused before its request is even decoded
+            self._metrics.calls_refused.labels("overloaded").inc()
+            return refusing_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal())
+        return wrap_handler(handler, self._admitted)
+
+    def _refusal(self) -> str:
+        return f"server overloaded: {self.inflight} calls in progress (max_inflight_requests); retry with backoff"
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        # Checked again: calls admitted above may have started since.
+        if self.inflight >= self.max_inflight:
+            self._metrics.calls_refused.labels("overloaded").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal())
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1

@@ -1,0 +1,193 @@
+"""Who may call, over what: TLS and mutual TLS, bearer tokens, and the principal of the current call.
+
+- TLS: the server presents tls_cert_path/tls_key_path; with tls_client_ca_path, a client must present
+  a certificate that CA signed (mutual TLS), or the handshake fails before any call.
+- Tokens: auth_token_file holds `<principal> <token>` lines (`#` comments). Every call to an API
+  service (all but health and reflection, which probes and tools need) must carry the metadata
+  `authorization: Bearer <token>`; the file is re-read within a second of changing, and a change that
+  does not parse keeps the previous tokens (logged). Tokens are kept only as SHA-256 digests and
+  never logged or echoed.
+- The principal of an authenticated call is set here (a contextvar of the call's task) and read once,
+  by the data plane, to give each session an owner. Without a token file every caller is "".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from pathlib import Path
+
+import grpc
+
+from service.api.interception import is_infrastructure, refusing_handler, wrap_handler
+from service.config import Settings
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+PRINCIPAL_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+MIN_TOKEN_CHARS = 16
+RECHECK_SECONDS = 1.0  # how often the token file's identity (mtime, size, inode) is looked at
+
+_principal: ContextVar[str] = ContextVar("cellstream_principal", default="")
+
+
+def current_principal() -> str:
+    """The authenticated caller of the current call, or "" when the server runs without tokens."""
+    return _principal.get()
+
+
+class SecurityConfigError(ValueError):
+    """A TLS or token file the server cannot use; the message says which and why."""
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def parse_tokens(text: str, path: Path) -> dict[bytes, str]:
+    """Token digests to principals, from a token file's text; SecurityConfigError names the bad line."""
+    tokens: dict[bytes, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        where = f"{path}, line {number}"
+        if len(fields) != 2:
+            raise SecurityConfigError(f"{where}: expected `<principal> <token>`, found {len(fields)} fields")
+        principal, token = fields
+        if not PRINCIPAL_PATTERN.fullmatch(principal):
+            raise SecurityConfigError(f"{where}: principal must be 1-64 of A-Z a-z 0-9 . _ @ -")
+        if len(token) < MIN_TOKEN_CHARS:
+            raise SecurityConfigError(f"{where}: token for {principal!r} is shorter than {MIN_TOKEN_CHARS} characters")
+        if _digest(token) in tokens:
+            raise SecurityConfigError(f"{where}: token for {principal!r} is already given to another line")
+        tokens[_digest(token)] = principal
+    if not tokens:
+        raise SecurityConfigError(f"{path}: no tokens (every call would be refused)")
+    return tokens
+
+
+class TokenFile:
+    """The tokens of a file, re-read when the file changes."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        self._stamp = self._identity()
+        self._tokens = parse_tokens(self._read(), path)
+        self._checked = clock()
+
+    def _identity(self) -> tuple[int, int, int]:
+        try:
+            stat = self.path.stat()
+        except OSError as exc:
+            raise SecurityConfigError(f"cannot read the token file {self.path}: {exc.strerror}") from None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def _read(self) -> str:
+        try:
+            return self.path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SecurityConfigError(f"cannot read the token file {self.path}: {exc}") from None
+
+    def _refresh(self) -> None:
+        now = self._clock()
+        if now - self._checked < RECHECK_SECONDS:
+            return
+        self._checked = now
+        try:
+            stamp = self._identity()
+            if stamp != self._stamp:
+                self._tokens, self._stamp = parse_tokens(self._read(), self.path), stamp
+                log.info("token file %s reloaded: %d tokens", self.path, len(self._tokens))
+        except SecurityConfigError as exc:
+            log.error("%s; keeping the previous %d tokens", exc, len(self._tokens))
+
+    def principal(self, token: str) -> str | None:
+        self._refresh()
+        return self._tokens.get(_digest(token))
+
+
+def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str | None, str]:
+    """(token, "") from the call's metadata, or (None, why not)."""
+    values = [v for k, v in metadata or () if k == "authorization"]
+    if not values:
+        return None, "missing credentials: send the metadata `authorization: Bearer <token>`"
+    value = values[0] if isinstance(values[0], str) else ""
+    scheme, _, token = value.partition(" ")
+    if len(values) > 1 or scheme.lower() != "bearer" or not token.strip():
+        return None, "malformed credentials: send exactly one metadata `authorization: Bearer <token>`"
+    return token.strip(), ""
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for API calls without a known token; the caller's principal for the others."""
+
+    def __init__(self, tokens: TokenFile, metrics: Metrics) -> None:
+        self._tokens = tokens
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or is_infrastructure(handler_call_details.method):
+            return handler
+        token, problem = _bearer(handler_call_details.invocation_metadata)
+        principal = None if token is None else self._tokens.principal(token)
+        if principal is None:
+            self._metrics.calls_refused.labels("unauthenticated").inc()
+            return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                    problem or "unknown or revoked bearer token")
+
+        @contextlib.asynccontextmanager
+        async def as_principal(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            # Set, never reset: each call runs in a task of its own, whose context ends with it.
+            _principal.set(principal)
+            yield
+
+        return wrap_handler(handler, as_principal)
+
+
+def interceptors(settings: Settings, metrics: Metrics) -> list[grpc.aio.ServerInterceptor]:
+    """The token check, when the settings name a token file (SecurityConfigError if it is unusable)."""
+    if settings.auth_token_file is None:
+        return []
+    return [TokenAuthInterceptor(TokenFile(settings.auth_token_file), metrics)]
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise SecurityConfigError(f"the {what} {path} is not PEM (no -----BEGIN line)")
+    return data
+
+
+def bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """Add the gRPC port, with TLS (and mutual TLS) when configured; returns the bound port, 0 if none."""
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert_path is None or settings.tls_key_path is None:
+        return server.add_insecure_port(address)
+    chain = _read_pem(settings.tls_cert_path, "TLS certificate")
+    key = _read_pem(settings.tls_key_path, "TLS key")
+    client_ca = None if settings.tls_client_ca_path is None else _read_pem(settings.tls_client_ca_path,
+                                                                           "client CA bundle")
+    credentials = grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                              require_client_auth=client_ca is not None)
+    try:
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC says only "failed to bind"; a key that does not fit is the usual cause
+        raise SecurityConfigError(
+            f"cannot serve TLS on {address}: check that {settings.tls_cert_path} and {settings.tls_key_path} are a "
+            "certificate chain and its private key, and that the address is free") from None

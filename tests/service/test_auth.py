@@ -1,0 +1,272 @@
+"""Q. Security on a live server: bearer tokens on every API (not health), session ownership,
+per-principal limits, token-file reloads, TLS and mutual TLS with certificates made at test time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.grpc import InferInput
+from tritonclient.grpc import aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from service._proto.cellstream.v1 import inference_pb2 as pb
+from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from service.auth import SecurityConfigError
+from service.client import Client, tls_credentials
+from service.config import SettingsError, load_settings
+from service.server import start_server
+
+pytestmark = pytest.mark.timeout(90)
+ALICE, BOB, CAROL = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef", "carol-token-0123456789abcdef"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def issue(directory: Path, name: str, ca: str, usage: str, san: str = "") -> None:
+    """name.key + name.pem, signed by ca.key/ca.pem, for `usage` (serverAuth or clientAuth)."""
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=directory)
+    extensions = directory / f"{name}.ext"
+    extensions.write_text(f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else ""))
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", extensions.name, cwd=directory)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1, a client certificate, and a client from another CA."""
+    directory = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "rogue-ca"):
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "1", "-subj", f"/CN={ca}", cwd=directory)
+    issue(directory, "server", "ca", "serverAuth", "IP:127.0.0.1,DNS:localhost")
+    issue(directory, "client", "ca", "clientAuth")
+    issue(directory, "rogue", "rogue-ca", "clientAuth")
+    return directory
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    path.write_text(f"# principal token\nalice {ALICE}\nbob   {BOB}  # the second user\n")
+    return path
+
+
+def unauthenticated(error: grpc.aio.AioRpcError, reason: str) -> None:
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+    assert reason in error.details()
+    for secret in (ALICE, BOB, CAROL, "wrong-token"):
+        assert secret not in error.details()
+
+
+async def test_every_api_needs_a_known_token_but_health_does_not(start, token_file, scrape, rpc_error):
+    server = await start(auth_token_file=token_file)
+    target = f"127.0.0.1:{server.port}"
+    async with Client(target) as anonymous, Client(target, token="wrong-token-0123456789") as wrong, \
+            Client(target, token=ALICE) as alice:
+        unauthenticated(await rpc_error(anonymous.open_session()), "missing credentials")
+        unauthenticated(await rpc_error(anonymous.list_models()), "missing credentials")
+        unauthenticated(await rpc_error(wrong.open_session()), "unknown or revoked bearer token")
+        basic = anonymous.stub.ListModels(pb.ListModelsRequest(), metadata=(("authorization", f"Basic {ALICE}"),),
+                                          timeout=10)
+        unauthenticated(await rpc_error(basic), "malformed credentials")
+
+        # The other inference API registered on the server is covered as well.
+        kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(anonymous.channel)
+        unauthenticated(await rpc_error(kserve.ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=10)),
+                        "missing credentials")
+        live = await kserve.ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=10, metadata=alice.metadata)
+        assert live.live
+
+        # Probes and tools need no token.
+        health = health_pb2_grpc.HealthStub(anonymous.channel)
+        assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status == SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(anonymous.channel)
+        replies = [r async for r in reflect.ServerReflectionInfo(
+            [reflection_pb2.ServerReflectionRequest(list_services="")], timeout=10)]
+        assert replies[0].list_services_response.service
+
+        assert (await alice.list_models()).models
+    samples = await scrape(server)
+    assert samples.get("cellstream_calls_refused_total", reason="unauthenticated") == 5
+    for secret in (ALICE, BOB, "wrong-token"):
+        assert secret not in samples.text
+
+
+async def test_a_session_belongs_to_its_principal(start, token_file, rpc_error):
+    server = await start(auth_token_file=token_file)
+    target = f"127.0.0.1:{server.port}"
+    async with Client(target, token=ALICE) as alice, Client(target, token=BOB) as bob:
+        session = await alice.open_session()
+        await alice.step(session.session_id, tokens=[1, 2, 3])
+        unknown = "0" * 32
+        for call in (lambda sid: bob.step(sid, tokens=[4]), bob.get_state, bob.fork, bob.close_session):
+            theirs = await rpc_error(call(session.session_id))
+            missing = await rpc_error(call(unknown))
+            assert theirs.code() == missing.code() == grpc.StatusCode.NOT_FOUND
+            # Word for word the answer for an id that does not exist: existence is not revealed.
+            assert theirs.details().replace(session.session_id, unknown) == missing.details()
+        stream = bob.stream_steps()
+        await stream.write(Client.step_request(session.session_id, tokens=[4]))
+        assert await stream.code() == grpc.StatusCode.NOT_FOUND
+        generate = await rpc_error(bob.reply(session.session_id, "hi"))
+        assert generate.code() == grpc.StatusCode.NOT_FOUND
+
+        state = await alice.get_state(session.session_id)
+        assert state.position == 3, "another principal's calls changed the session"
+        fork = await alice.fork(session.session_id)
+        assert (await alice.step(fork.session_id, tokens=[4])).position == 4
+        assert (await rpc_error(bob.get_state(fork.session_id))).code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_kserve_sequences_belong_to_their_principal(start, token_file):
+    server = await start(auth_token_file=token_file)
+    target = f"127.0.0.1:{server.port}"
+    triton = triton_aio.InferenceServerClient(target)
+    as_alice, as_bob = {"authorization": f"Bearer {ALICE}"}, {"authorization": f"Bearer {BOB}"}
+
+    def tokens(*ids: int) -> InferInput:
+        infer_input = InferInput("tokens", [1, len(ids)], "INT64")
+        infer_input.set_data_from_numpy(np.array([ids], np.int64))
+        return infer_input
+
+    try:
+        # The same sequence id for two principals: two sequences, neither disturbs the other.
+        await triton.infer("tiny-chat", [tokens(1, 2)], sequence_id=7, sequence_start=True, headers=as_alice)
+        with pytest.raises(InferenceServerException, match="must carry the START flag"):
+            await triton.infer("tiny-chat", [tokens(3)], sequence_id=7, headers=as_bob)
+        await triton.infer("tiny-chat", [tokens(9)], sequence_id=7, sequence_start=True, headers=as_bob)
+        assert server.dataplane.store.count() == 2
+        await triton.infer("tiny-chat", [tokens(3)], sequence_id=7, sequence_end=True, headers=as_alice)
+        await triton.infer("tiny-chat", [tokens(8)], sequence_id=7, sequence_end=True, headers=as_bob)
+        assert server.dataplane.store.count() == 0, "sequence_end did not close the caller's sequence"
+    finally:
+        await triton.close()
+
+
+async def test_sessions_per_principal_are_bounded(start, token_file, rpc_error):
+    server = await start(auth_token_file=token_file, max_sessions_per_principal=2)
+    target = f"127.0.0.1:{server.port}"
+    async with Client(target, token=ALICE) as alice, Client(target, token=BOB) as bob:
+        first = await alice.open_session()
+        await alice.open_session()
+        error = await rpc_error(alice.open_session())
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_sessions_per_principal" in error.details()
+        assert (await rpc_error(alice.fork(first.session_id))).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await bob.open_session()
+        await alice.close_session(first.session_id)
+        await alice.open_session()
+
+
+async def test_token_file_changes_apply_and_a_broken_one_is_ignored(start, token_file, rpc_error, caplog):
+    server = await start(auth_token_file=token_file)
+    target = f"127.0.0.1:{server.port}"
+    async with Client(target, token=BOB) as bob, Client(target, token=CAROL) as carol:
+        await bob.list_models()
+        token_file.write_text(f"alice {ALICE}\ncarol {CAROL}\n")  # bob revoked, carol added
+        await asyncio.sleep(1.2)
+        await carol.list_models()
+        unauthenticated(await rpc_error(bob.list_models()), "unknown or revoked")
+
+        with caplog.at_level(logging.ERROR, logger="service.auth"):
+            token_file.write_text("carol short\n")
+            await asyncio.sleep(1.2)
+            await carol.list_models()  # the previous tokens stay in force
+        assert "shorter than 16 characters; keeping the previous 2 tokens" in caplog.text
+        assert CAROL not in caplog.text and "short" not in caplog.text.replace("shorter", "")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read the token file"),
+        ("", "no tokens"),
+        (f"alice {ALICE} extra\n", "line 1: expected `<principal> <token>`, found 3 fields"),
+        (f"al/ice {ALICE}\n", "line 1: principal must be"),
+        (f"alice {ALICE}\nbob {ALICE}\n", "line 2: token for 'bob' is already given"),
+    ],
+)
+async def test_unusable_token_files_stop_start_up(tiny_model_dir, tmp_path, content, message):
+    path = tmp_path / "tokens"
+    if content is not None:
+        path.write_text(content)
+    settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
+                             model_dir=tiny_model_dir, auth_token_file=path)
+    with pytest.raises(SecurityConfigError, match=message) as info:
+        await start_server(settings)
+    assert ALICE not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (("junk", "server.key"), "TLS certificate .* is not PEM"),
+        (("server.pem", "missing.key"), "cannot read the TLS key"),
+        (("server.pem", "client.key"), "cannot serve TLS on 127.0.0.1:0: check that"),
+    ],
+)
+async def test_unusable_tls_files_stop_start_up(tiny_model_dir, pki, tmp_path, files, message):
+    (tmp_path / "junk").write_text("not a certificate")
+    cert, key = ((pki if (pki / name).exists() else tmp_path) / name for name in files)
+    settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
+                             model_dir=tiny_model_dir, tls_cert_path=cert, tls_key_path=key)
+    with pytest.raises(SecurityConfigError, match=message):
+        await start_server(settings)
+    with pytest.raises(SettingsError, match="tls_cert_path and tls_key_path go together"):
+        load_settings(tls_cert_path=cert)
+
+
+async def test_tls_and_mutual_tls(start, pki, token_file, rpc_error):
+    tls = await start(tls_cert_path=pki / "server.pem", tls_key_path=pki / "server.key")
+    target = f"127.0.0.1:{tls.port}"
+    async with Client(target, credentials=tls_credentials(pki / "ca.pem")) as client:
+        assert (await client.open_session()).session_id
+    async with Client(target, timeout=5) as plaintext:
+        assert (await rpc_error(plaintext.list_models())).code() == grpc.StatusCode.UNAVAILABLE
+
+    mutual = await start(tls_cert_path=pki / "server.pem", tls_key_path=pki / "server.key",
+                         tls_client_ca_path=pki / "ca.pem", auth_token_file=token_file)
+    target = f"127.0.0.1:{mutual.port}"
+    with_cert = tls_credentials(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+    async with Client(target, credentials=with_cert, token=ALICE) as client:
+        session = await client.open_session()
+        assert (await client.step(session.session_id, tokens=[1, 2])).position == 2
+    refused = {
+        "no client certificate": tls_credentials(pki / "ca.pem"),
+        "a certificate from another CA": tls_credentials(pki / "ca.pem", pki / "rogue.pem", pki / "rogue.key"),
+    }
+    for what, credentials in refused.items():
+        async with Client(target, credentials=credentials, token=ALICE, timeout=5) as client:
+            error = await rpc_error(client.list_models())
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, what
+            health = health_pb2_grpc.HealthStub(client.channel)
+            assert (await rpc_error(health.Check(health_pb2.HealthCheckRequest(), timeout=5))).code() == \
+                grpc.StatusCode.UNAVAILABLE, f"{what}: the handshake, not the token check, must refuse it"
+
+
+async def test_chat_cli_with_token_and_tls(start, pki, tmp_path, token_file):
+    server = await start(tls_cert_path=pki / "server.pem", tls_key_path=pki / "server.key",
+                         auth_token_file=token_file)
+    secret = tmp_path / "alice.token"
+    secret.write_text(ALICE + "\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "chat", "--target", f"127.0.0.1:{server.port}", "--max-tokens", "3",
+        "--token-file", str(secret), "--ca", str(pki / "ca.pem"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(b"hello\n\n"), 60)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().count("bot> ") == 1
