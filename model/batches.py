@@ -14,6 +14,9 @@ import torch
 
 from model import corpus, tokenizer
 
+FACT_VALUES: dict[str, tuple[str, ...]] = {"name": corpus.NAMES, "city": corpus.CITIES, "job": corpus.JOBS}
+UNKNOWN = -100  # fact label where the fact is not stated yet (cross_entropy's ignore_index)
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -21,64 +24,107 @@ class Batch:
     targets: torch.Tensor  # (B, L) int64
     weights: torch.Tensor  # (B, L) float32, 0 where the target is padding
     carry_state: bool  # True when each row continues the previous batch's row
+    facts: torch.Tensor | None = None  # (B, L, len(FACT_VALUES)) int64: each fact's index once stated
 
 
-def dialogue_weights(dialogue: corpus.Dialogue, answer_weight: float) -> list[float]:
-    """Loss weight of each byte of the dialogue as a target: `answer_weight` on the bot lines that
-    answer a question (the only bytes that need the remembered facts), 1 elsewhere."""
-    weights: list[float] = []
+@dataclass(frozen=True)
+class Row:
+    """One sequence to train on: ids, the weight of predicting each, and optional fact labels."""
+
+    ids: list[int]
+    weights: list[float]
+    facts: torch.Tensor | None = None  # (len(ids), kinds): the facts known once ids[k] is read
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """How much each kind of target byte counts: a fact's value where the bot says it back (the bytes
+    that need memory), the user's lines (the bot never writes them), everything else 1."""
+
+    value: float = 1.0
+    user: float = 1.0
+
+
+def dialogue_weights(dialogue: corpus.Dialogue, weights: LossWeights) -> list[float]:
+    """Loss weight of each byte of the dialogue as a target."""
+    values = [value.encode("utf-8") for value in dialogue.facts.values()]
+    out: list[float] = []
     for text_line in dialogue.text.splitlines(keepends=True):
-        answers = text_line.startswith("bot: ") and corpus.is_answer(text_line[len("bot: ") :])
-        weights += [answer_weight if answers else 1.0] * len(text_line.encode("utf-8"))
-    return weights
+        encoded = text_line.encode("utf-8")
+        if text_line.startswith("user: "):
+            out += [weights.user] * len(encoded)
+            continue
+        line_weights = [1.0] * len(encoded)
+        for value in values:
+            start = encoded.find(value, len(b"bot: "))
+            if start >= 0:
+                line_weights[start : start + len(value)] = [weights.value] * len(value)
+        out += line_weights
+    return out
 
 
-def encode_dialogue(dialogue: corpus.Dialogue, answer_weight: float) -> tuple[list[int], list[float]]:
-    """Ids of a dialogue followed by EOS, and the weight of predicting each id."""
+def fact_labels(dialogue: corpus.Dialogue, length: int) -> torch.Tensor:
+    """(length, kinds) labels: at byte k, each fact's index in its list once the user has stated it."""
+    labels = torch.full((length, len(FACT_VALUES)), UNKNOWN, dtype=torch.long)
+    for column, (kind, values) in enumerate(FACT_VALUES.items()):
+        if kind in dialogue.stated_at:
+            # Reading byte stated_at - 1 (the value's last) completes the fact.
+            labels[dialogue.stated_at[kind] - 1 :, column] = values.index(dialogue.facts[kind])
+    return labels
+
+
+def encode_dialogue(dialogue: corpus.Dialogue, weights: LossWeights) -> Row:
+    """Ids of a dialogue followed by EOS, the weight of predicting each id, and the facts known."""
     ids = tokenizer.encode(dialogue.text, eos=True)
-    return ids, [*dialogue_weights(dialogue, answer_weight), 1.0]
+    return Row(ids, [*dialogue_weights(dialogue, weights), 1.0], fact_labels(dialogue, len(ids)))
 
 
-def pad_batch(rows: list[tuple[list[int], list[float]]]) -> Batch:
-    """Right-pad rows of (ids, weights) into a batch; the first id of each row is only an input."""
-    width = max(len(ids) for ids, _ in rows) - 1
+def pad_batch(rows: list[Row]) -> Batch:
+    """Right-pad rows into a batch; the first id of each row is only an input."""
+    width = max(len(row.ids) for row in rows) - 1
     inputs = torch.full((len(rows), width), tokenizer.PAD, dtype=torch.long)
     targets = torch.full((len(rows), width), tokenizer.PAD, dtype=torch.long)
     weights = torch.zeros((len(rows), width))
-    for row, (ids, row_weights) in enumerate(rows):
-        n = len(ids) - 1
-        inputs[row, :n] = torch.tensor(ids[:-1])
-        targets[row, :n] = torch.tensor(ids[1:])
-        weights[row, :n] = torch.tensor(row_weights[1:])
-    return Batch(inputs, targets, weights, carry_state=False)
+    labelled = all(row.facts is not None for row in rows)
+    facts = torch.full((len(rows), width, len(FACT_VALUES)), UNKNOWN, dtype=torch.long) if labelled else None
+    for index, row in enumerate(rows):
+        n = len(row.ids) - 1
+        inputs[index, :n] = torch.tensor(row.ids[:-1])
+        targets[index, :n] = torch.tensor(row.ids[1:])
+        weights[index, :n] = torch.tensor(row.weights[1:])
+        if facts is not None and row.facts is not None:
+            facts[index, :n] = row.facts[:n]
+    return Batch(inputs, targets, weights, carry_state=False, facts=facts)
 
 
 def curriculum_max_filler(batch_index: int, ramp_batches: int) -> int:
-    """Most filler turns at a point of training: 2 at first, growing to 8 by `ramp_batches`.
+    """Most filler turns at a point of training: none at first, growing to 8 by `ramp_batches`.
 
     Short gaps between a fact and its question teach the model to store facts in its cell state
     quickly; the forget gates it learns then carry them across the longer gaps.
     """
     if ramp_batches <= 0 or batch_index >= ramp_batches:
         return 8
-    return 2 + (6 * batch_index) // ramp_batches
+    return (8 * batch_index) // ramp_batches
 
 
 def dialogue_batches(
-    seed: int, batch_size: int, answer_weight: float, *, first_batch: int = 0, ramp_batches: int = 0,
+    seed: int, batch_size: int, weights: LossWeights, *, first_batch: int = 0, ramp_batches: int = 0,
     quiz_rate: float = 0.0, bucket: int = 16,
 ) -> Iterator[Batch]:
-    """Endless batches of training dialogues; `bucket` batches at a time are sorted by length."""
+    """Endless batches of training dialogues (0 to the curriculum's most filler turns); `bucket`
+    batches at a time are sorted by length."""
     rng = random.Random(seed)
     index = first_batch
     while True:
         max_filler = curriculum_max_filler(index, ramp_batches)
         index += bucket
         rows = [
-            encode_dialogue(corpus.make_dialogue(rng, max_filler=max_filler, quiz_rate=quiz_rate), answer_weight)
+            encode_dialogue(corpus.make_dialogue(rng, min_filler=0, max_filler=max_filler, quiz_rate=quiz_rate),
+                            weights)
             for _ in range(batch_size * bucket)
         ]
-        rows.sort(key=lambda r: len(r[0]))
+        rows.sort(key=lambda row: len(row.ids))
         groups = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
         rng.shuffle(groups)
         for group in groups:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -191,11 +191,16 @@ class QuestionAnswer:
 
 @dataclass(frozen=True)
 class Dialogue:
-    """One generated dialogue: the facts and small talk (`context`), then the questions on them."""
+    """One generated dialogue: the facts and small talk (`context`), then the questions on them.
+
+    `stated_at[kind]` is the UTF-8 byte offset in `text` just past the fact's value where the user
+    states it: from there on the fact is known (training supervises the state with it).
+    """
 
     context: str
     questions: tuple[QuestionAnswer, ...]
     facts: dict[str, str]
+    stated_at: dict[str, int] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -227,12 +232,16 @@ def make_dialogue(
     order = list(facts)
     rng.shuffle(order)
     lines: list[str] = []
+    stated_at: dict[str, int] = {}
     if rng.random() < 0.15:
         lines.append(line("user", "hello!"))
         lines.append(line("bot", "hello! how can i help?"))
     for kind in order:
         value = facts[kind]
-        lines.append(line("user", rng.choice(FACT_PHRASES[kind]).format(v=value)))
+        phrase = rng.choice(FACT_PHRASES[kind])
+        before_value = sum(len(text.encode("utf-8")) for text in lines) + len(line("user", phrase).split("{v}")[0])
+        stated_at[kind] = before_value + len(value.encode("utf-8"))
+        lines.append(line("user", phrase.format(v=value)))
         lines.append(line("bot", rng.choice(ACKS[kind]).format(v=value)))
     for _ in range(rng.randint(min_filler, max_filler)):
         user, bot = filler.turn(rng)
@@ -243,7 +252,7 @@ def make_dialogue(
     asked = list(facts)
     rng.shuffle(asked)
     questions = [_question(kind, facts, rng, exact_questions) for kind in asked]
-    return Dialogue(context="".join(lines), questions=tuple(questions), facts=facts)
+    return Dialogue(context="".join(lines), questions=tuple(questions), facts=facts, stated_at=stated_at)
 
 
 def _question(kind: str, facts: dict[str, str], rng: random.Random, exact: bool) -> QuestionAnswer:

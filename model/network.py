@@ -13,7 +13,7 @@ from torch import nn
 
 from model import tokenizer
 
-CHRONO_MAX_STEPS = 600  # bytes between a fact and its question in the longest dialogues
+SLOW_FORGET_BIAS = (3.0, 6.0)  # forget gates 0.95-0.998: memory over ~20-400 steps
 
 
 @dataclass(frozen=True)
@@ -38,16 +38,16 @@ class LSTMLanguageModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
         self.lstm = nn.LSTM(config.embed_dim, config.hidden_size, config.num_layers, batch_first=True)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
-        self._chrono_init()
+        self._leaky_init()
 
-    def _chrono_init(self) -> None:
-        """Chrono initialisation (Tallec & Ollivier, 2018) on half the units: b_f = log(U(1, T_max - 1)),
-        b_i = -b_f; the other half start with b_f = 1.
+    def _leaky_init(self) -> None:
+        """Half the units start as slow leaky integrators: forget bias drawn from SLOW_FORGET_BIAS,
+        input gate half open; the other half start with forget bias 1 to learn local structure fast.
 
-        A plain init (f ~ 0.5) forgets within a few steps: the gradient from an answer hundreds of
-        bytes after its fact vanishes before it can teach the gates to remember. Chrono units get
-        memory timescales spread up to CHRONO_MAX_STEPS, the span of a dialogue; but their input
-        gates start nearly closed, so the plain half is kept to learn the local structure fast.
+        With the usual init (f ~ 0.7) the gradient from an answer hundreds of bytes after its fact
+        vanishes before it can teach the gates to remember. Chrono init (f ~ 1 but input gates shut,
+        b_i = -b_f) keeps that gradient but writes almost nothing into the slow cells: measured here,
+        it learned more slowly than slow units whose input gates start open.
         """
         hidden = self.config.hidden_size
         slow = hidden // 2
@@ -57,11 +57,9 @@ class LSTMLanguageModel(nn.Module):
                     continue
                 bias.zero_()
                 if name.startswith("bias_ih"):
-                    forget = torch.log(torch.empty(slow).uniform_(1.0, CHRONO_MAX_STEPS - 1.0))
                     # torch's gate order is i, f, g, o: the slow units are the last `slow` of each gate.
-                    bias[hidden - slow : hidden] = -forget
-                    bias[2 * hidden - slow : 2 * hidden] = forget
                     bias[hidden : 2 * hidden - slow] = 1.0
+                    bias[2 * hidden - slow : 2 * hidden] = torch.empty(slow).uniform_(*SLOW_FORGET_BIAS)
 
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.config.num_layers, batch, self.config.hidden_size)
@@ -71,6 +69,12 @@ class LSTMLanguageModel(nn.Module):
         self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (B, T) int64, h0/c0 (L, B, H) -> logits (B, T, V), hn, cn (L, B, H)."""
-        x = self.embed(tokens)  # (B, T, E)
-        out, (hn, cn) = self.lstm(x, (h0, c0))  # out: (B, T, H)
+        out, hn, cn = self.hidden_states(tokens, h0, c0)
         return self.head(out), hn, cn
+
+    def hidden_states(
+        self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top layer's h at every step (B, T, H), and hn, cn: what the head reads."""
+        out, (hn, cn) = self.lstm(self.embed(tokens), (h0, c0))
+        return out, hn, cn

@@ -21,8 +21,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from model import corpus, tokenizer
-from model.batches import Batch, dialogue_batches, encode_dialogue, pad_batch, text_batches
+from model.batches import Batch, LossWeights, dialogue_batches, encode_dialogue, pad_batch, text_batches
 from model.network import LSTMLanguageModel, ModelConfig
+from model.probe import FactProbe
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation dialogues never share a seed with training ones
 
@@ -47,6 +48,7 @@ def _bounded(cast: type, what: str, minimum: float, *, strict: bool = False, max
 _positive_int = _bounded(int, "a positive integer", 1)
 _non_negative_int = _bounded(int, "an integer >= 0", 0)
 _positive_float = _bounded(float, "a positive finite number", 0.0, strict=True)
+_non_negative_float = _bounded(float, "a finite number >= 0", 0.0)
 _probability = _bounded(float, "a probability in [0, 1]", 0.0, maximum=1.0)
 
 
@@ -57,17 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corpus", type=Path, help="plain UTF-8 text file (default: synthetic dialogues)")
     parser.add_argument("--out", type=Path, default=Path("runs/model.pt"), help="final checkpoint path")
     parser.add_argument("--resume", type=Path, help="checkpoint to continue training from")
-    parser.add_argument("--steps", type=_positive_int, default=4500, help="optimiser steps in total")
+    parser.add_argument("--steps", type=_positive_int, default=1500, help="optimiser steps in total")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per batch")
     parser.add_argument("--bptt", type=_positive_int, default=1024, help="truncated-BPTT window (steps)")
-    parser.add_argument("--lr", type=_positive_float, default=4e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam peak learning rate (one-cycle)")
     parser.add_argument("--clip", type=_positive_float, default=1.0, help="gradient-norm clip")
-    parser.add_argument("--answer-weight", type=_positive_float, default=5.0,
-                        help="loss weight of the bot lines answering the questions")
-    parser.add_argument("--quiz-rate", type=_probability, default=0.3,
+    parser.add_argument("--answer-weight", type=_positive_float, default=10.0,
+                        help="loss weight of the bytes where the bot says a stated fact back")
+    parser.add_argument("--user-weight", type=_non_negative_float, default=0.1,
+                        help="loss weight of the user's lines (the bot never writes them)")
+    parser.add_argument("--fact-weight", type=_non_negative_float, default=1.0,
+                        help="weight of the fact probe's loss (model/probe.py; 0: off)")
+    parser.add_argument("--quiz-rate", type=_probability, default=0.5,
                         help="chance of a recall question after each small-talk turn (training dialogues)")
-    parser.add_argument("--curriculum-steps", type=_non_negative_int, default=1000,
-                        help="steps over which the most filler turns grows from 2 to 8 (0: always 8)")
+    parser.add_argument("--curriculum-steps", type=_non_negative_int, default=500,
+                        help="steps over which the most filler turns grows from 0 to 8 (0: always 8)")
     parser.add_argument("--embed-dim", type=_positive_int, default=64)
     parser.add_argument("--hidden-size", type=_positive_int, default=128)
     parser.add_argument("--layers", type=_positive_int, default=2)
@@ -84,24 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
 class Evaluation:
     loss: float
     answer_accuracy: float | None  # teacher-forced exact answers; synthetic corpus only
+    probe_accuracy: float | None = None  # facts named from the state at every byte after they are stated
 
 
 def describe_corpus(args: argparse.Namespace) -> str:
     if args.corpus is None:
         return (f"synthetic memory dialogues (seed {args.seed}, filler 1-8 turns, "
-                f"curriculum over {args.curriculum_steps} steps, quiz rate {args.quiz_rate})")
+                f"curriculum over {args.curriculum_steps} steps, quiz rate {args.quiz_rate}, "
+                f"fact probe weight {args.fact_weight})")
     return f"text file {args.corpus.name}"
 
 
 def run_batch(
     model: LSTMLanguageModel, batch: Batch, state: tuple[torch.Tensor, torch.Tensor], bptt: int
 ) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], slice]]:
-    """Yield (logits, state after the window, window) per BPTT window; the caller owns backward()."""
+    """Yield (top-layer h per step, state after the window, window) per BPTT window; the head turns
+    that h into logits. The caller owns backward()."""
     h, c = state
     for start in range(0, batch.inputs.shape[1], bptt):
         window = slice(start, start + bptt)
-        logits, h, c = model(batch.inputs[:, window], h, c)
-        yield logits, (h, c), window
+        hidden, h, c = model.hidden_states(batch.inputs[:, window], h, c)
+        yield hidden, (h, c), window
         h, c = h.detach(), c.detach()
 
 
@@ -111,12 +120,14 @@ def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
 
 
 @torch.no_grad()
-def evaluate_dialogues(model: LSTMLanguageModel, seed: int, count: int) -> Evaluation:
-    """Held-out-filler dialogues: mean loss, and how often every answer byte is predicted exactly."""
+def evaluate_dialogues(model: LSTMLanguageModel, probe: FactProbe, seed: int, count: int) -> Evaluation:
+    """Held-out-filler dialogues: mean loss, how often every answer byte is predicted exactly, and
+    how often the probe names the stated facts from the state."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
     dialogues = [corpus.make_dialogue(rng, heldout=True, exact_questions=True) for _ in range(count)]
-    batch = pad_batch([encode_dialogue(d, 1.0) for d in dialogues])
-    logits, _, _ = model(batch.inputs, *model.zero_state(len(dialogues)))
+    batch = pad_batch([encode_dialogue(d, LossWeights()) for d in dialogues])
+    hidden, _, _ = model.hidden_states(batch.inputs, *model.zero_state(len(dialogues)))
+    logits = model.head(hidden)
     loss = weighted_loss(logits, batch.targets, batch.weights).item()
     predicted = logits.argmax(-1)
     correct = total = 0
@@ -129,7 +140,8 @@ def evaluate_dialogues(model: LSTMLanguageModel, seed: int, count: int) -> Evalu
             # Target k is predicted at input position k - 1.
             correct += bool((predicted[row, start - 1 : end - 1] == batch.targets[row, start - 1 : end - 1]).all())
             total += 1
-    return Evaluation(loss=loss, answer_accuracy=correct / total)
+    assert batch.facts is not None
+    return Evaluation(loss=loss, answer_accuracy=correct / total, probe_accuracy=probe.accuracy(hidden, batch.facts))
 
 
 @torch.no_grad()
@@ -155,13 +167,15 @@ def train(args: argparse.Namespace) -> dict:
     if text is not None:
         train_text, eval_text = text[: int(len(text) * 0.95)] or text, text[int(len(text) * 0.95) :] or text
     model = LSTMLanguageModel(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    probe = FactProbe(config.hidden_size)
+    optimizer = torch.optim.Adam([*model.parameters(), *probe.parameters()], lr=args.lr)
     start_step = 0
     if args.resume:
         checkpoint = torch.load(args.resume, weights_only=False)
         if checkpoint["config"] != asdict(config):
             raise ValueError(f"--resume checkpoint has model config {checkpoint['config']}, not {asdict(config)}")
         model.load_state_dict(checkpoint["model"])
+        probe.load_state_dict(checkpoint["probe"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_step = checkpoint["step"]
         if start_step >= args.steps:
@@ -171,7 +185,8 @@ def train(args: argparse.Namespace) -> dict:
     )
     # Resuming restarts the batch stream from a seed derived from the step: deterministic, never a replay.
     if text is None:
-        batches = dialogue_batches(args.seed + start_step, args.batch_size, args.answer_weight,
+        weights = LossWeights(value=args.answer_weight, user=args.user_weight)
+        batches = dialogue_batches(args.seed + start_step, args.batch_size, weights,
                                    first_batch=start_step, ramp_batches=args.curriculum_steps,
                                    quiz_rate=args.quiz_rate)
     else:
@@ -188,13 +203,15 @@ def train(args: argparse.Namespace) -> dict:
             state = model.zero_state(batch.inputs.shape[0])
         optimizer.zero_grad()
         total_loss = 0.0
-        for logits, window_state, window in run_batch(model, batch, state, args.bptt):
-            loss = weighted_loss(logits, batch.targets[:, window], batch.weights[:, window])
+        for hidden, window_state, window in run_batch(model, batch, state, args.bptt):
+            loss = weighted_loss(model.head(hidden), batch.targets[:, window], batch.weights[:, window])
+            if batch.facts is not None and args.fact_weight > 0:
+                loss = loss + args.fact_weight * probe.loss(hidden, batch.facts[:, window])
             loss.backward()
             total_loss += loss.item()
             carried = window_state
         state = (carried[0].detach(), carried[1].detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], args.clip)
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{total_loss:.3f}")
@@ -202,7 +219,7 @@ def train(args: argparse.Namespace) -> dict:
         if done % args.eval_every == 0 or done == args.steps:
             model.eval()
             if text is None:
-                evaluation = evaluate_dialogues(model, args.seed, args.eval_dialogues)
+                evaluation = evaluate_dialogues(model, probe, args.seed, args.eval_dialogues)
             else:
                 evaluation = evaluate_text(model, eval_text, args.bptt)
             history.append({"step": done, "seconds": round(time.monotonic() - started, 1), **asdict(evaluation)})
@@ -210,6 +227,7 @@ def train(args: argparse.Namespace) -> dict:
         if done % args.checkpoint_every == 0 or done == args.steps:
             payload = {
                 "model": model.state_dict(),
+                "probe": probe.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "config": asdict(config),
                 "step": done,

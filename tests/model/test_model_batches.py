@@ -1,4 +1,3 @@
-import math
 import random
 from itertools import islice, pairwise
 
@@ -7,49 +6,84 @@ import torch
 
 from model import corpus, tokenizer
 from model.batches import (
+    FACT_VALUES,
+    UNKNOWN,
+    LossWeights,
+    Row,
     curriculum_max_filler,
     dialogue_batches,
     dialogue_weights,
     encode_dialogue,
+    fact_labels,
     pad_batch,
     text_batches,
 )
-from model.network import CHRONO_MAX_STEPS
+from model.network import SLOW_FORGET_BIAS
 from model.parity import TOLERANCE, scaled_max_diff
+from model.probe import FactProbe
 from model.train import run_batch, weighted_loss
 
 
-def test_dialogue_weights_single_out_the_answers():
+def test_dialogue_weights_single_out_values_the_bot_says_back():
     qa = corpus.QuestionAnswer("name", "what is my name?", "your name is léa.")
     dialogue = corpus.Dialogue("user: my name is léa.\nbot: hé\n", (qa,), {"name": "léa"})
-    weights = dialogue_weights(dialogue, 3.0)
+    weights = dialogue_weights(dialogue, LossWeights(value=3.0, user=0.5))
     assert len(weights) == len(dialogue.text.encode("utf-8"))
-    plain = len(dialogue.context.encode()) + len(b"user: what is my name?\n")
-    assert weights == [1.0] * plain + [3.0] * len("bot: your name is léa.\n".encode())
+    user_fact = [0.5] * len("user: my name is léa.\n".encode())
+    ack = [1.0] * len("bot: hé\n".encode())
+    question = [0.5] * len(b"user: what is my name?\n")
+    answer = [1.0] * len(b"bot: your name is ") + [3.0] * len("léa".encode()) + [1.0, 1.0]
+    assert weights == user_fact + ack + question + answer
+
+
+def test_fact_labels_start_at_the_last_byte_of_each_stated_value():
+    dialogue = corpus.make_dialogue(random.Random(11), min_filler=0, max_filler=0)
+    text = dialogue.text.encode()
+    labels = fact_labels(dialogue, len(text) + 1)
+    for column, (kind, values) in enumerate(FACT_VALUES.items()):
+        value = dialogue.facts[kind].encode()
+        end = dialogue.stated_at[kind]
+        assert text[end - len(value) : end] == value
+        assert text[:end - len(value)].count(b"\n") % 2 == 0  # stated in a user line, not echoed by the bot
+        assert (labels[: end - 1, column] == UNKNOWN).all()
+        assert (labels[end - 1 :, column] == values.index(dialogue.facts[kind])).all()
+
+
+def test_fact_probe_learns_only_from_known_facts():
+    probe = FactProbe(4)
+    hidden = torch.randn(2, 3, 4)
+    facts = torch.full((2, 3, len(FACT_VALUES)), UNKNOWN, dtype=torch.long)
+    assert probe.loss(hidden, facts).item() == 0.0
+    facts[0, 2, 0] = 7
+    loss = probe.loss(hidden, facts)
+    names = probe.linear(hidden[0, 2])[: len(corpus.NAMES)]
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(names[None], torch.tensor([7])).item(),
+                                        rel=1e-5)
+    assert 0.0 <= probe.accuracy(hidden, facts) <= 1.0
 
 
 def test_pad_batch_shifts_targets_and_masks_padding():
-    rows = [([1, 2, 3, 4], [1.0, 1.0, 2.0, 3.0]), ([5, 6], [1.0, 4.0])]
+    rows = [Row([1, 2, 3, 4], [1.0, 1.0, 2.0, 3.0]), Row([5, 6], [1.0, 4.0])]
     batch = pad_batch(rows)
     pad = tokenizer.PAD
     assert batch.inputs.tolist() == [[1, 2, 3], [5, pad, pad]]
     assert batch.targets.tolist() == [[2, 3, 4], [6, pad, pad]]
     assert batch.weights.tolist() == [[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]
-    assert batch.carry_state is False
+    assert batch.carry_state is False and batch.facts is None
 
 
 def test_encode_dialogue_ends_with_eos():
     dialogue = corpus.make_dialogue(random.Random(0))
-    ids, weights = encode_dialogue(dialogue, 2.0)
-    assert ids[-1] == tokenizer.EOS and tokenizer.decode(ids) == dialogue.text
-    assert len(ids) == len(weights)
-    assert set(weights) == {1.0, 2.0}
+    row = encode_dialogue(dialogue, LossWeights(value=2.0, user=0.5))
+    assert row.ids[-1] == tokenizer.EOS and tokenizer.decode(row.ids) == dialogue.text
+    assert len(row.ids) == len(row.weights) == len(row.facts)
+    assert set(row.weights) == {0.5, 1.0, 2.0}
 
 
 def test_dialogue_batches_are_seed_deterministic():
-    a = list(islice(dialogue_batches(3, 4, 2.0), 5))
-    b = list(islice(dialogue_batches(3, 4, 2.0), 5))
-    c = list(islice(dialogue_batches(4, 4, 2.0), 5))
+    a = list(islice(dialogue_batches(3, 4, LossWeights(2.0)), 5))
+    b = list(islice(dialogue_batches(3, 4, LossWeights(2.0)), 5))
+    c = list(islice(dialogue_batches(4, 4, LossWeights(2.0)), 5))
     assert all(torch.equal(x.inputs, y.inputs) for x, y in zip(a, b, strict=True))
     assert any(
         x.inputs.shape != y.inputs.shape or not torch.equal(x.inputs, y.inputs) for x, y in zip(a, c, strict=True)
@@ -91,14 +125,14 @@ def test_text_batches_refuse_too_short_text():
 @pytest.mark.parametrize("bptt", [1, 7, 64])
 def test_truncated_bptt_windows_equal_one_forward(make_model, bptt):
     model = make_model(6)
-    rows = [encode_dialogue(corpus.make_dialogue(random.Random(k), max_filler=1), 3.0) for k in range(3)]
+    rows = [encode_dialogue(corpus.make_dialogue(random.Random(k), max_filler=1), LossWeights(3.0)) for k in range(3)]
     batch = pad_batch(rows)
     h0, c0 = model.zero_state(3)
     with torch.no_grad():
         whole, hn, cn = model(batch.inputs, h0, c0)
         windows = list(run_batch(model, batch, (h0, c0), bptt))
+        logits = model.head(torch.cat([w[0] for w in windows], dim=1))
     assert len(windows) == -(-batch.inputs.shape[1] // bptt)
-    logits = torch.cat([w[0] for w in windows], dim=1)
     assert scaled_max_diff(logits.numpy(), whole.numpy()) <= TOLERANCE
     h_last, c_last = windows[-1][1]
     assert scaled_max_diff(h_last.numpy(), hn.numpy()) <= TOLERANCE
@@ -107,27 +141,27 @@ def test_truncated_bptt_windows_equal_one_forward(make_model, bptt):
     assert torch.isfinite(loss) and loss.item() > 0
 
 
-def test_curriculum_grows_filler_from_2_to_8():
+def test_curriculum_grows_filler_from_0_to_8():
     ramp = 300
     values = [curriculum_max_filler(k, ramp) for k in range(0, 400, 5)]
-    assert values[0] == 2 and curriculum_max_filler(ramp - 1, ramp) == 7
+    assert values[0] == 0 and curriculum_max_filler(ramp - 1, ramp) == 7
     assert all(a <= b for a, b in pairwise(values))
     assert curriculum_max_filler(ramp, ramp) == 8 and curriculum_max_filler(10_000, ramp) == 8
     assert {curriculum_max_filler(k, 0) for k in (0, 1, 50)} == {8}
 
 
-def test_chrono_initialisation_spreads_memory_timescales(make_model):
+def test_leaky_initialisation_spreads_memory_timescales(make_model):
     model = make_model(0)
     hidden = model.config.hidden_size
     slow = hidden // 2
+    low, high = SLOW_FORGET_BIAS
     for layer in range(model.config.num_layers):
         bias_ih = getattr(model.lstm, f"bias_ih_l{layer}").detach()
         bias_hh = getattr(model.lstm, f"bias_hh_l{layer}").detach()
-        input_gate, forget = bias_ih[:hidden], bias_ih[hidden : 2 * hidden]
+        forget = bias_ih[hidden : 2 * hidden]
         long_forget = forget[hidden - slow :]
-        assert torch.equal(input_gate[hidden - slow :], -long_forget)
-        assert long_forget.min() >= 0 and long_forget.max() <= math.log(CHRONO_MAX_STEPS - 1)
+        assert long_forget.min() >= low and long_forget.max() <= high
         assert long_forget.std() > 0.3  # a spread of timescales, not one value
         assert torch.equal(forget[: hidden - slow], torch.ones(hidden - slow))
-        assert not input_gate[: hidden - slow].any()
+        assert not bias_ih[:hidden].any()  # input gates half open on every unit
         assert not bias_hh.any() and not bias_ih[2 * hidden :].any()
