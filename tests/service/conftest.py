@@ -181,6 +181,7 @@ def gate() -> Iterator[Callable[..., Gate]]:
     def _gate(running: RunningServer, model: str = CHAT) -> Gate:
         batcher = running.dataplane.batchers[model]
         batcher.engine = Gate(batcher.engine)
+        batcher.inline_max_tokens = 0  # the gate blocks: never on the event loop
         gates.append(batcher.engine)
         return batcher.engine
 

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, StepJob
+from service.batcher import INLINE_MAX_TOKENS, Batcher, StepJob
 from service.engine import Engine
 from service.errors import Aborted, DeadlineExceeded, ResourceExhausted, Unavailable
 from service.metrics import Metrics
@@ -56,8 +56,9 @@ async def rig(engine):
         metrics = Metrics()
         store = MemoryStore(metrics, max_sessions=1000)
         recorder = RecordingEngine(engine, gated)
+        # A gated engine blocks until the test releases it: it must never run on the event loop.
         batcher = Batcher(recorder, store, metrics, max_batch_size=max_batch_size, max_queue_size=max_queue_size,
-                          max_queue_wait=max_queue_wait)
+                          max_queue_wait=max_queue_wait, inline_max_tokens=0 if gated else INLINE_MAX_TOKENS)
         made.append(batcher)
         return batcher, store, metrics, recorder
 

@@ -54,6 +54,7 @@ async def test_concurrent_sessions_get_their_own_outputs(server, client, ref, cl
     assert batcher.max_batch_size == 256  # the default
     hold = HoldFirstBatch(batcher, SESSIONS // 2)
     batcher.engine = hold
+    batcher.inline_max_tokens = 0  # the held engine blocks: never on the event loop
     plans = [plan(seed) for seed in range(SESSIONS)]
     sessions = await asyncio.gather(*(client.open_session() for _ in range(SESSIONS)))
     assert len({s.session_id for s in sessions}) == SESSIONS

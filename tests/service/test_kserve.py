@@ -217,6 +217,7 @@ async def test_native_steps_and_kserve_sequences_batch_together(server, client, 
     batcher = server.dataplane.batchers[CHAT]
     hold = HoldFirstBatch(batcher, backlog=7)
     batcher.engine = hold
+    batcher.inline_max_tokens = 0  # the held engine blocks: never on the event loop
     store, batches = server.dataplane.store, []
     load_many = store.load_many
 
