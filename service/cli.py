@@ -1,4 +1,4 @@
-"""`cellstream serve|chat|bench|train|export|evaluate`."""
+"""`cellstream serve|chat|health|bench|train|export|evaluate`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+
 from service.auth import SecurityConfigError
-from service.config import SettingsError, add_settings_arguments, load_settings
+from service.config import Settings, SettingsError, add_settings_arguments, load_settings
 from service.errors import ModelLoadError
 from service.sessions.snapshot import SnapshotError
 
@@ -41,21 +43,44 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat(args: argparse.Namespace) -> int:
-    from service.client import chat, tls_credentials
+def _connection(args: argparse.Namespace) -> tuple[str | None, grpc.ChannelCredentials | None] | None:
+    """(bearer token, TLS credentials) from the connection flags, or None once the reason is printed."""
+    from service.client import tls_credentials
 
     if (args.cert is None) != (args.key is None):
-        print("cellstream chat: --cert and --key go together (mutual TLS)", file=sys.stderr)
-        return 2
+        print(f"cellstream {args.command}: --cert and --key go together (mutual TLS)", file=sys.stderr)
+        return None
     try:
         token = args.token_file.read_text().strip() if args.token_file else None
         tls = args.tls or args.ca is not None or args.cert is not None
-        credentials = tls_credentials(args.ca, args.cert, args.key) if tls else None
+        return token, (tls_credentials(args.ca, args.cert, args.key) if tls else None)
     except OSError as exc:
-        print(f"cellstream chat: {exc}", file=sys.stderr)
+        print(f"cellstream {args.command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from service.client import chat
+
+    connection = _connection(args)
+    if connection is None:
         return 2
+    token, credentials = connection
     return asyncio.run(chat(args.target, model=args.model, temperature=args.temperature,
                             max_tokens=args.max_tokens, token=token, credentials=credentials))
+
+
+def _health(args: argparse.Namespace) -> int:
+    from service.health_check import SERVING, check, default_target
+
+    connection = _connection(args)
+    if connection is None:
+        return 2
+    token, credentials = connection
+    outcome = check(args.target or default_target(), service=args.service, timeout=args.timeout,
+                    credentials=credentials, token=token, server_name=args.server_name)
+    print(f"cellstream health: {outcome.message}", file=sys.stdout if outcome.exit_status == SERVING else sys.stderr)
+    return outcome.exit_status
 
 
 def _bench(argv: Sequence[str]) -> int:
@@ -77,6 +102,14 @@ def _training(command: str, argv: Sequence[str]) -> int:
     return module.main(argv)
 
 
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-file", type=Path, help="file holding the bearer token (kept out of `ps`)")
+    parser.add_argument("--tls", action="store_true", help="TLS, trusting the system's CA roots")
+    parser.add_argument("--ca", type=Path, help="TLS, trusting this PEM CA bundle")
+    parser.add_argument("--cert", type=Path, help="client certificate (PEM) for mutual TLS; with --key")
+    parser.add_argument("--key", type=Path, help="client private key (PEM) for mutual TLS")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellstream", description="Stateful LSTM inference over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,12 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default="", help="model name (default: the server's default)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     chat.add_argument("--max-tokens", type=int, default=200)
-    chat.add_argument("--token-file", type=Path, help="file holding the bearer token (kept out of `ps`)")
-    chat.add_argument("--tls", action="store_true", help="TLS, trusting the system's CA roots")
-    chat.add_argument("--ca", type=Path, help="TLS, trusting this PEM CA bundle")
-    chat.add_argument("--cert", type=Path, help="client certificate (PEM) for mutual TLS; with --key")
-    chat.add_argument("--key", type=Path, help="client private key (PEM) for mutual TLS")
+    _add_connection_arguments(chat)
     chat.set_defaults(func=_chat)
+    health = commands.add_parser(
+        "health", help="ask a server's grpc.health.v1 service once; exit 0 SERVING, 1 not SERVING, 3 no answer",
+        description="Exit status: 0 SERVING, 1 answered but not SERVING (or unknown service), 3 no answer "
+                    "(unreachable, timeout, TLS refused), 2 unusable flags or files.")
+    health.add_argument("--target", help="server address host:port [default: 127.0.0.1 on $CELLSTREAM_PORT or "
+                                         f"{Settings.model_fields['port'].default}]")
+    health.add_argument("--service", default="", help="service to ask about (default: the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    health.add_argument("--server-name", help="name the server's TLS certificate must carry, when it is not "
+                                              "the target's host (e.g. a probe dialling 127.0.0.1)")
+    _add_connection_arguments(health)
+    health.set_defaults(func=_health)
     commands.add_parser("bench", help="benchmark a server this command starts itself (see `cellstream bench --help`)",
                         add_help=False)
     for name, module in TRAINING_COMMANDS.items():
