@@ -46,7 +46,7 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Every figure of docs/BENCHMARKS.md into docs/benchmarks/ (5-10 minutes; run it on a quiet machine).
+# Every figure of docs/BENCHMARKS.md into docs/benchmarks/ (7-12 minutes; run it on a quiet machine).
 bench: $(VENV)/.bench
 	$(BIN)/cellstream bench $(BENCH_ARGS)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.errors import BenchError
-from bench.options import API_STREAM, API_UNARY, QUICK, Options, flag_fields
+from bench.options import APIS, QUICK, Options, flag_fields
 from bench.plots import write_plots
 from bench.progress import say
 from bench.report import render
@@ -30,9 +30,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _apis(text: str) -> tuple[str, ...]:
     values = tuple(text.split(","))
-    unknown = set(values) - {API_STREAM, API_UNARY}
+    unknown = set(values) - set(APIS)
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown api {sorted(unknown)}; choose from {API_STREAM},{API_UNARY}")
+        raise argparse.ArgumentTypeError(f"unknown api {sorted(unknown)}; choose from {','.join(APIS)}")
     return values
 
 

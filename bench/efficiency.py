@@ -13,7 +13,8 @@ def efficiency(service: dict[str, dict], limit: dict) -> list[dict[str, object]]
         for run in measured["runs"]:
             at_batch = log2_interpolate(curve, run["mean_batch"])
             rows.append({
-                "config": config, "api": run["api"], "sessions": run["sessions"], "mean_batch": run["mean_batch"],
+                "config": config, "api": run["api"], "sessions": run["sessions"], "calls": run["calls"],
+                "mean_batch": run["mean_batch"],
                 "service_steps_per_s": run["steps_per_s"], "limit_steps_per_s": at_batch,
                 "efficiency": run["steps_per_s"] / at_batch,
             })

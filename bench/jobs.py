@@ -15,6 +15,16 @@ class StepLoad:
 
 
 @dataclass(frozen=True)
+class ManyLoad:
+    """Multiplexed calls (`api`: StreamMany or StepMany), one per entry of `sessions_per_call`: each sends
+    a 1-token step for every one of its sessions in one message, waits for all their outcomes, and again."""
+
+    api: str  # options.API_STREAM_MANY or API_STEP_MANY
+    sessions_per_call: tuple[int, ...]
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
 class GenerateLoad:
     """`sessions` sessions, each asking for chat replies back to back until told to stop."""
 
@@ -43,7 +53,7 @@ class Conversation:
     timeout_seconds: float
 
 
-Job = StepLoad | GenerateLoad | OpenIdle | Conversation
+Job = StepLoad | ManyLoad | GenerateLoad | OpenIdle | Conversation
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 API_STREAM, API_UNARY = "stream", "unary"
+# Many sessions' steps per message: StreamMany streams, StepMany calls.
+API_STREAM_MANY, API_STEP_MANY = "stream-many", "step-many"
+MULTIPLEXED = (API_STREAM_MANY, API_STEP_MANY)
+APIS = (API_STREAM, API_UNARY, *MULTIPLEXED)
 
 
 def shipped_model_dir() -> Path:
@@ -31,8 +35,12 @@ class Options:
     ort_threads: int = field(default=1, metadata=_help("onnxruntime intra-op threads, in-process and in servers"))
     levels: tuple[int, ...] = field(default=(1, 8, 64, 256, 1024),
                                     metadata=_help("concurrent sessions of the service runs"))
-    apis: tuple[str, ...] = field(default=(API_STREAM, API_UNARY),
-                                  metadata=_help("how steps are sent: StreamSteps, unary Step"))
+    apis: tuple[str, ...] = field(default=APIS, metadata=_help(
+        "how steps are sent: stream (StreamSteps), unary (Step), stream-many (StreamMany), step-many (StepMany)"))
+    many_levels: tuple[int, ...] = field(default=(256, 1024),
+                                         metadata=_help("concurrent sessions of the stream-many and step-many runs"))
+    many_calls: tuple[int, ...] = field(default=(1, 4), metadata=_help(
+        "StreamMany streams (StepMany calls in flight) those sessions are spread over, one run each"))
     warmup_seconds: float = field(default=1.0, metadata=_help("load before each measured window"))
     duration_seconds: float = field(default=5.0, metadata=_help("measured window of each service and generate run"))
     limit_batches: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64, 128, 256),
@@ -64,6 +72,7 @@ def flag_fields() -> list[dataclasses.Field]:
 # A few seconds of everything: every figure is produced, with too few samples to mean much.
 QUICK = {
     "levels": (1, 256),
+    "many_levels": (256,),
     "warmup_seconds": 0.2,
     "duration_seconds": 0.4,
     "limit_batches": (1, 16, 256),

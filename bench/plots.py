@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.options import MULTIPLEXED
 from bench.targets import BATCHING
 
 
@@ -16,11 +17,17 @@ def _pyplot():
     return plt
 
 
-def _service_series(results: dict) -> dict[str, tuple[list[int], list[dict]]]:
-    series: dict[str, tuple[list[int], list[dict]]] = {}
+def _api_label(run: dict) -> str:
+    """The api, and for multiplexed runs how many calls carried the sessions."""
+    return f"{run['api']} x{run['calls']}" if run["api"] in MULTIPLEXED else run["api"]
+
+
+def _service_series(results: dict) -> dict[tuple[str, str], tuple[list[int], list[dict]]]:
+    """(api label, config) -> the sessions and runs of that series."""
+    series: dict[tuple[str, str], tuple[list[int], list[dict]]] = {}
     for config, measured in results["service"].items():
         for run in measured["runs"]:
-            sessions, runs = series.setdefault(f"{run['api']}, {config}", ([], []))
+            sessions, runs = series.setdefault((_api_label(run), config), ([], []))
             sessions.append(run["sessions"])
             runs.append(run)
     return series
@@ -31,10 +38,10 @@ def plot_limit_and_efficiency(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     limit = results["limit"]["steps"]
     ax.plot([p["batch"] for p in limit], [p["steps_per_s"] for p in limit], "k-o", label="onnxruntime in-process")
-    for row_api in sorted({row["api"] for row in results["efficiency"]}):
-        rows = [r for r in results["efficiency"] if r["api"] == row_api and r["config"] == BATCHING]
+    for label in sorted({_api_label(row) for row in results["efficiency"]}):
+        rows = [r for r in results["efficiency"] if _api_label(r) == label and r["config"] == BATCHING]
         ax.plot([r["mean_batch"] for r in rows], [r["service_steps_per_s"] for r in rows], "o--",
-                label=f"service, {row_api} (at its mean batch)")
+                label=f"service, {label} (at its mean batch)")
     ax.set(xscale="log", yscale="log", xlabel="batch size (service: mean batch size)", ylabel="steps/s",
            title="Limit vs service at the same batch size")
     ax.grid(True, which="both", alpha=0.3)
@@ -47,9 +54,14 @@ def plot_limit_and_efficiency(results: dict, path: Path) -> None:
 def plot_service(results: dict, path: Path) -> None:
     plt = _pyplot()
     fig, (rate, latency) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for label, (sessions, runs) in _service_series(results).items():
-        rate.plot(sessions, [r["steps_per_s"] for r in runs], "o-", label=label)
-        latency.plot(sessions, [r["p99_ms"] for r in runs], "o-", label=label)
+    series = _service_series(results)
+    # One colour per api (more series than matplotlib's default cycle has colours), one line style per config.
+    colours = {api: plt.cm.tab10(k % 10) for k, api in enumerate(dict.fromkeys(api for api, _ in series))}
+    for (api, config), (sessions, runs) in series.items():
+        style = {"color": colours[api], "marker": "o", "linestyle": "-" if config == BATCHING else ":",
+                 "label": f"{api}, {config}"}
+        rate.plot(sessions, [r["steps_per_s"] for r in runs], **style)
+        latency.plot(sessions, [r["p99_ms"] for r in runs], **style)
     rate.set(xscale="log", xlabel="concurrent sessions", ylabel="steps/s", title="Aggregate 1-token steps/s")
     latency.set(xscale="log", yscale="log", xlabel="concurrent sessions", ylabel="p99 ms", title="p99 step latency")
     for ax in (rate, latency):

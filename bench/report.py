@@ -50,16 +50,17 @@ def _limit(results: dict) -> str:
 
 
 def _service(results: dict) -> str:
-    efficiency = {(r["config"], r["api"], r["sessions"]): r["efficiency"] for r in results["efficiency"]}
+    efficiency = {(r["config"], r["api"], r["sessions"], r["calls"]): r["efficiency"] for r in results["efficiency"]}
     rows = []
     for config, measured in results["service"].items():
         for run in measured["runs"]:
-            rows.append((config, run["api"], run["sessions"], run["steps_per_s"], run["p50_ms"], run["p99_ms"],
-                         run["mean_batch"], run["server_cpu_us_per_step"],
-                         efficiency[(config, run["api"], run["sessions"])]))
-    headers = ("config", "api", "sessions", "steps/s", "p50 ms", "p99 ms", "mean batch", "server us/step",
+            key = (config, run["api"], run["sessions"], run["calls"])
+            rows.append((*key, run["steps_per_s"], run["p50_ms"], run["p99_ms"], run["mean_batch"],
+                         run["server_cpu_us_per_step"], efficiency[key]))
+    headers = ("config", "api", "sessions", "calls", "steps/s", "p50 ms", "p99 ms", "mean batch", "server us/step",
                "efficiency")
-    return "2-3. Service: 1-token steps; efficiency = steps/s / limit at the mean batch\n" + _table(headers, rows)
+    return ("2-3. Service: 1-token steps (calls: streams or unary calls in flight; p50/p99: per message); "
+            "efficiency = steps/s / limit at the mean batch\n" + _table(headers, rows))
 
 
 def _conversation(results: dict) -> str:
@@ -92,7 +93,7 @@ def _targets(checks: Sequence[Check]) -> str:
         measured = "not measured" if check.measured is None else f"{_cell(check.measured)} {check.unit}".strip()
         verdict = "-" if check.passed is None else ("pass" if check.passed else "FAIL")
         rows.append((check.name, f"{check.requirement} {check.unit}".strip(), measured, verdict))
-    return "Targets (issue 4)\n" + _table(("target", "required", "measured", "pass"), rows)
+    return "Targets (issues 4 and 8)\n" + _table(("target", "required", "measured", "pass"), rows)
 
 
 def render(results: dict, checks: Sequence[Check]) -> str:

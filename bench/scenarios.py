@@ -1,4 +1,5 @@
-"""The client side of each figure, run inside a client process on its own event loop."""
+"""The client side of each figure, run inside a client process on its own event loop (the multiplexed
+runs' in bench/multiplexed.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import grpc
 
 from bench import wire
 from bench.gate import Gate
-from bench.jobs import Conversation, Events, GenerateLoad, Job, OpenIdle, StepLoad, TurnLatencies
+from bench.jobs import Conversation, Events, GenerateLoad, Job, ManyLoad, OpenIdle, StepLoad, TurnLatencies
+from bench.multiplexed import many_load
 from bench.options import API_STREAM
 from bench.stats import split_evenly
 
@@ -19,6 +21,8 @@ async def run_job(target: str, job: Job, gate: Gate) -> Events | TurnLatencies |
         match job:
             case StepLoad():
                 return await step_load(channel, job, gate)
+            case ManyLoad():
+                return await many_load(channel, job, gate)
             case GenerateLoad():
                 return await generate_load(channel, job, gate)
             case OpenIdle():

@@ -1,28 +1,54 @@
-"""Figure 2: streamed 1-token steps over StreamSteps and unary Step, at each level of concurrent sessions."""
+"""Figure 2: 1-token steps over StreamSteps and unary Step at each level of concurrent sessions, and over
+the multiplexed StreamMany and StepMany (many sessions per message) spread over a few calls."""
 
 from __future__ import annotations
 
-from bench.jobs import StepLoad
-from bench.options import Options
+from bench.jobs import ManyLoad, StepLoad
+from bench.options import MULTIPLEXED, Options
 from bench.pool import WorkerPool
 from bench.progress import say
 from bench.server import ServerProcess
+from bench.stats import split_evenly
 from bench.window import measure_window
 
 CALL_MARGIN_SECONDS = 60.0  # a call outlives the run by this much before gRPC gives up on it
 
 
+def _timeout(options: Options) -> float:
+    return options.warmup_seconds + options.duration_seconds + CALL_MARGIN_SECONDS
+
+
 def measure_steps(pool: WorkerPool, server: ServerProcess, api: str, sessions: int,
                   options: Options) -> dict[str, object]:
-    timeout = options.warmup_seconds + options.duration_seconds + CALL_MARGIN_SECONDS
-    jobs = [StepLoad(api, n, timeout) if n else None for n in pool.spread(sessions)]
+    """One stream (or unary call in flight) per session."""
+    jobs = [StepLoad(api, n, _timeout(options)) if n else None for n in pool.spread(sessions)]
     window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
-    return {"api": api, "sessions": sessions, **window.summary("step")}
+    return {"api": api, "sessions": sessions, "calls": sessions, **window.summary("step")}
+
+
+def many_jobs(api: str, sessions: int, calls: int, per_process: list[int], timeout: float) -> list[ManyLoad | None]:
+    """`calls` calls spread over the client processes (`per_process` each), `sessions` spread over the calls."""
+    shares = iter(split_evenly(sessions, calls))
+    return [ManyLoad(api, tuple(next(shares) for _ in range(n)), timeout) if n else None for n in per_process]
+
+
+def measure_many(pool: WorkerPool, server: ServerProcess, api: str, sessions: int, calls: int,
+                 options: Options) -> dict[str, object]:
+    """`sessions` sessions over `calls` multiplexed calls: each message carries a step of each of its sessions."""
+    jobs = many_jobs(api, sessions, calls, pool.spread(calls), _timeout(options))
+    window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
+    return {"api": api, "sessions": sessions, "calls": calls, **window.summary("step")}
 
 
 def measure_service(pool: WorkerPool, server: ServerProcess, options: Options, label: str) -> list[dict[str, object]]:
     runs = []
     for api in options.apis:
+        if api in MULTIPLEXED:
+            for calls in options.many_calls:
+                for sessions in (n for n in options.many_levels if n >= calls):  # every call has a session
+                    say(f"  {label}: {api}, {sessions} sessions over {calls} call(s)")
+                    runs.append(measure_many(pool, server, api, sessions, calls, options))
+            continue
         for sessions in options.levels:
             say(f"  {label}: {api}, {sessions} sessions")
             runs.append(measure_steps(pool, server, api, sessions, options))

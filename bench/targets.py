@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from bench.memory import session_bound_bytes
-from bench.options import API_STREAM
+from bench.options import API_STREAM, API_STREAM_MANY
 
 BATCHING, UNBATCHED = "batching", "max_batch_size_1"
 SINGLE, BUSY = 1, 256
@@ -31,9 +31,11 @@ def _check(name: str, op: str, bound: float, unit: str, measured: float | None) 
     return Check(name, f"{op} {bound:g}", unit, measured, passed)
 
 
-def _run(results: dict, config: str, sessions: int) -> dict | None:
+def _run(results: dict, config: str, sessions: int, api: str = API_STREAM, calls: int | None = None) -> dict | None:
+    """The run of `api` at `sessions` sessions (over `calls` calls; default: one per session)."""
+    calls = sessions if calls is None else calls
     for run in results["service"][config]["runs"]:
-        if run["api"] == API_STREAM and run["sessions"] == sessions:
+        if (run["api"], run["sessions"], run["calls"]) == (api, sessions, calls):
             return run
     return None
 
@@ -56,6 +58,7 @@ def evaluate(results: dict) -> list[Check]:
     ratio = None
     if conversation["turns"] >= TURN:
         ratio = conversation["stateless_ms"][TURN - 1] / conversation["stateful_ms"][TURN - 1]
+    multiplexed = _run(results, BATCHING, BUSY, API_STREAM_MANY, 1)
     return [
         _check(f"batching gain, {BUSY} streams", ">=", 4, "x", gain),
         _check(f"efficiency, {BUSY} streams", ">=", 0.3, "", _efficiency(results, BUSY)),
@@ -65,4 +68,6 @@ def evaluate(results: dict) -> list[Check]:
         _check(f"stateless / stateful latency, turn {TURN}", ">=", 30, "x", ratio),
         _check("idle session memory", "<=", bound, "B", results["memory"]["bytes_per_session"]),
         _check("start-up to SERVING (median)", "<=", 2, "s", results["startup"]["median_s"]),
+        _check(f"server CPU per step, {BUSY} sessions on one StreamMany", "<=", 25, "us",
+               multiplexed and multiplexed["server_cpu_us_per_step"]),
     ]

@@ -16,6 +16,8 @@ OPEN_SESSION = METHOD + "OpenSession"
 CLOSE_SESSION = METHOD + "CloseSession"
 STEP = METHOD + "Step"
 STREAM_STEPS = METHOD + "StreamSteps"
+STEP_MANY = METHOD + "StepMany"
+STREAM_MANY = METHOD + "StreamMany"
 GENERATE = METHOD + "Generate"
 
 STEP_TOKEN = ord("a")  # any valid byte: the benchmark measures cost, not what the model says
@@ -25,6 +27,21 @@ OPEN_REQUEST = pb.OpenSessionRequest().SerializeToString()
 def step_request(session_id: str = "", *, token: int = STEP_TOKEN) -> bytes:
     """A 1-token step that asks for nothing back but the position."""
     return pb.StepRequest(session_id=session_id, tokens=pb.TokenSequence(ids=[token])).SerializeToString()
+
+
+def step_batch(session_ids: list[str], *, token: int = STEP_TOKEN) -> bytes:
+    """A 1-token step for each session, in one StepBatch."""
+    items = [pb.StepRequest(session_id=sid, tokens=pb.TokenSequence(ids=[token])) for sid in session_ids]
+    return pb.StepBatch(items=items).SerializeToString()
+
+
+def outcomes(reply: bytes) -> int:
+    """How many item outcomes a StepBatchResult holds; an item that failed fails the run."""
+    items = pb.StepBatchResult.FromString(reply).items
+    for item in items:
+        if item.HasField("error"):
+            raise RuntimeError(f"a multiplexed step failed: code {item.error.code}: {item.error.message}")
+    return len(items)
 
 
 def text_request(session_id: str, text: str) -> bytes:

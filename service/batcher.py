@@ -22,15 +22,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from service.engine import Engine
-from service.errors import Aborted, CellstreamError, DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
-from service.metrics import Metrics
+from service.errors import Aborted, CellstreamError, DeadlineExceeded, ResourceExhausted, Unavailable, session_not_found
+from service.metrics import Metrics, observe_many
 from service.sessions.base import SessionRecord, SessionStore, StateUpdate
 
 log = logging.getLogger(__name__)
@@ -38,15 +41,14 @@ log = logging.getLogger(__name__)
 INLINE_MAX_TOKENS = 4
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):  # a tuple: built once per step, in the hot path
     logits: np.ndarray  # (T, V)
     h: np.ndarray  # (L, H) after the step
     c: np.ndarray
     position: int  # after the step
 
 
-@dataclass
+@dataclass(slots=True)
 class StepJob:
     session_id: str
     inputs: np.ndarray  # (T,) int64 tokens or (T, F) float32 features
@@ -55,14 +57,21 @@ class StepJob:
     state: tuple[np.ndarray, np.ndarray] | None = None  # client-held (h, c) (L, H): not in the store
     future: asyncio.Future[StepResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = 0.0
+    owner: str | None = None  # if set: the session must be this principal's (checked when it is loaded)
+    on_done: Callable[[StepJob], None] | None = None
+    """Called at once when the batcher resolves the future: a multiplexed call learns of each of its
+    steps without a callback scheduled on the event loop per step."""
 
-    @property
-    def steps(self) -> int:
-        return len(self.inputs)
+    def succeed(self, result: StepResult) -> None:
+        self.future.set_result(result)
+        if self.on_done is not None:
+            self.on_done(self)
 
     def fail(self, error: Exception) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+            if self.on_done is not None:
+                self.on_done(self)
 
 
 class Batcher:
@@ -106,22 +115,40 @@ class Batcher:
         return len(self._queue)
 
     async def submit(self, job: StepJob) -> StepResult:
-        if self._closed:
-            raise Unavailable("server is shutting down; retry on another replica")
-        if len(self._queue) >= self.max_queue_size:
-            self.metrics.steps_dropped.labels(self.model, "queue_full").inc()
-            raise ResourceExhausted(
-                f"model {self.model!r} has {len(self._queue)} steps queued (max_queue_size); retry later"
-            )
-        now = asyncio.get_running_loop().time()
-        if self._queue and self._overdue(self._queue[0], now):
-            self.metrics.steps_dropped.labels(self.model, "queue_wait").inc()
-            raise ResourceExhausted(f"model {self.model!r} is overloaded: its oldest queued step has waited "
-                                    f"{now - self._queue[0].enqueued:.3f}s (max_queue_wait_ms); retry later")
-        job.enqueued = now
-        self._queue.append(job)
-        self._wakeup.set()
+        self.enqueue(job)
         return await job.future
+
+    def enqueue(self, job: StepJob) -> None:
+        """Queue a step without waiting for it: its future gets the result. Refusals raise here."""
+        _, refusal = self.enqueue_many((job,))
+        if refusal is not None:
+            raise refusal
+
+    def enqueue_many(self, jobs: Sequence[StepJob]) -> tuple[int, CellstreamError | None]:
+        """Queue `jobs` in order, as enqueue() would one after another, in one call (a multiplexed message
+        queues all its steps at once, without a task each): returns how many were queued, and the error
+        that refuses the others (None if none was refused)."""
+        queue = self._queue
+        if self._closed:
+            return 0, Unavailable("server is shutting down; retry on another replica")
+        room = self.max_queue_size - len(queue)
+        if room > 0:
+            now = asyncio.get_running_loop().time()
+            if queue and self._overdue(queue[0], now):
+                self.metrics.steps_dropped.labels(self.model, "queue_wait").inc(len(jobs))
+                return 0, ResourceExhausted(f"model {self.model!r} is overloaded: its oldest queued step has "
+                                            f"waited {now - queue[0].enqueued:.3f}s (max_queue_wait_ms); retry later")
+            taken = jobs if len(jobs) <= room else jobs[:room]
+            for job in taken:
+                job.enqueued = now
+            queue.extend(taken)
+            self._wakeup.set()
+            if len(taken) == len(jobs):
+                return len(taken), None
+        queued = max(room, 0)
+        self.metrics.steps_dropped.labels(self.model, "queue_full").inc(len(jobs) - queued)
+        return queued, ResourceExhausted(
+            f"model {self.model!r} has {len(queue)} steps queued (max_queue_size); retry later")
 
     async def _loop(self) -> None:
         while True:
@@ -153,6 +180,9 @@ class Batcher:
         waiting: deque[StepJob] = deque()
         seen: set[str] = set()
         length: int | None = None
+        room = self.max_batch_size
+        # Steps queued after this instant have not waited too long (max_queue_wait): checked in one comparison.
+        fresh = -math.inf if self.max_queue_wait is None else now - self.max_queue_wait
         for job in self._queue:
             if job.future.done():  # the caller went away
                 self.metrics.steps_dropped.labels(self.model, "cancelled").inc()
@@ -161,74 +191,82 @@ class Batcher:
                 self.metrics.steps_dropped.labels(self.model, "deadline").inc()
                 job.fail(DeadlineExceeded(f"deadline passed after {now - job.enqueued:.3f}s in the queue"))
                 continue
-            if self._overdue(job, now):
+            if job.enqueued < fresh:
                 self.metrics.steps_dropped.labels(self.model, "queue_wait").inc()
                 job.fail(ResourceExhausted(f"model {self.model!r} is overloaded: this step waited "
                                            f"{now - job.enqueued:.3f}s in the queue (max_queue_wait_ms); "
                                            "nothing was applied, retry later"))
                 continue
-            eligible = job.session_id not in seen and (length is None or job.steps == length)
-            if eligible and len(chosen) < self.max_batch_size:
+            session_id = job.session_id
+            if room and session_id not in seen and (length is None or len(job.inputs) == length):
                 chosen.append(job)
-                length = job.steps
+                length = len(job.inputs)
+                room -= 1
             else:
                 waiting.append(job)
-            seen.add(job.session_id)
+            seen.add(session_id)
         self._queue = waiting
         return chosen
 
     async def _execute(self, batch: list[StepJob]) -> None:
         loop = asyncio.get_running_loop()
         records = await self._starting_points(batch)
-        ready: list[tuple[StepJob, SessionRecord]] = []
+        jobs: list[StepJob] = []
+        ready: list[SessionRecord] = []
         for job, record in zip(batch, records, strict=True):
-            if record is None:
-                job.fail(NotFound(f"session {job.session_id!r} not found (unknown, expired, evicted or closed)"))
+            if record is None or (job.owner is not None and record.owner != job.owner):
+                job.fail(session_not_found(job.session_id))
             elif job.expected_position is not None and job.expected_position != record.position:
                 job.fail(Aborted(
                     f"expected_position is {job.expected_position} but session {job.session_id!r} is at "
                     f"position {record.position}; nothing was applied"
                 ))
             elif not job.future.done():
-                ready.append((job, record))
-        if not ready:
+                jobs.append(job)
+                ready.append(record)
+        if not jobs:
             return
         started = loop.time()
-        for job, _ in ready:
-            self._queue_wait.observe(started - job.enqueued)
-        inputs = np.stack([job.inputs for job, _ in ready])  # (B, T[, F])
-        h0 = np.stack([record.h for _, record in ready], axis=1)  # (L, B, H)
-        c0 = np.stack([record.c for _, record in ready], axis=1)
+        observe_many(self._queue_wait, [started - job.enqueued for job in jobs])
+        # np.array, not np.stack: stack's Python-level work per array is several times the copy.
+        inputs = np.array([job.inputs for job in jobs])  # (B, T[, F])
+        h0 = np.ascontiguousarray(np.array([record.h for record in ready]).transpose(1, 0, 2))  # (L, B, H)
+        c0 = np.ascontiguousarray(np.array([record.c for record in ready]).transpose(1, 0, 2))
         # The positions this state stands for, read now: a store may update its records in place
         # while the batch runs, and compare-and-set must check against what was computed from.
-        positions = [record.position for _, record in ready]
+        positions = [record.position for record in ready]
         if inputs.shape[0] * inputs.shape[1] <= self.inline_max_tokens:
             logits, hn, cn = self.engine.run(inputs, h0, c0)
         else:
             logits, hn, cn = await loop.run_in_executor(self._executor, self.engine.run, inputs, h0, c0)
         self._compute.observe(loop.time() - started)
-        self._batch_size.observe(len(ready))
+        self._batch_size.observe(len(jobs))
+        # (B, L, H): each session's rows contiguous, so copying them out (a session must not keep the
+        # whole batch's array alive) is one cheap copy per session. Rows are iterated, not indexed: numpy
+        # makes the views in C.
+        h_rows, c_rows = hn.transpose(1, 0, 2).copy(), cn.transpose(1, 0, 2).copy()
+        steps = inputs.shape[1]
         # A caller that went away while the batch ran gets nothing applied: its request failed.
-        live = [(b, job) for b, (job, _) in enumerate(ready) if not job.future.done()]
-        for b, job in live:
+        committing: list[tuple[StepJob, np.ndarray]] = []
+        updates: list[StateUpdate] = []
+        answered = 0
+        for job, position, row_logits, h, c in zip(jobs, positions, logits, h_rows, c_rows, strict=True):
+            if job.future.done():
+                continue
             if job.state is not None:
-                self._tokens.inc(job.steps)
-                job.future.set_result(StepResult(logits[b], np.ascontiguousarray(hn[:, b]),
-                                                 np.ascontiguousarray(cn[:, b]), job.steps))
-        committing = [(b, job, positions[b]) for b, job in live if job.state is None]
-        updates = [
-            StateUpdate(job.session_id, position, np.ascontiguousarray(hn[:, b]),
-                        np.ascontiguousarray(cn[:, b]), position + job.steps)
-            for b, job, position in committing
-        ]
-        applied = await self.store.commit_many(updates)
-        for (b, job, _), update, ok in zip(committing, updates, applied, strict=True):
+                job.succeed(StepResult(row_logits, h.copy(), c.copy(), steps))
+                answered += 1
+                continue
+            committing.append((job, row_logits))
+            updates.append(StateUpdate(job.session_id, position, h.copy(), c.copy(), position + steps))
+        applied = await self.store.commit_many(updates) if updates else []
+        for (job, row_logits), update, ok in zip(committing, updates, applied, strict=True):
             if not ok:
                 job.fail(Aborted(f"session {job.session_id!r} changed while this step ran; nothing was applied"))
-                continue
-            self._tokens.inc(job.steps)
-            if not job.future.done():
-                job.future.set_result(StepResult(logits[b], update.h, update.c, update.position))
+            elif not job.future.done():
+                job.succeed(StepResult(row_logits, update.h, update.c, update.position))
+                answered += 1
+        self._tokens.inc(answered * steps)
 
     async def _starting_points(self, batch: list[StepJob]) -> list[SessionRecord | None]:
         """Each job's record: its stored session (one store round trip), or its client-held state."""

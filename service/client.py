@@ -7,6 +7,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -63,7 +64,13 @@ class Client:
         return await self.stub.OpenSession(request, timeout=self.timeout, metadata=self.metadata)
 
     @staticmethod
-    def step_request(
+    def step_request(session_id: str = "", **kwargs: Any) -> pb.StepRequest:
+        """A StepRequest with exactly one of tokens, text or features (T, F); see fill_step_request."""
+        return Client.fill_step_request(pb.StepRequest(), session_id, **kwargs)
+
+    @staticmethod
+    def fill_step_request(
+        request: pb.StepRequest,
         session_id: str = "",
         *,
         tokens: Sequence[int] | None = None,
@@ -74,10 +81,14 @@ class Client:
         top_k: int = 0,
         all_steps: bool = False,
         state: bool = False,
+        tag: int = 0,
     ) -> pb.StepRequest:
-        """A StepRequest with exactly one of tokens, text or features (T, F)."""
-        request = pb.StepRequest(session_id=session_id, expected_position=expected_position,
-                                 want=pb.Outputs(logits=logits, top_k=top_k, all_steps=all_steps, state=state))
+        """Fill an empty StepRequest in place (e.g. an item of a StepBatch, which is then not copied)."""
+        request.session_id, request.tag = session_id, tag
+        if expected_position is not None:
+            request.expected_position = expected_position
+        want = request.want
+        want.logits, want.top_k, want.all_steps, want.state = logits, top_k, all_steps, state
         if tokens is not None:
             request.tokens.ids.extend(int(t) for t in tokens)
         elif text is not None:
@@ -102,6 +113,18 @@ class Client:
     async def step(self, session_id: str, **kwargs: object) -> pb.StepResponse:
         return await self.stub.Step(self.step_request(session_id, **kwargs), timeout=self.timeout,
                                     metadata=self.metadata)
+
+    async def step_many(self, requests: Sequence[pb.StepRequest]) -> pb.StepBatchResult:
+        """StepMany: one outcome per request, in order (see Client.step_request for building them)."""
+        return await self.stub.StepMany(pb.StepBatch(items=requests), timeout=self.timeout, metadata=self.metadata)
+
+    def stream_many(self) -> grpc.aio.StreamStreamCall:
+        """A StreamMany call, without deadline (see service.gateway.Gateway for the coalescing helper)."""
+        return self.stub.StreamMany(metadata=self.metadata)
+
+    def generate_many(self) -> grpc.aio.StreamStreamCall:
+        """A GenerateMany call, without deadline: write GenerateBatch messages, read GenerateBatchResult ones."""
+        return self.stub.GenerateMany(metadata=self.metadata)
 
     def stream_steps(self) -> grpc.aio.StreamStreamCall:
         """A StreamSteps call: `await call.write(request)`, `await call.read()`, `await call.done_writing()`."""

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     """How often the state store's reachability is checked; health is NOT_SERVING while it is down."""
     max_tokens_per_request: int = Field(4096, ge=1)
     """Most tokens (or feature vectors) in one step."""
+    max_items_per_message: int = Field(1024, ge=1)
+    """Most items in one StepBatch or GenerateBatch (StepMany, StreamMany, GenerateMany); a message with more
+    is refused whole (INVALID_ARGUMENT). Also the most GenerateMany turns in progress on one stream."""
     max_generate_tokens: int = Field(512, ge=1)
     """Most tokens one Generate call may sample; also its default."""
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)

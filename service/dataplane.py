@@ -20,7 +20,7 @@ from service.auth import current_principal
 from service.batcher import Batcher, StepJob, StepResult
 from service.config import Settings
 from service.engine import FEATURES, TOKENS, ModelRegistry, ModelSpec
-from service.errors import CellstreamError, InvalidArgument, NotFound
+from service.errors import CellstreamError, InvalidArgument, NotFound, session_not_found
 from service.metrics import Metrics
 from service.sessions.base import SessionRecord, SessionStore, new_session_id
 from service.sessions.watch import StoreWatch
@@ -127,9 +127,11 @@ class DataPlane:
         if spec.input_kind != TOKENS:
             raise InvalidArgument(f"model {spec.name!r} takes features ({spec.feature_size} floats per step), "
                                   f"not {field}")
-        # Checked as Python ints: numpy's per-call overhead is most of the cost of a 1-token step.
-        values = ids.reshape(-1).tolist() if isinstance(ids, np.ndarray) else list(ids)
-        self._check_length(len(values), field)
+        # Checked as Python ints: numpy's per-call overhead is most of the cost of a 1-token step. A slice,
+        # not list(): a protobuf repeated field slices into a list at half the cost of iterating it.
+        values = ids.reshape(-1).tolist() if isinstance(ids, np.ndarray) else ids[:]
+        if not 0 < len(values) <= self.settings.max_tokens_per_request:
+            self._check_length(len(values), field)
         if min(values) < 0 or max(values) >= spec.vocab_size:
             k, token = next((k, t) for k, t in enumerate(values) if not 0 <= t < spec.vocab_size)
             raise InvalidArgument(f"{field}[{k}] = {token} is outside the vocabulary "
@@ -205,18 +207,43 @@ class DataPlane:
         record = SessionRecord(new_session_id(), spec.name, h, c, position, ttl, current_principal())
         return await self.store.create(record)
 
-    async def session(self, session_id: str) -> SessionRecord:
-        """The caller's live session. Another principal's is NotFound, word for word like a missing one,
-        so an id reveals nothing about sessions that are not the caller's."""
+    @staticmethod
+    def check_session_id(session_id: str) -> None:
+        """InvalidArgument for an id no session can have (empty, or too long to echo)."""
         if not session_id:
             raise InvalidArgument("session_id is empty; open a session first (OpenSession)")
         if len(session_id) > MAX_ID_CHARS:
             raise InvalidArgument(f"session_id has {len(session_id)} characters; session ids have at most "
                                   f"{MAX_ID_CHARS}")
+
+    async def session(self, session_id: str) -> SessionRecord:
+        """The caller's live session. Another principal's is NotFound, word for word like a missing one,
+        so an id reveals nothing about sessions that are not the caller's."""
+        self.check_session_id(session_id)
         record = await self.store.get(session_id)
         if record.owner != current_principal():
-            raise NotFound(f"session {session_id!r} not found (unknown, expired, evicted or closed)")
+            raise session_not_found(session_id)
         return record
+
+    async def sessions(self, session_ids: Sequence[str]) -> list[SessionRecord | CellstreamError]:
+        """Each id's live session, in one store round trip, or the error `session(id)` would raise."""
+        refused: dict[int, CellstreamError] = {}
+        for k, session_id in enumerate(session_ids):
+            try:
+                self.check_session_id(session_id)
+            except InvalidArgument as exc:
+                refused[k] = exc
+        wanted = [session_id for k, session_id in enumerate(session_ids) if k not in refused]
+        records = iter(await self.store.load_many(wanted) if wanted else [])
+        principal = current_principal()
+        found: list[SessionRecord | CellstreamError] = []
+        for k, session_id in enumerate(session_ids):
+            if k in refused:
+                found.append(refused[k])
+                continue
+            record = next(records)
+            found.append(record if record is not None and record.owner == principal else session_not_found(session_id))
+        return found
 
     async def fork(self, session_id: str, ttl_seconds: float = 0) -> SessionRecord:
         source = await self.session(session_id)
@@ -237,10 +264,23 @@ class DataPlane:
         timeout: float | None = None,
     ) -> StepResult:
         """Feed validated `inputs` to the session and wait for the new state and logits."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        job = StepJob(record.session_id, inputs, expected_position, deadline)
+        job = StepJob(record.session_id, inputs, expected_position, deadline_after(timeout))
         return await self.batchers[record.model].submit(job)
+
+    def start_steps(self, model: str, jobs: Sequence[StepJob]) -> tuple[int, CellstreamError | None]:
+        """Queue many validated steps of sessions of `model` without waiting (multiplexed calls): how many
+        were queued, and the error refusing the others (queue full, shutting down) if any.
+
+        A job's session is checked when its batch loads it (with `StepJob.owner`, that it is the
+        owner's): NotFound then, word for word session()'s.
+        """
+        return self.batchers[model].enqueue_many(jobs)
+
+    @property
+    def only_spec(self) -> ModelSpec | None:
+        """The spec of the one model served, if there is only one: every session is of that model."""
+        engines = self.registry.engines
+        return next(iter(engines.values())).spec if len(engines) == 1 else None
 
     async def step_stateless(
         self, model: str, inputs: np.ndarray, h: np.ndarray, c: np.ndarray, *, timeout: float | None = None
@@ -251,8 +291,7 @@ class DataPlane:
         traffic and honour the queue limit and deadlines, but nothing is loaded or stored. Results
         come in row order; their positions are T.
         """
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = deadline_after(timeout)
         jobs = [
             StepJob(f"stateless/{next(self._stateless_ids)}", row, deadline=deadline, state=(h[:, b], c[:, b]))
             for b, row in enumerate(inputs)
@@ -316,6 +355,11 @@ class DataPlane:
             if text:
                 yield GeneratedChunk(text, pending, result.position)
                 pending = []
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The event loop's time `timeout` seconds from now (the batcher's clock), None for no deadline."""
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
 
 
 def sample_token(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:

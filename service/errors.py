@@ -23,6 +23,11 @@ class NotFound(CellstreamError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+def session_not_found(session_id: str) -> NotFound:
+    """The one answer for a session that is unknown, expired, evicted, closed or another principal's."""
+    return NotFound(f"session {session_id!r} not found (unknown, expired, evicted or closed)")
+
+
 class Aborted(CellstreamError):
     code = grpc.StatusCode.ABORTED
 

@@ -6,9 +6,10 @@ on counters. A registry per instance keeps tests (and several servers in one pro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from wsgiref.simple_server import WSGIServer
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -23,6 +24,10 @@ class Metrics:
         self.requests = Counter(
             "cellstream_requests", "RPCs handled, by method and final gRPC status code.",
             ["method", "code"], registry=r,
+        )
+        self.items = Counter(
+            "cellstream_items", "Items of multiplexed calls (StepMany, StreamMany, GenerateMany turns), by method "
+            "and the item's own status code.", ["method", "code"], registry=r,
         )
         self.request_latency = Histogram(
             "cellstream_request_duration_seconds", "Wall time of an RPC (streams: per message).",
@@ -80,3 +85,20 @@ class Metrics:
             self._http_server.shutdown()
             self._http_server.server_close()
             self._http_server = None
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for every v of a labelled child, touching each bucket once per call.
+
+    observe() takes a lock for the sum and for a bucket found by a linear scan: about 1-2 µs, which per
+    step of a batch of hundreds is a large share of the server's CPU per step. This does what it does
+    (a value lands in the first bucket whose upper bound is >= it) once per bucket instead.
+    """
+    if not values:
+        return
+    upper = histogram._upper_bounds  # the client's own fields: it has no bulk observe
+    counts = np.bincount(np.searchsorted(upper, values, side="left"), minlength=len(upper))
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(np.sum(values)))

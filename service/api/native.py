@@ -5,76 +5,38 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
 from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
+from service.api.generate_many import Turns
 from service.api.handling import DataPlaneServicer, rpc
-from service.batcher import StepResult
+from service.api.multiplex import StepItems
+from service.api.native_codec import (
+    expected_position,
+    fill_chunk,
+    fill_response,
+    fill_state,
+    generate,
+    session_info,
+    step_inputs,
+    wanted,
+)
+from service.api.outbox import relay
 from service.dataplane import InitialState
-from service.engine import ModelSpec
 from service.errors import InvalidArgument
-from service.sessions.base import SessionRecord
-from service.textcodec import token_text
-
-
-def session_info(record: SessionRecord) -> pb.SessionInfo:
-    expires = Timestamp()
-    expires.FromNanoseconds(int(record.expires_at * 1e9))
-    return pb.SessionInfo(session_id=record.session_id, model=record.model, position=record.position,
-                          expires_at=expires)
-
-
-def state_message(model: str, h: np.ndarray, c: np.ndarray, position: int) -> pb.State:
-    return pb.State(model=model, num_layers=h.shape[0], hidden_size=h.shape[1], h=h.ravel().tolist(),
-                    c=c.ravel().tolist(), position=position)
-
-
-def top_tokens(logits: np.ndarray, k: int) -> list[pb.TokenProb]:
-    """The k most probable next tokens under softmax(logits), most probable first."""
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    k = min(k, len(probs))
-    best = np.argpartition(-probs, k - 1)[:k]
-    best = best[np.argsort(-probs[best], kind="stable")]
-    return [pb.TokenProb(token=int(t), prob=float(probs[t]), text=token_text(int(t))) for t in best]
 
 
 class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
     """The native API's RPCs; each converts its request, calls the DataPlane and converts the result."""
 
-    def _inputs(self, spec: ModelSpec, request: pb.StepRequest) -> np.ndarray:
-        kind = request.WhichOneof("input")
-        if kind == "tokens":
-            return self.dataplane.tokens_input(spec, request.tokens.ids, "tokens.ids")
-        if kind == "text":
-            return self.dataplane.text_input(spec, request.text)
-        if kind == "features":
-            return self.dataplane.features_input(spec, request.features.values, request.features.dim)
-        raise InvalidArgument("StepRequest has no input; set one of tokens, text or features")
-
     async def _step(self, request: pb.StepRequest, session_id: str, context: grpc.aio.ServicerContext
                     ) -> pb.StepResponse:
         record = await self.dataplane.session(session_id)
         spec = self.dataplane.spec(record.model)
-        inputs = self._inputs(spec, request)
-        expected = request.expected_position if request.HasField("expected_position") else None
-        result = await self.dataplane.step(record, inputs, expected_position=expected,
+        inputs = step_inputs(self.dataplane, spec, request)
+        result = await self.dataplane.step(record, inputs, expected_position=expected_position(request),
                                            timeout=context.time_remaining())
-        return self._response(session_id, spec, request.want, result)
-
-    def _response(self, session_id: str, spec: ModelSpec, want: pb.Outputs, result: StepResult) -> pb.StepResponse:
-        response = pb.StepResponse(session_id=session_id, position=result.position)
-        if want.all_steps:
-            response.logits.extend(result.logits.ravel().tolist())
-        elif want.logits:
-            response.logits.extend(result.logits[-1].tolist())
-        if want.top_k:
-            response.top.extend(top_tokens(result.logits[-1], want.top_k))
-        if want.state:
-            response.state.CopyFrom(state_message(spec.name, result.h, result.c, result.position))
-        return response
+        return fill_response(pb.StepResponse(), session_id, spec, wanted(request), result)
 
     @rpc
     async def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
@@ -108,22 +70,30 @@ class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
-        record = await self.dataplane.session(request.session_id)
-        spec = self.dataplane.spec(record.model)
-        prompt = self.dataplane.text_input(spec, request.prompt, "prompt")
-        chunks = self.dataplane.generate(
-            record, prompt, max_tokens=request.max_tokens, temperature=request.temperature,
-            top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
-            stop=list(request.stop), timeout=context.time_remaining(),
-        )
-        async for chunk in chunks:
-            yield pb.GenerateChunk(text=chunk.text, tokens=chunk.tokens, position=chunk.position,
-                                   done=bool(chunk.finish_reason), finish_reason=chunk.finish_reason)
+        async for chunk in generate(self.dataplane, request, context.time_remaining()):
+            yield fill_chunk(pb.GenerateChunk(), chunk)
+
+    @rpc
+    async def StepMany(self, request: pb.StepBatch, context: grpc.aio.ServicerContext) -> pb.StepBatchResult:
+        items = StepItems(self.dataplane, self.metrics, "StepMany")
+        return await items.answer(request, context.time_remaining())
+
+    @rpc
+    async def StreamMany(self, request_iterator: AsyncIterator[pb.StepBatch], context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[pb.StepBatchResult]:
+        async for reply in relay(StepItems(self.dataplane, self.metrics, "StreamMany"), request_iterator, context):
+            yield reply
+
+    @rpc
+    async def GenerateMany(self, request_iterator: AsyncIterator[pb.GenerateBatch],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateBatchResult]:
+        async for reply in relay(Turns(self.dataplane, self.metrics), request_iterator, context):
+            yield reply
 
     @rpc
     async def GetState(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.State:
         record = await self.dataplane.session(request.session_id)
-        return state_message(record.model, record.h, record.c, record.position)
+        return fill_state(pb.State(), record.model, record.h, record.c, record.position)
 
     @rpc
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -33,8 +33,7 @@ class SessionRecord:
         return self.h.nbytes + self.c.nbytes
 
 
-@dataclass(frozen=True)
-class StateUpdate:
+class StateUpdate(NamedTuple):  # a tuple: built once per step, in the hot path
     """New state for a session, applied only if its position is still `expected_position`."""
 
     session_id: str

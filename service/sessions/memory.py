@@ -15,7 +15,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from service.errors import NotFound, ResourceExhausted
+from service.errors import ResourceExhausted, session_not_found
 from service.metrics import Metrics
 from service.sessions import snapshot
 from service.sessions.base import SessionRecord, StateUpdate
@@ -51,9 +51,10 @@ class MemoryStore:
     def state_bytes(self) -> int:
         return self._bytes
 
-    def _touch(self, record: SessionRecord, now: float) -> None:
+    def _touch(self, record: SessionRecord, now: float, wall: float | None = None) -> None:
+        """Mark used at `now` (the store's clock); `wall`: time.time() if the caller already read it."""
         record.last_used = now
-        record.expires_at = time.time() + record.ttl_seconds
+        record.expires_at = (time.time() if wall is None else wall) + record.ttl_seconds
         self._records.move_to_end(record.session_id)
 
     def _expired(self, record: SessionRecord, now: float) -> bool:
@@ -117,34 +118,39 @@ class MemoryStore:
         now = self._clock()
         record = self._live(session_id, now)
         if record is None:
-            raise NotFound(f"session {session_id!r} not found (unknown, expired, evicted or closed)")
+            raise session_not_found(session_id)
         self._touch(record, now)
         return record
 
     async def load_many(self, session_ids: list[str]) -> list[SessionRecord | None]:
-        now = self._clock()
+        now, wall = self._clock(), time.time()
         records = [self._live(sid, now) for sid in session_ids]
         for record in records:
             if record is not None:
-                self._touch(record, now)
+                self._touch(record, now, wall)
         return records
 
     async def commit_many(self, updates: list[StateUpdate]) -> list[bool]:
-        now = self._clock()
+        # Once per step of every batch: the checks of _live and _touch, written out.
+        now, wall = self._clock(), time.time()
+        records, move_to_end = self._records, self._records.move_to_end
         applied = []
         for update in updates:
-            record = self._live(update.session_id, now)
+            record = records.get(update.session_id)
+            if record is not None and now - record.last_used > record.ttl_seconds:
+                record = self._live(update.session_id, now)  # expired: removed and counted there
             ok = record is not None and record.position == update.expected_position
             if ok:
-                self._bytes += update.h.nbytes + update.c.nbytes - record.state_bytes
+                self._bytes += update.h.nbytes + update.c.nbytes - record.h.nbytes - record.c.nbytes
                 record.h, record.c, record.position = update.h, update.c, update.position
-                self._touch(record, now)
+                record.last_used, record.expires_at = now, wall + record.ttl_seconds
+                move_to_end(update.session_id)
             applied.append(ok)
         return applied
 
     async def delete(self, session_id: str) -> SessionRecord:
         if self._live(session_id, self._clock()) is None:
-            raise NotFound(f"session {session_id!r} not found (unknown, expired, evicted or closed)")
+            raise session_not_found(session_id)
         return self._remove(session_id)
 
     async def sweep(self) -> int:

@@ -25,7 +25,7 @@ from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.config import redacted_url
-from service.errors import NotFound, ResourceExhausted, Unavailable
+from service.errors import ResourceExhausted, Unavailable, session_not_found
 from service.metrics import Metrics
 from service.sessions import redis_lua
 from service.sessions.base import SessionRecord, StateUpdate
@@ -134,7 +134,7 @@ class RedisStore:
     async def get(self, session_id: str) -> SessionRecord:
         [record] = await self.load_many([session_id])
         if record is None:
-            raise NotFound(f"session {session_id!r} not found (unknown, expired, evicted or closed)")
+            raise session_not_found(session_id)
         return record
 
     async def load_many(self, session_ids: list[str]) -> list[SessionRecord | None]:
@@ -167,7 +167,7 @@ class RedisStore:
         reply = await self._guarded(lambda: self._run("DELETE", (), (PREFIX, session_id)), "closing a session")
         record = None if reply is None else _record(session_id, reply[1:], reply[0])
         if record is None:
-            raise NotFound(f"session {session_id!r} not found (unknown, expired, evicted or closed)")
+            raise session_not_found(session_id)
         return record
 
     async def sweep(self) -> int:

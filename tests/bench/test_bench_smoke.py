@@ -16,7 +16,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FIGURES = ("limit", "service", "efficiency", "conversation", "generate", "memory", "startup")
-RUN_KEYS = {"steps_per_s", "p50_ms", "p99_ms", "mean_batch", "server_cpu_us_per_step"}
+RUN_KEYS = {"steps_per_s", "p50_ms", "p99_ms", "mean_batch", "server_cpu_us_per_step", "calls"}
+MULTIPLEXED = {"stream-many", "step-many"}
+
+
+def expected_runs(options: dict) -> set[tuple[str, int, int]]:
+    """(api, sessions, calls) of every service run: a call per session, or multiplexed over a few calls."""
+    runs = set()
+    for api in options["apis"]:
+        if api in MULTIPLEXED:
+            runs |= {(api, n, c) for c in options["many_calls"] for n in options["many_levels"] if n >= c}
+        else:
+            runs |= {(api, n, n) for n in options["levels"]}
+    return runs
 
 
 def numbers(value: object) -> Iterator[float]:
@@ -58,11 +70,13 @@ def test_each_figure_has_its_rows(quick_run):
     options = results["options"]
     assert [p["batch"] for p in results["limit"]["steps"]] == options["limit_batches"]
     assert results["limit"]["prefill"]["tokens_per_s"] > 0
+    assert set(options["apis"]) >= MULTIPLEXED, "the default run measures the multiplexed APIs"
     for config in ("batching", "max_batch_size_1"):
         runs = results["service"][config]["runs"]
-        assert {(r["api"], r["sessions"]) for r in runs} == {(a, n) for a in options["apis"] for n in options["levels"]}
+        assert len(runs) == len(expected_runs(options))
+        assert {(r["api"], r["sessions"], r["calls"]) for r in runs} == expected_runs(options)
         assert all(set(r) >= RUN_KEYS for r in runs)
-    assert len(results["efficiency"]) == 2 * len(options["apis"]) * len(options["levels"])
+    assert len(results["efficiency"]) == 2 * len(expected_runs(options))
     assert all("efficiency" in row for row in results["efficiency"])
     conversation = results["conversation"]
     assert len(conversation["stateful_ms"]) == len(conversation["stateless_ms"]) == options["turns"]
@@ -80,7 +94,9 @@ def test_machine_model_targets_and_plots_are_reported(quick_run):
     assert machine["cpu_model"] and machine["cores"] >= 1 and machine["python"]
     assert {"onnxruntime", "grpcio", "protobuf"} <= set(machine["versions"])
     assert {"name", "num_layers", "hidden_size", "vocab_size"} <= set(results["model"])
-    assert len(results["targets"]) == 8
+    assert len(results["targets"]) == 9
+    [cpu] = [t for t in results["targets"] if "StreamMany" in t["name"]]
+    assert cpu["requirement"] == "<= 25" and cpu["measured"] > 0
     assert all({"name", "requirement", "measured", "passed"} <= set(t) for t in results["targets"])
     assert results["plots"]
     assert all((out / name).stat().st_size > 0 for name in results["plots"])

@@ -80,20 +80,22 @@ class Outputs(_message.Message):
     def __init__(self, logits: _Optional[bool] = ..., top_k: _Optional[int] = ..., all_steps: _Optional[bool] = ..., state: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "tokens", "text", "features", "expected_position", "want")
+    __slots__ = ("session_id", "tokens", "text", "features", "expected_position", "want", "tag")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
     WANT_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: TokenSequence
     text: str
     features: FloatSequence
     expected_position: int
     want: Outputs
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenSequence, _Mapping]] = ..., text: _Optional[str] = ..., features: _Optional[_Union[FloatSequence, _Mapping]] = ..., expected_position: _Optional[int] = ..., want: _Optional[_Union[Outputs, _Mapping]] = ...) -> None: ...
+    tag: int
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenSequence, _Mapping]] = ..., text: _Optional[str] = ..., features: _Optional[_Union[FloatSequence, _Mapping]] = ..., expected_position: _Optional[int] = ..., want: _Optional[_Union[Outputs, _Mapping]] = ..., tag: _Optional[int] = ...) -> None: ...
 
 class TokenProb(_message.Message):
     __slots__ = ("token", "prob", "text")
@@ -120,7 +122,7 @@ class StepResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[TokenProb, _Mapping]]] = ..., state: _Optional[_Union[State, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "seed", "stop")
+    __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "seed", "stop", "tag")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +130,7 @@ class GenerateRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt: str
     max_tokens: int
@@ -135,7 +138,8 @@ class GenerateRequest(_message.Message):
     top_k: int
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    tag: int
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tag: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "tokens", "position", "done", "finish_reason")
@@ -150,6 +154,60 @@ class GenerateChunk(_message.Message):
     done: bool
     finish_reason: str
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., position: _Optional[int] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StepBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[StepRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+
+class StepOutcome(_message.Message):
+    __slots__ = ("tag", "response", "error")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    response: StepResponse
+    error: Status
+    def __init__(self, tag: _Optional[int] = ..., response: _Optional[_Union[StepResponse, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+
+class StepBatchResult(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[StepOutcome]
+    def __init__(self, items: _Optional[_Iterable[_Union[StepOutcome, _Mapping]]] = ...) -> None: ...
+
+class GenerateBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[GenerateRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[GenerateRequest, _Mapping]]] = ...) -> None: ...
+
+class GenerateOutcome(_message.Message):
+    __slots__ = ("tag", "session_id", "chunk", "error")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    session_id: str
+    chunk: GenerateChunk
+    error: Status
+    def __init__(self, tag: _Optional[int] = ..., session_id: _Optional[str] = ..., chunk: _Optional[_Union[GenerateChunk, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+
+class GenerateBatchResult(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[GenerateOutcome]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[GenerateOutcome, _Mapping]]] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("session_id", "ttl_seconds")

@@ -54,6 +54,21 @@ class InferenceStub:
                 request_serializer=cellstream_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=cellstream_dot_v1_dot_inference__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.StepMany = channel.unary_unary(
+                '/cellstream.v1.Inference/StepMany',
+                request_serializer=cellstream_dot_v1_dot_inference__pb2.StepBatch.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_inference__pb2.StepBatchResult.FromString,
+                _registered_method=True)
+        self.StreamMany = channel.stream_stream(
+                '/cellstream.v1.Inference/StreamMany',
+                request_serializer=cellstream_dot_v1_dot_inference__pb2.StepBatch.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_inference__pb2.StepBatchResult.FromString,
+                _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/cellstream.v1.Inference/GenerateMany',
+                request_serializer=cellstream_dot_v1_dot_inference__pb2.GenerateBatch.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_inference__pb2.GenerateBatchResult.FromString,
+                _registered_method=True)
         self.GetState = channel.unary_unary(
                 '/cellstream.v1.Inference/GetState',
                 request_serializer=cellstream_dot_v1_dot_inference__pb2.SessionRef.SerializeToString,
@@ -102,6 +117,29 @@ class InferenceServicer:
 
     def Generate(self, request, context):
         """A chat turn: feed the prompt, sample a reply token by token and stream it; the reply stays in the state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepMany(self, request, context):
+        """Steps of many sessions in one call; one outcome per item, in item order. An item that fails gets its
+        own status and changes nothing; the others still apply. Items of one session apply in item order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamMany(self, request_iterator, context):
+        """Many sessions' steps on one stream. Each outcome echoes its item's tag; the outcomes that complete
+        together (e.g. one batch) travel in one message; a session's outcomes keep the order of its items.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Chat turns of many sessions on one stream: each turn's chunks (or its error) carry its tag and session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +195,21 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=cellstream_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=cellstream_dot_v1_dot_inference__pb2.GenerateChunk.SerializeToString,
+            ),
+            'StepMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepMany,
+                    request_deserializer=cellstream_dot_v1_dot_inference__pb2.StepBatch.FromString,
+                    response_serializer=cellstream_dot_v1_dot_inference__pb2.StepBatchResult.SerializeToString,
+            ),
+            'StreamMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamMany,
+                    request_deserializer=cellstream_dot_v1_dot_inference__pb2.StepBatch.FromString,
+                    response_serializer=cellstream_dot_v1_dot_inference__pb2.StepBatchResult.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=cellstream_dot_v1_dot_inference__pb2.GenerateBatch.FromString,
+                    response_serializer=cellstream_dot_v1_dot_inference__pb2.GenerateBatchResult.SerializeToString,
             ),
             'GetState': grpc.unary_unary_rpc_method_handler(
                     servicer.GetState,
@@ -287,6 +340,87 @@ class Inference:
             '/cellstream.v1.Inference/Generate',
             cellstream_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             cellstream_dot_v1_dot_inference__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellstream.v1.Inference/StepMany',
+            cellstream_dot_v1_dot_inference__pb2.StepBatch.SerializeToString,
+            cellstream_dot_v1_dot_inference__pb2.StepBatchResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cellstream.v1.Inference/StreamMany',
+            cellstream_dot_v1_dot_inference__pb2.StepBatch.SerializeToString,
+            cellstream_dot_v1_dot_inference__pb2.StepBatchResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cellstream.v1.Inference/GenerateMany',
+            cellstream_dot_v1_dot_inference__pb2.GenerateBatch.SerializeToString,
+            cellstream_dot_v1_dot_inference__pb2.GenerateBatchResult.FromString,
             options,
             channel_credentials,
             insecure,

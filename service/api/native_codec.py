@@ -1,0 +1,108 @@
+"""cellstream.v1 messages ⇄ DataPlane arguments and results, shared by the single and multiplexed RPCs.
+
+Results are written into a message the caller hands in (a fresh one, or an item of a batch result),
+so a multiplexed reply is filled in place, never assembled from copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service._proto.cellstream.v1 import inference_pb2 as pb
+from service.batcher import StepResult
+from service.dataplane import DataPlane, GeneratedChunk
+from service.engine import ModelSpec
+from service.errors import CellstreamError, InvalidArgument
+from service.sessions.base import SessionRecord
+from service.textcodec import token_text
+
+
+def session_info(record: SessionRecord) -> pb.SessionInfo:
+    expires = Timestamp()
+    expires.FromNanoseconds(int(record.expires_at * 1e9))
+    return pb.SessionInfo(session_id=record.session_id, model=record.model, position=record.position,
+                          expires_at=expires)
+
+
+def fill_state(state: pb.State, model: str, h: np.ndarray, c: np.ndarray, position: int) -> pb.State:
+    state.model, state.num_layers, state.hidden_size, state.position = model, h.shape[0], h.shape[1], position
+    state.h.extend(h.ravel().tolist())
+    state.c.extend(c.ravel().tolist())
+    return state
+
+
+def top_tokens(logits: np.ndarray, k: int) -> list[pb.TokenProb]:
+    """The k most probable next tokens under softmax(logits), most probable first."""
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    k = min(k, len(probs))
+    best = np.argpartition(-probs, k - 1)[:k]
+    best = best[np.argsort(-probs[best], kind="stable")]
+    return [pb.TokenProb(token=int(t), prob=float(probs[t]), text=token_text(int(t))) for t in best]
+
+
+def step_inputs(dataplane: DataPlane, spec: ModelSpec, request: pb.StepRequest) -> np.ndarray:
+    """The request's validated input: (T,) tokens or (T, F) features."""
+    kind = request.WhichOneof("input")
+    if kind == "tokens":
+        return dataplane.tokens_input(spec, request.tokens.ids, "tokens.ids")
+    if kind == "text":
+        return dataplane.text_input(spec, request.text)
+    if kind == "features":
+        return dataplane.features_input(spec, request.features.values, request.features.dim)
+    raise InvalidArgument("StepRequest has no input; set one of tokens, text or features")
+
+
+def expected_position(request: pb.StepRequest) -> int | None:
+    return request.expected_position if request.HasField("expected_position") else None
+
+
+def wanted(request: pb.StepRequest) -> pb.Outputs | None:
+    """What the request asks for besides the position; None for nothing (most steps: the cheap case)."""
+    return request.want if request.HasField("want") else None
+
+
+def fill_response(response: pb.StepResponse, session_id: str, spec: ModelSpec, want: pb.Outputs | None,
+                  result: StepResult) -> pb.StepResponse:
+    response.session_id = session_id
+    response.position = result.position
+    if want is None:
+        return response
+    if want.all_steps:
+        response.logits.extend(result.logits.ravel().tolist())
+    elif want.logits:
+        response.logits.extend(result.logits[-1].tolist())
+    if want.top_k:
+        response.top.extend(top_tokens(result.logits[-1], want.top_k))
+    if want.state:
+        fill_state(response.state, spec.name, result.h, result.c, result.position)
+    return response
+
+
+def fill_status(status: pb.Status, error: CellstreamError) -> None:
+    status.code = error.code.value[0]
+    status.message = error.message
+
+
+async def generate(dataplane: DataPlane, request: pb.GenerateRequest, timeout: float | None
+                   ) -> AsyncIterator[GeneratedChunk]:
+    """The chunks of one chat turn: find the session, validate the prompt, then sample."""
+    record = await dataplane.session(request.session_id)
+    spec = dataplane.spec(record.model)
+    prompt = dataplane.text_input(spec, request.prompt, "prompt")
+    chunks = dataplane.generate(
+        record, prompt, max_tokens=request.max_tokens, temperature=request.temperature, top_k=request.top_k,
+        seed=request.seed if request.HasField("seed") else None, stop=list(request.stop), timeout=timeout,
+    )
+    async for chunk in chunks:
+        yield chunk
+
+
+def fill_chunk(message: pb.GenerateChunk, chunk: GeneratedChunk) -> pb.GenerateChunk:
+    message.text, message.position = chunk.text, chunk.position
+    message.tokens.extend(chunk.tokens)
+    message.done, message.finish_reason = bool(chunk.finish_reason), chunk.finish_reason
+    return message

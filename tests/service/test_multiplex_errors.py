@@ -1,0 +1,225 @@
+"""C/D through the multiplexed RPCs: every item gets the status and message a Step with it would get,
+only the valid items apply, a session's items apply in order, the item cap refuses a whole message,
+and another principal's session is NOT_FOUND per item."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import grpc
+import numpy as np
+import pytest
+
+from service._proto.cellstream.v1 import inference_pb2 as pb
+from service.client import Client
+
+UNKNOWN = "0" * 32
+ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
+
+
+async def answer(client: Client, method: str, items: list[pb.StepRequest]) -> list[pb.StepOutcome]:
+    """The outcomes of one message, by item (StreamMany: matched by tag, all items must answer)."""
+    if method == "StepMany":
+        return list((await client.step_many(items)).items)
+    call = client.stream_many()
+    await call.write(pb.StepBatch(items=items))
+    await call.done_writing()
+
+    async def read_all() -> list[pb.StepOutcome]:
+        return [outcome async for reply in call for outcome in reply.items]
+
+    by_tag = {o.tag: o for o in await asyncio.wait_for(read_all(), 30)}
+    assert await call.code() == grpc.StatusCode.OK
+    assert sorted(by_tag) == sorted(i.tag for i in items)
+    return [by_tag[i.tag] for i in items]
+
+
+async def warmed(client: Client, model: str = "tiny-chat") -> str:
+    """A session with non-zero state at position 5 (3 for features), so 'unchanged' means something."""
+    session = await client.open_session(model=model)
+    if model == "tiny-chat":
+        await client.step(session.session_id, tokens=[10, 20, 30, 40, 50])
+    else:
+        await client.step(session.session_id, features=np.linspace(-1, 1, 15).reshape(3, 5))
+    return session.session_id
+
+
+@pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
+async def test_each_item_gets_its_own_status_and_only_valid_items_apply(server, client, ref, close, arrays, scrape,
+                                                                        rpc_error, method):
+    a, b, bad_tokens, moved = [await warmed(client) for _ in range(4)]
+    features = await warmed(client, "tiny-features")
+    closed = await warmed(client)
+    await client.close_session(closed)
+    step = Client.step_request
+    items = [
+        step(a, tokens=[1, 2], logits=True),
+        step(UNKNOWN, tokens=[1]),
+        step(bad_tokens, tokens=[1, 260]),
+        step(b, tokens=[3], expected_position=5, logits=True),
+        step(moved, tokens=[4], expected_position=4),
+        step("", tokens=[1]),
+        step(features, tokens=[1, 2]),
+        step(closed, tokens=[1]),
+        step(a, tokens=[5], expected_position=7, logits=True),  # after the first item of a: in order
+        pb.StepRequest(session_id=bad_tokens),  # no input
+        step(moved, text=""),
+        step(b, features=np.zeros((1, 5))),
+        step(features, features=np.full((1, 5), np.nan)),
+    ]
+    for k, item in enumerate(items):
+        item.tag = 900 + k
+    untouched = [bad_tokens, moved, features]
+    before = [await client.get_state(sid) for sid in untouched]
+
+    outcomes = await answer(client, method, items)
+
+    assert [o.tag for o in outcomes] == [i.tag for i in items]
+    valid = {0, 3, 8}
+    assert {k for k, o in enumerate(outcomes) if o.WhichOneof("outcome") == "response"} == valid
+    codes = Counter()
+    for k, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
+        if k in valid:
+            codes["OK"] += 1
+            continue
+        # Word for word what a Step with this very request gets (it is refused too: nothing changes).
+        single = await rpc_error(client.stub.Step(item, timeout=30))
+        assert (outcome.error.code, outcome.error.message) == (single.code().value[0], single.details()), k
+        codes[single.code().name] += 1
+    assert codes == {"OK": 3, "INVALID_ARGUMENT": 7, "NOT_FOUND": 2, "ABORTED": 1}
+
+    assert [await client.get_state(sid) for sid in untouched] == before, "a refused item changed a session"
+    history = np.array([10, 20, 30, 40, 50, 1, 2, 5])
+    want, h, c = ref.run("tiny-chat", history)
+    assert [outcomes[0].response.position, outcomes[8].response.position] == [7, 8]
+    close(np.asarray(outcomes[0].response.logits), want[6], "a after its first item")
+    close(np.asarray(outcomes[8].response.logits), want[7], "a after its second item")
+    kept = await client.get_state(a)
+    assert kept.position == 8
+    got_h, got_c = arrays(kept)
+    close(got_h, h, "a's h")
+    close(got_c, c, "a's c")
+    assert (await client.get_state(b)).position == 6
+
+    samples = await scrape(server)
+    for code, count in codes.items():
+        assert samples.get("cellstream_items_total", method=method, code=code) == count
+    assert samples.get("cellstream_requests_total", method=method, code="OK") == 1
+
+
+@pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
+async def test_a_session_repeated_in_one_message_applies_in_order(client, ref, close, method):
+    sid = (await client.open_session()).session_id
+    other = (await client.open_session()).session_id
+    tokens = [7, 8, 9, 10, 11]
+    items = []
+    for k, token in enumerate(tokens):
+        items.append(Client.step_request(sid, tokens=[token], expected_position=k, logits=True, tag=k))
+        items.append(Client.step_request(other, tokens=[token], tag=100 + k))
+    outcomes = await answer(client, method, items)
+    mine = [o for o in outcomes if o.tag < 100]
+    assert [o.WhichOneof("outcome") for o in mine] == ["response"] * 5, [o.error.message for o in mine]
+    assert [o.response.position for o in mine] == [1, 2, 3, 4, 5]
+    want, _, _ = ref.run("tiny-chat", np.array(tokens))
+    for k, outcome in enumerate(mine):
+        close(np.asarray(outcome.response.logits), want[k], f"step {k}")
+    assert (await client.get_state(sid)).position == 5
+
+
+async def test_item_cap_refuses_the_whole_message(start, connect, rpc_error):
+    server = await start(max_items_per_message=4)
+    client = connect(server)
+    sid = await warmed(client)
+    before = await client.get_state(sid)
+    five = [Client.step_request(sid, tokens=[1], tag=k) for k in range(5)]
+
+    error = await rpc_error(client.step_many(five))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "StepBatch has 5 items, more than max_items_per_message (4)" in error.details()
+    assert await client.get_state(sid) == before
+
+    call = client.stream_many()
+    await call.write(pb.StepBatch(items=five[:2]))
+    reply = await asyncio.wait_for(call.read(), 30)
+    assert [o.response.position for o in reply.items] == [6, 7]
+    await call.write(pb.StepBatch(items=five))
+    assert await asyncio.wait_for(call.code(), 30) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_items_per_message (4)" in await call.details()
+    assert (await client.get_state(sid)).position == 7, "items of the refused message were applied"
+
+    turns = client.generate_many()
+    await turns.write(pb.GenerateBatch(items=[pb.GenerateRequest(session_id=sid, prompt="a")] * 5))
+    assert await asyncio.wait_for(turns.code(), 30) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "GenerateBatch has 5 items" in await turns.details()
+    assert (await client.get_state(sid)).position == 7
+
+    assert len((await client.step_many(five[:4])).items) == 4  # the cap itself is allowed
+
+
+async def test_another_principals_session_is_not_found_per_item(start, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice {ALICE}\nbob {BOB}\n")
+    server = await start(auth_token_file=tokens)
+    target = f"127.0.0.1:{server.port}"
+    async with Client(target, token=ALICE) as alice, Client(target, token=BOB) as bob:
+        hers = await warmed(alice)
+        his = await warmed(bob)
+        before = await alice.get_state(hers)
+        items = [Client.step_request(hers, tokens=[1], tag=1), Client.step_request(his, tokens=[1], tag=2),
+                 Client.step_request(UNKNOWN, tokens=[1], tag=3)]
+        for method in ("StepMany", "StreamMany"):
+            theirs, own, missing = await answer(bob, method, items)
+            assert theirs.error.code == missing.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+            # Word for word the answer for an id that does not exist: existence is not revealed.
+            assert theirs.error.message.replace(hers, UNKNOWN) == missing.error.message
+            assert own.WhichOneof("outcome") == "response"
+        turns = bob.generate_many()
+        await turns.write(pb.GenerateBatch(items=[pb.GenerateRequest(session_id=hers, prompt="hi", tag=4)]))
+        await turns.done_writing()
+        replies = [reply async for reply in turns]
+        [outcome] = [o for reply in replies for o in reply.chunks]
+        assert (outcome.tag, outcome.error.code) == (4, grpc.StatusCode.NOT_FOUND.value[0])
+        assert await alice.get_state(hers) == before, "another principal's items changed the session"
+        assert (await bob.get_state(his)).position == 7
+
+
+@pytest.fixture
+def one_model_dir(tiny_model_dir, tmp_path):
+    """A model directory serving tiny-chat alone: every session is of that model, so items are queued
+    without a lookup and their batch's load finds unknown, closed and other principals' sessions."""
+    directory = tmp_path / "one-model"
+    directory.mkdir()
+    (directory / "tiny-chat.onnx").symlink_to(tiny_model_dir / "tiny-chat.onnx")
+    return directory
+
+
+@pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
+async def test_one_model_server_finds_bad_sessions_when_their_batch_loads_them(start, one_model_dir, tmp_path,
+                                                                               rpc_error, method):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice {ALICE}\nbob {BOB}\n")
+    server = await start(model_dir=one_model_dir, default_model="", auth_token_file=tokens)
+    assert server.dataplane.only_spec is not None
+    target = f"127.0.0.1:{server.port}"
+    async with Client(target, token=ALICE) as alice, Client(target, token=BOB) as bob:
+        hers = await warmed(alice)
+        mine, moved, closed = [await warmed(bob) for _ in range(3)]
+        await bob.close_session(closed)
+        before = await alice.get_state(hers)
+        step = Client.step_request
+        items = [step(mine, tokens=[1], tag=1), step(hers, tokens=[1], tag=2), step(UNKNOWN, tokens=[1], tag=3),
+                 step(closed, tokens=[1], tag=4), step(moved, tokens=[2], expected_position=0, tag=5),
+                 step(mine, tokens=[3], expected_position=6, tag=6), step("", tokens=[1], tag=7),
+                 step(mine, tokens=[260], tag=8)]
+        outcomes = await answer(bob, method, items)
+        assert [o.WhichOneof("outcome") for o in outcomes] == ["response", "error", "error", "error", "error",
+                                                               "response", "error", "error"]
+        assert [o.response.position for o in outcomes if o.HasField("response")] == [6, 7]
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome.HasField("error"):
+                single = await rpc_error(bob.stub.Step(item, timeout=30, metadata=bob.metadata))
+                assert (outcome.error.code, outcome.error.message) == (single.code().value[0], single.details())
+        assert outcomes[1].error.message.replace(hers, UNKNOWN) == outcomes[2].error.message
+        assert await alice.get_state(hers) == before
+        assert (await bob.get_state(moved)).position == 5

@@ -1,0 +1,168 @@
+"""The multiplexed streams: StreamMany echoes tags and packs the outcomes of one batch into one message,
+keeps each session's order, and applies nothing of a cancelled stream; GenerateMany runs many
+sessions' chat turns on one stream, chunks tagged by turn and session, a failing turn alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+
+from service._proto.cellstream.v1 import inference_pb2 as pb
+from service.client import Client
+
+PROMPT = "user: héllo\nbot: "
+END_TOKENS = {258, 259}
+
+
+async def read(call: grpc.aio.StreamStreamCall) -> pb.StepBatchResult:
+    return await asyncio.wait_for(call.read(), 30)
+
+
+async def test_tags_are_echoed_and_one_batch_is_one_message(server, client, gate):
+    sessions = [(await client.open_session()).session_id for _ in range(16)]
+    tags = [2**63 + 977 * k for k in range(16)]  # any uint64 the client likes
+    call = client.stream_many()
+    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[k], tag=tag)
+                                         for k, (sid, tag) in enumerate(zip(sessions, tags, strict=True))]))
+    reply = await read(call)
+    # All 16 were queued before the batcher ran: one batch, so one message.
+    assert sorted(o.tag for o in reply.items) == sorted(tags)
+    assert {o.tag: o.response.session_id for o in reply.items} == dict(zip(tags, sessions, strict=True))
+
+    # Two batches (the second queued while the first computes): two messages, one per batch.
+    held = gate(server)
+    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[1], tag=k) for k, sid
+                                         in enumerate(sessions[:8])]))
+    assert await asyncio.to_thread(held.running.wait, 30)
+    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[1], tag=100 + k) for k, sid
+                                         in enumerate(sessions[8:])]))
+    batcher = server.dataplane.batchers["tiny-chat"]
+
+    async def second_queued() -> None:  # read and queued behind the held batch
+        while batcher.queued < 8:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(second_queued(), 30)
+    held.open.set()
+    first, second = await read(call), await read(call)
+    assert sorted(o.tag for o in first.items) == list(range(8))
+    assert sorted(o.tag for o in second.items) == list(range(100, 108))
+    await call.done_writing()
+    assert await asyncio.wait_for(call.code(), 30) == grpc.StatusCode.OK
+
+
+async def test_a_sessions_outcomes_keep_its_item_order(client):
+    sid = (await client.open_session()).session_id
+    other = (await client.open_session()).session_id
+    call = client.stream_many()
+    # The refused item (bad token) is known at once, but its outcome waits for the earlier item of its session.
+    await call.write(pb.StepBatch(items=[
+        Client.step_request(sid, tokens=[1], tag=1),
+        Client.step_request(sid, tokens=[999], tag=2),
+        Client.step_request(sid, tokens=[2], tag=3),
+        Client.step_request(other, tokens=[999], tag=4),
+    ]))
+    await call.done_writing()
+    arrived = [o async for reply in call for o in reply.items]
+    mine = [(o.tag, o.WhichOneof("outcome")) for o in arrived if o.tag != 4]
+    assert mine == [(1, "response"), (2, "error"), (3, "response")]
+    assert [o.response.position for o in arrived if o.tag in (1, 3)] == [1, 2]
+    assert arrived[0].tag == 4, "an error of a session with nothing in flight is sent at once"
+
+
+async def test_cancelled_stream_applies_nothing_still_queued_or_running(server, client, gate):
+    sessions = [(await client.open_session()).session_id for _ in range(4)]
+    held = gate(server)
+    call = client.stream_many()
+    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[1, 2]) for sid in sessions]))
+    assert await asyncio.to_thread(held.running.wait, 30)
+    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[3]) for sid in sessions]))
+    await asyncio.sleep(0.3)  # the second message is read and queued behind the held batch
+    call.cancel()
+    await asyncio.sleep(0.5)  # the server sees the cancellation while the batch is held
+    held.open.set()
+    for sid in sessions:
+        assert (await client.get_state(sid)).position == 0, "a cancelled stream's step was applied"
+    assert (await client.step(sessions[0], tokens=[1])).position == 1  # the batcher serves on
+
+
+async def test_step_many_past_its_deadline_applies_nothing(server, client, gate, rpc_error):
+    sessions = [(await client.open_session()).session_id for _ in range(4)]
+    held = gate(server)
+    batch = pb.StepBatch(items=[Client.step_request(sid, tokens=[1, 2]) for sid in sessions])
+    error = await rpc_error(client.stub.StepMany(batch, timeout=1.0))  # the batch is held past the deadline
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert held.running.is_set()
+    await asyncio.sleep(1.0)  # the client may learn of the deadline before the server cancels the call
+    held.open.set()
+    await asyncio.sleep(0.3)  # the held batch finishes: its steps' callers are gone, nothing is committed
+    for sid in sessions:
+        assert (await client.get_state(sid)).position == 0, "a step of a call that ended was applied"
+
+
+def greedy(ref, prompt: str, max_tokens: int, h=None, c=None) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """In-process greedy decoding from (h, c): feed the prompt, then argmax and feed, token by token."""
+    logits, h, c = ref.run("tiny-chat", np.frombuffer(prompt.encode(), np.uint8).astype(np.int64), h, c)
+    tokens: list[int] = []
+    for _ in range(max_tokens):
+        token = int(np.argmax(logits[-1]))
+        tokens.append(token)
+        logits, h, c = ref.run("tiny-chat", np.array([token]), h, c)
+        if token in END_TOKENS:
+            break
+    return tokens, h, c
+
+
+async def test_generate_many_tags_chunks_and_isolates_turns(server, client, ref, close, arrays, rpc_error, scrape):
+    first, second, untouched = [(await client.open_session()).session_id for _ in range(3)]
+    await client.step(untouched, tokens=[1, 2, 3])
+    before = await client.get_state(untouched)
+    turns = [
+        pb.GenerateRequest(session_id=first, prompt=PROMPT, max_tokens=8, tag=1),
+        pb.GenerateRequest(session_id="0" * 32, prompt=PROMPT, tag=2),
+        pb.GenerateRequest(session_id=untouched, prompt=PROMPT, temperature=-1.0, tag=3),
+        pb.GenerateRequest(session_id=second, prompt=PROMPT, max_tokens=8, tag=4),
+        pb.GenerateRequest(session_id=first, prompt="user: and?\nbot: ", max_tokens=6, tag=5),  # after tag 1
+    ]
+    call = client.generate_many()
+    await call.write(pb.GenerateBatch(items=turns))
+    await call.done_writing()
+
+    async def read_all() -> list[pb.GenerateBatchResult]:
+        return [reply async for reply in call]
+
+    replies = await asyncio.wait_for(read_all(), 60)
+    assert await call.code() == grpc.StatusCode.OK
+    arrived = [o for reply in replies for o in reply.chunks]
+    assert any(len({o.tag for o in reply.chunks}) > 1 for reply in replies), "no message carried several turns"
+    by_tag = {tag: [o for o in arrived if o.tag == tag] for tag in range(1, 6)}
+    sessions = {t.tag: t.session_id for t in turns}
+    assert all(o.session_id == sessions[o.tag] for o in arrived)
+
+    for tag, request in ((2, turns[1]), (3, turns[2])):
+        [outcome] = by_tag[tag]
+        single = await rpc_error(client.reply(request.session_id, request.prompt, temperature=request.temperature))
+        assert (outcome.error.code, outcome.error.message) == (single.code().value[0], single.details())
+    assert await client.get_state(untouched) == before
+
+    want1, h, c = greedy(ref, PROMPT, 8)
+    want5, h, c = greedy(ref, "user: and?\nbot: ", 6, h, c)
+    want4, _, _ = greedy(ref, PROMPT, 8)
+    for tag, want in ((1, want1), (4, want4), (5, want5)):
+        chunks = [o.chunk for o in by_tag[tag]]
+        assert [o.WhichOneof("outcome") for o in by_tag[tag]] == ["chunk"] * len(chunks)
+        assert [t for chunk in chunks for t in chunk.tokens] == want, f"turn {tag}"
+        assert [chunk.done for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
+    last_of_1 = max(k for k, o in enumerate(arrived) if o.tag == 1)
+    assert min(k for k, o in enumerate(arrived) if o.tag == 5) > last_of_1, "a session's turns overlapped"
+    state = await client.get_state(first)
+    got_h, got_c = arrays(state)
+    close(got_h, h, "h after both turns")
+    close(got_c, c, "c after both turns")
+
+    samples = await scrape(server)
+    assert samples.get("cellstream_items_total", method="GenerateMany", code="OK") == 3
+    assert samples.get("cellstream_items_total", method="GenerateMany", code="NOT_FOUND") == 1
+    assert samples.get("cellstream_items_total", method="GenerateMany", code="INVALID_ARGUMENT") == 1
