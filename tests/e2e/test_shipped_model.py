@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from model import corpus, tokenizer
-from model.evaluate import GreedyChat, evaluate_recall
+from model.evaluate import MAX_REPLY_TOKENS, GreedyChat, evaluate_recall
 from service.client import Client
 from service.config import load_settings
 from service.server import start_server
@@ -87,7 +87,7 @@ async def converse(client: Client, dialogue: corpus.Dialogue) -> list[str]:
     replies = []
     for qa in dialogue.questions:
         prompt = corpus.line("user", qa.question) + "bot: "
-        replies.append((await client.reply(sid, prompt, stop=["\n"], max_tokens=48)).removesuffix("\n"))
+        replies.append((await client.reply(sid, prompt, stop=["\n"], max_tokens=MAX_REPLY_TOKENS)).removesuffix("\n"))
     await client.close_session(sid)
     return replies
 
@@ -133,7 +133,8 @@ async def test_forked_conversations_diverge_independently(shipped_server):
         served = {branch: [] for branch in branches}
         for question in questions:  # interleaved: each session's reply must depend on its own state only
             for branch in branches:
-                reply = await client.reply(ids[branch], corpus.line("user", question) + "bot: ", stop=["\n"])
+                reply = await client.reply(ids[branch], corpus.line("user", question) + "bot: ", stop=["\n"],
+                                               max_tokens=MAX_REPLY_TOKENS)  # the local greedy cap
                 served[branch].append(reply.removesuffix("\n"))
     chat = local_chat()
     for branch, text in branches.items():
