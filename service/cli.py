@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -17,6 +18,16 @@ from service.errors import ModelLoadError
 from service.sessions.snapshot import SnapshotError
 
 TRAINING_COMMANDS = {"train": "model.train", "export": "model.export", "evaluate": "model.evaluate"}
+
+
+def _run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop where it exists (not on Windows): the server's steps/s at load depend on the loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -30,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(settings))
+        _run_event_loop(serve(settings))
     except ModelLoadError as exc:
         print(f"cellstream serve: cannot serve the models: {exc}", file=sys.stderr)
         return 2
