@@ -130,8 +130,7 @@ class DataPlane:
         # Checked as Python ints: numpy's per-call overhead is most of the cost of a 1-token step. A slice,
         # not list(): a protobuf repeated field slices into a list at half the cost of iterating it.
         values = ids.reshape(-1).tolist() if isinstance(ids, np.ndarray) else ids[:]
-        if not 0 < len(values) <= self.settings.max_tokens_per_request:
-            self._check_length(len(values), field)
+        self._check_length(len(values), field)
         if min(values) < 0 or max(values) >= spec.vocab_size:
             k, token = next((k, t) for k, t in enumerate(values) if not 0 <= t < spec.vocab_size)
             raise InvalidArgument(f"{field}[{k}] = {token} is outside the vocabulary "

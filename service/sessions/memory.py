@@ -131,20 +131,15 @@ class MemoryStore:
         return records
 
     async def commit_many(self, updates: list[StateUpdate]) -> list[bool]:
-        # Once per step of every batch: the checks of _live and _touch, written out.
         now, wall = self._clock(), time.time()
-        records, move_to_end = self._records, self._records.move_to_end
         applied = []
         for update in updates:
-            record = records.get(update.session_id)
-            if record is not None and now - record.last_used > record.ttl_seconds:
-                record = self._live(update.session_id, now)  # expired: removed and counted there
+            record = self._live(update.session_id, now)
             ok = record is not None and record.position == update.expected_position
             if ok:
-                self._bytes += update.h.nbytes + update.c.nbytes - record.h.nbytes - record.c.nbytes
+                self._bytes += update.h.nbytes + update.c.nbytes - record.state_bytes
                 record.h, record.c, record.position = update.h, update.c, update.position
-                record.last_used, record.expires_at = now, wall + record.ttl_seconds
-                move_to_end(update.session_id)
+                self._touch(record, now, wall)
             applied.append(ok)
         return applied
 
