@@ -24,6 +24,7 @@ from service.config import load_settings
 from service.server import RunningServer, start_server
 
 CHAT, FEATURES = "tiny-chat", "tiny-features"
+END_TOKENS = {258, 259}  # eos, eot of the byte tokenizer
 
 
 class Reference:
@@ -55,6 +56,20 @@ class Reference:
             {kind: batch, "h0": np.asarray(h, np.float32)[:, None], "c0": np.asarray(c, np.float32)[:, None]},
         )
         return logits[0], hn[:, 0], cn[:, 0]
+
+    def greedy(self, prompt: str, max_tokens: int, h: np.ndarray | None = None, c: np.ndarray | None = None
+               ) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Greedy decoding on tiny-chat from (h, c): feed the prompt, then argmax and feed, token by token,
+        until an end token (included) or max_tokens."""
+        logits, h, c = self.run(CHAT, np.frombuffer(prompt.encode(), np.uint8).astype(np.int64), h, c)
+        tokens: list[int] = []
+        for _ in range(max_tokens):
+            token = int(np.argmax(logits[-1]))
+            tokens.append(token)
+            logits, h, c = self.run(CHAT, np.array([token]), h, c)
+            if token in END_TOKENS:
+                break
+        return tokens, h, c
 
 
 class Samples:
@@ -141,6 +156,22 @@ async def server(start) -> RunningServer:
 async def client(server: RunningServer) -> AsyncIterator[Client]:
     async with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
         yield c
+
+
+@pytest.fixture
+def warmed() -> Callable[..., Awaitable[str]]:
+    """warmed(client, model="tiny-chat") -> the id of a new session stepped to non-zero state (position 5,
+    3 for features), so 'unchanged' means something."""
+
+    async def _warmed(client: Client, model: str = CHAT) -> str:
+        session = await client.open_session(model=model)
+        if model == CHAT:
+            await client.step(session.session_id, tokens=[10, 20, 30, 40, 50])
+        else:
+            await client.step(session.session_id, features=np.linspace(-1, 1, 15).reshape(3, 5))
+        return session.session_id
+
+    return _warmed
 
 
 @pytest.fixture

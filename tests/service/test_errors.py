@@ -48,19 +48,9 @@ def counted(scrape):
     return _counted
 
 
-async def warmed_session(client: Client, model: str = "tiny-chat") -> str:
-    """A session with non-zero state, so 'unchanged' means something."""
-    session = await client.open_session(model=model)
-    if model == "tiny-chat":
-        await client.step(session.session_id, tokens=[10, 20, 30, 40, 50])
-    else:
-        await client.step(session.session_id, features=np.linspace(-1, 1, 15).reshape(3, 5))
-    return session.session_id
-
-
-async def test_unknown_and_closed_sessions(server, client, refused, counted):
+async def test_unknown_and_closed_sessions(server, client, refused, counted, warmed):
     counts: Counter = Counter()
-    live = await warmed_session(client)
+    live = await warmed(client)
     unknown = "0" * 32
     await refused(client, [live], client.step(unknown, tokens=[1]), NOT_FOUND, unknown, counts=counts, method="Step")
     await refused(client, [live], client.get_state(unknown), NOT_FOUND, unknown, counts=counts, method="GetState")
@@ -68,7 +58,7 @@ async def test_unknown_and_closed_sessions(server, client, refused, counted):
     await refused(client, [live], client.close_session(unknown), NOT_FOUND, counts=counts, method="CloseSession")
     await refused(client, [live], client.reply(unknown, "hi"), NOT_FOUND, counts=counts, method="Generate")
 
-    closed = await warmed_session(client)
+    closed = await warmed(client)
     await client.close_session(closed)
     for call, method in (
         (client.step(closed, tokens=[1]), "Step"),
@@ -89,9 +79,9 @@ async def test_unknown_and_closed_sessions(server, client, refused, counted):
     await counted(server, counts)
 
 
-async def test_bad_token_inputs(server, client, refused, counted):
+async def test_bad_token_inputs(server, client, refused, counted, warmed):
     counts: Counter = Counter()
-    sid = await warmed_session(client)
+    sid = await warmed(client)
     await refused(
         client,
         [sid],
@@ -147,10 +137,10 @@ async def test_bad_token_inputs(server, client, refused, counted):
     await counted(server, counts)
 
 
-async def test_bad_feature_inputs(server, client, refused, counted):
+async def test_bad_feature_inputs(server, client, refused, counted, warmed):
     counts: Counter = Counter()
-    sid = await warmed_session(client, "tiny-features")
-    chat = await warmed_session(client)
+    sid = await warmed(client, "tiny-features")
+    chat = await warmed(client)
     both = [sid, chat]
     await refused(
         client,
@@ -211,12 +201,12 @@ async def test_bad_feature_inputs(server, client, refused, counted):
     await counted(server, counts)
 
 
-async def test_too_many_tokens(start, connect, refused, counted):
+async def test_too_many_tokens(start, connect, refused, counted, warmed):
     server = await start(max_tokens_per_request=8)
     client = connect(server)
     counts: Counter = Counter()
-    sid = await warmed_session(client)
-    features = await warmed_session(client, "tiny-features")
+    sid = await warmed(client)
+    features = await warmed(client, "tiny-features")
     await refused(
         client,
         [sid],
@@ -251,9 +241,9 @@ async def test_too_many_tokens(start, connect, refused, counted):
     await counted(server, counts)
 
 
-async def test_expected_position(server, client, refused, counted):
+async def test_expected_position(server, client, refused, counted, warmed):
     counts: Counter = Counter()
-    sid = await warmed_session(client)
+    sid = await warmed(client)
     for wrong in (0, 4, 6, 10**12):
         await refused(
             client,
@@ -271,11 +261,11 @@ async def test_expected_position(server, client, refused, counted):
     await counted(server, counts)
 
 
-async def test_store_full_rejects(start, connect, refused, counted):
+async def test_store_full_rejects(start, connect, refused, counted, warmed):
     server = await start(max_sessions=2, when_full="reject")
     client = connect(server)
     counts: Counter = Counter()
-    first, second = await warmed_session(client), await warmed_session(client)
+    first, second = await warmed(client), await warmed(client)
     await refused(
         client,
         [first, second],
@@ -303,9 +293,9 @@ async def test_store_full_rejects(start, connect, refused, counted):
     await counted(server, counts)
 
 
-async def test_open_session_arguments(server, client, refused, counted, scrape):
+async def test_open_session_arguments(server, client, refused, counted, scrape, warmed):
     counts: Counter = Counter()
-    sid = await warmed_session(client)
+    sid = await warmed(client)
     await refused(
         client,
         [sid],
@@ -399,10 +389,10 @@ async def test_open_session_arguments(server, client, refused, counted, scrape):
     await counted(server, counts)
 
 
-async def test_stream_steps_binding(server, client, counted):
+async def test_stream_steps_binding(server, client, counted, warmed):
     counts: Counter = Counter()
-    sid = await warmed_session(client)
-    other = await warmed_session(client)
+    sid = await warmed(client)
+    other = await warmed(client)
     before = [await client.get_state(s) for s in (sid, other)]
 
     call = client.stub.StreamSteps([Client.step_request("", tokens=[1, 2])], timeout=30)
@@ -437,10 +427,10 @@ async def _until_error(call):
         return
 
 
-async def test_generate_arguments(server, client, refused, counted):
+async def test_generate_arguments(server, client, refused, counted, warmed):
     counts: Counter = Counter()
-    sid = await warmed_session(client)
-    features = await warmed_session(client, "tiny-features")
+    sid = await warmed(client)
+    features = await warmed(client, "tiny-features")
     both = [sid, features]
     await refused(
         client,
@@ -501,9 +491,9 @@ async def test_generate_arguments(server, client, refused, counted):
     await counted(server, counts)
 
 
-async def test_states_roundtrip_exactly(client, arrays):
+async def test_states_roundtrip_exactly(client, arrays, warmed):
     """The 'bit-identical' comparisons above rely on GetState being a faithful float32 copy."""
-    sid = await warmed_session(client)
+    sid = await warmed(client)
     state = await client.get_state(sid)
     h, c = arrays(state)
     assert h.dtype == np.float32 and np.any(h != 0) and np.any(c != 0)

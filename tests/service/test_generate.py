@@ -5,23 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
-
 PROMPT = "user: héllo\nbot: "
 END_TOKENS = {258, 259}  # eos, eot
-
-
-def greedy(ref, prompt: str, max_tokens: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """In-process greedy decoding: feed the prompt, then argmax and feed, token by token."""
-    logits, h, c = ref.run("tiny-chat", np.frombuffer(prompt.encode(), np.uint8).astype(np.int64))
-    tokens: list[int] = []
-    for _ in range(max_tokens):
-        token = int(np.argmax(logits[-1]))
-        tokens.append(token)
-        logits, h, c = ref.run("tiny-chat", np.array([token]), h, c)
-        if token in END_TOKENS:
-            break
-    return tokens, h, c
 
 
 def decode(tokens: list[int]) -> str:
@@ -56,7 +41,7 @@ async def test_greedy_matches_in_process_decoding(client, ref, close, arrays):
     chunks = await collect(client, session.session_id, PROMPT, max_tokens=12, temperature=0.0)
     prompt_bytes = len(PROMPT.encode())
     tokens, _ = check_chunks(chunks, prompt_bytes)
-    want_tokens, want_h, want_c = greedy(ref, PROMPT, 12)
+    want_tokens, want_h, want_c = ref.greedy(PROMPT, 12)
     assert tokens == want_tokens
     finish = chunks[-1].finish_reason
     if finish == "length":

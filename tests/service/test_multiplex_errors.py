@@ -35,19 +35,9 @@ async def answer(client: Client, method: str, items: list[pb.StepRequest]) -> li
     return [by_tag[i.tag] for i in items]
 
 
-async def warmed(client: Client, model: str = "tiny-chat") -> str:
-    """A session with non-zero state at position 5 (3 for features), so 'unchanged' means something."""
-    session = await client.open_session(model=model)
-    if model == "tiny-chat":
-        await client.step(session.session_id, tokens=[10, 20, 30, 40, 50])
-    else:
-        await client.step(session.session_id, features=np.linspace(-1, 1, 15).reshape(3, 5))
-    return session.session_id
-
-
 @pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
 async def test_each_item_gets_its_own_status_and_only_valid_items_apply(server, client, ref, close, arrays, scrape,
-                                                                        rpc_error, method):
+                                                                        rpc_error, method, warmed):
     a, b, bad_tokens, moved = [await warmed(client) for _ in range(4)]
     features = await warmed(client, "tiny-features")
     closed = await warmed(client)
@@ -127,7 +117,7 @@ async def test_a_session_repeated_in_one_message_applies_in_order(client, ref, c
     assert (await client.get_state(sid)).position == 5
 
 
-async def test_item_cap_refuses_the_whole_message(start, connect, rpc_error):
+async def test_item_cap_refuses_the_whole_message(start, connect, rpc_error, warmed):
     server = await start(max_items_per_message=4)
     client = connect(server)
     sid = await warmed(client)
@@ -157,7 +147,7 @@ async def test_item_cap_refuses_the_whole_message(start, connect, rpc_error):
     assert len((await client.step_many(five[:4])).items) == 4  # the cap itself is allowed
 
 
-async def test_another_principals_session_is_not_found_per_item(start, tmp_path):
+async def test_another_principals_session_is_not_found_per_item(start, tmp_path, warmed):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice {ALICE}\nbob {BOB}\n")
     server = await start(auth_token_file=tokens)
@@ -196,7 +186,7 @@ def one_model_dir(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
 async def test_one_model_server_finds_bad_sessions_when_their_batch_loads_them(start, one_model_dir, tmp_path,
-                                                                               rpc_error, method):
+                                                                               rpc_error, method, warmed):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice {ALICE}\nbob {BOB}\n")
     server = await start(model_dir=one_model_dir, default_model="", auth_token_file=tokens)

@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import numpy as np
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
 from service.client import Client
 
 PROMPT = "user: héllo\nbot: "
-END_TOKENS = {258, 259}
 
 
 async def read(call: grpc.aio.StreamStreamCall) -> pb.StepBatchResult:
@@ -102,19 +100,6 @@ async def test_step_many_past_its_deadline_applies_nothing(server, client, gate,
         assert (await client.get_state(sid)).position == 0, "a step of a call that ended was applied"
 
 
-def greedy(ref, prompt: str, max_tokens: int, h=None, c=None) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """In-process greedy decoding from (h, c): feed the prompt, then argmax and feed, token by token."""
-    logits, h, c = ref.run("tiny-chat", np.frombuffer(prompt.encode(), np.uint8).astype(np.int64), h, c)
-    tokens: list[int] = []
-    for _ in range(max_tokens):
-        token = int(np.argmax(logits[-1]))
-        tokens.append(token)
-        logits, h, c = ref.run("tiny-chat", np.array([token]), h, c)
-        if token in END_TOKENS:
-            break
-    return tokens, h, c
-
-
 async def test_generate_many_tags_chunks_and_isolates_turns(server, client, ref, close, arrays, rpc_error, scrape):
     first, second, untouched = [(await client.open_session()).session_id for _ in range(3)]
     await client.step(untouched, tokens=[1, 2, 3])
@@ -147,9 +132,9 @@ async def test_generate_many_tags_chunks_and_isolates_turns(server, client, ref,
         assert (outcome.error.code, outcome.error.message) == (single.code().value[0], single.details())
     assert await client.get_state(untouched) == before
 
-    want1, h, c = greedy(ref, PROMPT, 8)
-    want5, h, c = greedy(ref, "user: and?\nbot: ", 6, h, c)
-    want4, _, _ = greedy(ref, PROMPT, 8)
+    want1, h, c = ref.greedy(PROMPT, 8)
+    want5, h, c = ref.greedy("user: and?\nbot: ", 6, h, c)
+    want4, _, _ = ref.greedy(PROMPT, 8)
     for tag, want in ((1, want1), (4, want4), (5, want5)):
         chunks = [o.chunk for o in by_tag[tag]]
         assert [o.WhichOneof("outcome") for o in by_tag[tag]] == ["chunk"] * len(chunks)
