@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import grpc
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.api.native_codec import fill_response, fill_status, step_inputs, wanted
+from service.api.native_codec import expected_position, fill_response, fill_status, step_inputs, wanted
 from service.api.outbox import Outbox
 from service.auth import current_principal
 from service.batcher import StepJob
-from service.dataplane import MAX_ID_CHARS, DataPlane, deadline_after
+from service.dataplane import DataPlane, deadline_after
 from service.engine import ModelSpec
 from service.errors import CellstreamError, InvalidArgument
 from service.metrics import Metrics
@@ -97,14 +97,14 @@ class StepItems:
             try:
                 if spec is None:
                     raise errors[session_id]
-                if only is not None and not 0 < len(session_id) <= MAX_ID_CHARS:
+                if only is not None:
                     dataplane.check_session_id(session_id)
                 inputs = step_inputs(dataplane, spec, item)
             except CellstreamError as exc:
                 entries.append((item, spec, exc))
                 continue
-            expected = item.expected_position if item.HasField("expected_position") else None
-            job = StepJob(session_id, inputs, expected, deadline, owner=owner, future=create_future())
+            job = StepJob(session_id, inputs, expected_position(item), deadline, owner=owner,
+                          future=create_future())
             by_model.setdefault(spec.name, []).append(len(entries))
             entries.append((item, spec, job))
         for model, indices in by_model.items():
