@@ -29,6 +29,9 @@ from service.sessions.factory import open_store
 log = logging.getLogger(__name__)
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+GRPC_PENDING_REQUESTS = 1_000  # gRPC core's own default soft limit
+PENDING_PER_INFLIGHT = 4
+
 SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -89,10 +92,16 @@ def _reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
 async def start_server(settings: Settings, metrics: Metrics | None = None) -> RunningServer:
     """Bind and start reporting NOT_SERVING, load the models, then report SERVING."""
     metrics = metrics or Metrics()
+    pending_limit = max(GRPC_PENDING_REQUESTS, PENDING_PER_INFLIGHT * settings.max_inflight_requests)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # gRPC core cancels calls at random once more than 1,000 wait for the application to pick them up
+        # (random early detection): clients saw bare CANCELLED at 1,024 concurrent unary calls. The admission
+        # bound is the overload control, refusing with a message that says so, so core's bound sits past it.
+        ("grpc.server.max_pending_requests", pending_limit),
+        ("grpc.server.max_pending_requests_hard_limit", pending_limit),
     ]
     # Authentication first: a call refused for its credentials takes no in-flight slot.
     interceptors = [*auth.interceptors(settings, metrics),
