@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from service.engine import Engine
+from service.engine import TOKENS, Engine
 from service.errors import Aborted, CellstreamError, DeadlineExceeded, ResourceExhausted, Unavailable, session_not_found
 from service.metrics import Metrics, observe_many
 from service.sessions.base import SessionRecord, SessionStore, StateUpdate
@@ -48,10 +48,14 @@ class StepResult(NamedTuple):  # a tuple: built once per step, in the hot path
     position: int  # after the step
 
 
+StepInputs = list[int] | np.ndarray
+"""A step's validated input: T token ids, or (T, F) float32 features."""
+
+
 @dataclass(slots=True)
 class StepJob:
     session_id: str
-    inputs: np.ndarray  # (T,) int64 tokens or (T, F) float32 features
+    inputs: StepInputs
     expected_position: int | None = None
     deadline: float | None = None  # loop.time() after which the step is not worth computing
     state: tuple[np.ndarray, np.ndarray] | None = None  # client-held (h, c) (L, H): not in the store
@@ -101,6 +105,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.model}")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._input_dtype = np.int64 if engine.spec.input_kind == TOKENS else np.float32
         # Bound once: labels() costs a lock and a dict lookup on every call of the hot path.
         self._queue_wait = metrics.queue_wait.labels(self.model)
         self._compute = metrics.compute.labels(self.model)
@@ -229,7 +234,7 @@ class Batcher:
         started = loop.time()
         observe_many(self._queue_wait, [started - job.enqueued for job in jobs])
         # np.array, not np.stack: stack's Python-level work per array is several times the copy.
-        inputs = np.array([job.inputs for job in jobs])  # (B, T[, F])
+        inputs = np.array([job.inputs for job in jobs], dtype=self._input_dtype)  # (B, T[, F])
         h0 = np.ascontiguousarray(np.array([record.h for record in ready]).transpose(1, 0, 2))  # (L, B, H)
         c0 = np.ascontiguousarray(np.array([record.c for record in ready]).transpose(1, 0, 2))
         # The positions this state stands for, read now: a store may update its records in place

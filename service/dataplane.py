@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.auth import current_principal
-from service.batcher import Batcher, StepJob, StepResult
+from service.batcher import Batcher, StepInputs, StepJob, StepResult
 from service.config import Settings
 from service.engine import FEATURES, TOKENS, ModelRegistry, ModelSpec
 from service.errors import CellstreamError, InvalidArgument, NotFound, session_not_found
@@ -123,7 +123,9 @@ class DataPlane:
         if steps > limit:
             raise InvalidArgument(f"{field} has {steps} steps, more than max_tokens_per_request ({limit})")
 
-    def tokens_input(self, spec: ModelSpec, ids: Sequence[int] | np.ndarray, field: str = "tokens") -> np.ndarray:
+    def tokens_input(self, spec: ModelSpec, ids: Sequence[int] | np.ndarray, field: str = "tokens") -> list[int]:
+        """The validated ids as a list: the batcher makes one array for its whole batch (an array per step
+        would cost more than the rest of the step's validation)."""
         if spec.input_kind != TOKENS:
             raise InvalidArgument(f"model {spec.name!r} takes features ({spec.feature_size} floats per step), "
                                   f"not {field}")
@@ -135,9 +137,9 @@ class DataPlane:
             k, token = next((k, t) for k, t in enumerate(values) if not 0 <= t < spec.vocab_size)
             raise InvalidArgument(f"{field}[{k}] = {token} is outside the vocabulary "
                                   f"[0, {spec.vocab_size}) of model {spec.name!r}")
-        return np.array(values, dtype=np.int64)
+        return values
 
-    def text_input(self, spec: ModelSpec, text: str, field: str = "text") -> np.ndarray:
+    def text_input(self, spec: ModelSpec, text: str, field: str = "text") -> list[int]:
         if not spec.accepts_text:
             raise InvalidArgument(f"model {spec.name!r} has no byte tokenizer ({spec.input_kind} input); "
                                   f"send {'tokens' if spec.input_kind == TOKENS else 'features'} instead of {field}")
@@ -259,7 +261,7 @@ class DataPlane:
     # --- steps --------------------------------------------------------------------------------
 
     async def step(
-        self, record: SessionRecord, inputs: np.ndarray, *, expected_position: int | None = None,
+        self, record: SessionRecord, inputs: StepInputs, *, expected_position: int | None = None,
         timeout: float | None = None,
     ) -> StepResult:
         """Feed validated `inputs` to the session and wait for the new state and logits."""
@@ -305,7 +307,7 @@ class DataPlane:
     async def generate(
         self,
         record: SessionRecord,
-        prompt: np.ndarray,
+        prompt: list[int],
         *,
         max_tokens: int,
         temperature: float,
@@ -337,7 +339,7 @@ class DataPlane:
         for count in range(1, max_tokens + 1):
             token = sample_token(result.logits[-1], temperature, top_k, rng)
             remaining = None if deadline is None else deadline - time.monotonic()
-            result = await self.step(record, np.array([token], np.int64), timeout=remaining)
+            result = await self.step(record, [token], timeout=remaining)
             pending.append(token)
             text = decoder.feed([token])
             reply += text

@@ -226,7 +226,7 @@ def _rows(spec: ModelSpec, dataplane: DataPlane, name: str, main: np.ndarray) ->
     if batch > limit:
         raise InvalidArgument(f"input {name!r} has batch size {batch}, more than max_batch_size ({limit})")
     if spec.input_kind == TOKENS:
-        return np.stack([dataplane.tokens_input(spec, row, f"{name}[{b}]") for b, row in enumerate(main)])
+        return np.array([dataplane.tokens_input(spec, row, f"{name}[{b}]") for b, row in enumerate(main)], np.int64)
     return np.stack([
         dataplane.features_input(spec, row.reshape(-1), spec.feature_size, f"{name}[{b}]") for b, row in enumerate(main)
     ])

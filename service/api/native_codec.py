@@ -12,7 +12,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.batcher import StepResult
+from service.batcher import StepInputs, StepResult
 from service.dataplane import DataPlane, GeneratedChunk
 from service.engine import ModelSpec
 from service.errors import CellstreamError, InvalidArgument
@@ -44,8 +44,11 @@ def top_tokens(logits: np.ndarray, k: int) -> list[pb.TokenProb]:
     return [pb.TokenProb(token=int(t), prob=float(probs[t]), text=token_text(int(t))) for t in best]
 
 
-def step_inputs(dataplane: DataPlane, spec: ModelSpec, request: pb.StepRequest) -> np.ndarray:
-    """The request's validated input: (T,) tokens or (T, F) features."""
+def step_inputs(dataplane: DataPlane, spec: ModelSpec, request: pb.StepRequest) -> StepInputs:
+    """The request's validated input: T token ids or (T, F) features."""
+    ids = request.tokens.ids
+    if ids:  # ids are set only while tokens is the oneof's member; WhichOneof costs more than a 1-token step's checks
+        return dataplane.tokens_input(spec, ids, "tokens.ids")
     kind = request.WhichOneof("input")
     if kind == "tokens":
         return dataplane.tokens_input(spec, request.tokens.ids, "tokens.ids")
