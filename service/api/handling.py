@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -56,6 +57,13 @@ class _CallRecord:
         self.metrics.requests.labels(self.method, code.name).inc()
         self.metrics.request_latency.labels(self.method).observe(time.perf_counter() - self.started)
 
+    def interrupted(self, context: grpc.aio.ServicerContext) -> None:
+        """gRPC cancelled the handler: the client went away or its deadline passed. context.cancelled() says
+        neither (it is still false when the done callback runs), so the deadline tells them apart."""
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
     async def fail(self, exc: Exception, context: grpc.aio.ServicerContext) -> None:
         """Abort the call with the status `exc` stands for; unexpected errors become INTERNAL, logged once."""
         if isinstance(exc, grpc.aio.AbortError):  # the servicer aborted by itself
@@ -82,6 +90,9 @@ def rpc(func: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 async for reply in func(self, request, context):
                     yield reply
+            except asyncio.CancelledError:
+                record.interrupted(context)
+                raise
             except Exception as exc:
                 await record.fail(exc, context)
                 raise
@@ -93,6 +104,9 @@ def rpc(func: Callable[..., Any]) -> Callable[..., Any]:
         record = _CallRecord(self.metrics, method, context)
         try:
             return await func(self, request, context)
+        except asyncio.CancelledError:
+            record.interrupted(context)
+            raise
         except Exception as exc:
             await record.fail(exc, context)
             raise

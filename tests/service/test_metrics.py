@@ -87,3 +87,31 @@ async def test_metrics_after_a_workload(server, client, scrape, rpc_error):
     registry = server.metrics.registry
     assert registry.get_sample_value("cellstream_tokens_total", {"model": "tiny-chat"}) == chat_tokens
 
+
+
+async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(server, client, gate, scrape, rpc_error):
+    held = gate(server)
+    blocker = await client.open_session()
+    waiting = [await client.open_session() for _ in range(2)]
+    first = asyncio.ensure_future(client.step(blocker.session_id, tokens=[1]))
+    await asyncio.to_thread(held.running.wait, 30)  # the model is busy: later steps wait in the queue
+
+    late = await rpc_error(client.stub.Step(Client.step_request(waiting[0].session_id, tokens=[2]), timeout=0.2))
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    abandoned = client.stub.Step(Client.step_request(waiting[1].session_id, tokens=[3]), timeout=30)
+    await asyncio.sleep(0.2)
+    abandoned.cancel()
+    held.open.set()
+    assert (await asyncio.wait_for(first, 30)).position == 1
+
+    get = (await scrape(server)).get
+    for _ in range(50):  # the server learns of the cancellation a moment after the client
+        if get("cellstream_requests_total", method="Step", code="CANCELLED"):
+            break
+        await asyncio.sleep(0.1)
+        get = (await scrape(server)).get
+    assert get("cellstream_requests_total", method="Step", code="DEADLINE_EXCEEDED") == 1
+    assert get("cellstream_requests_total", method="Step", code="CANCELLED") == 1
+    assert get("cellstream_requests_total", method="Step", code="OK") == 1
+    for session in waiting:
+        assert (await client.get_state(session.session_id)).position == 0
