@@ -62,6 +62,9 @@ class Metrics:
                                      "Live sessions in the store (Redis: all replicas' sessions).", registry=r)
         self.state_bytes = Gauge("cellstream_state_bytes",
                                  "Bytes of h and C state held by live sessions (Redis: all replicas').", registry=r)
+        self.store_up = Gauge("cellstream_state_store_up",
+                              "1 while the session store answers the server's probe (the memory store always "
+                              "does), 0 while it does not.", registry=r)
         self.sessions_opened = Counter("cellstream_sessions_opened", "Sessions opened (incl. forks).",
                                        registry=r)
         self.sessions_closed = Counter("cellstream_sessions_closed", "Sessions closed by clients.", registry=r)

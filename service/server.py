@@ -133,7 +133,13 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         raise
     native.attach(running.dataplane)
     kserve.attach(running.dataplane)
-    await running.dataplane.watch_store(lambda up: _set_health(health_servicer, SERVING if up else NOT_SERVING))
+
+    async def store_changed(up: bool) -> None:
+        metrics.store_up.set(up)
+        kserve.store_reachable(up)
+        await _set_health(health_servicer, SERVING if up else NOT_SERVING)
+
+    await running.dataplane.watch_store(store_changed)
     log.info("serving %s on %s:%d (metrics on :%d, sessions in %s)", sorted(running.dataplane.registry.engines),
              settings.host, port, metrics_port, redacted_url(settings.state_store))
     return running

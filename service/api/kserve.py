@@ -49,6 +49,11 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, metrics: Metrics) -> None:
         super().__init__(metrics)
         self._draining = False
+        self._store_up = True
+
+    def store_reachable(self, up: bool) -> None:
+        """Follow the session store's probe: sequences need it, so the server is not ready without it."""
+        self._store_up = up
 
     def drain(self) -> None:
         """Report not ready from now on: the server is shutting down."""
@@ -56,7 +61,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
 
     @property
     def ready(self) -> bool:
-        return self._dataplane is not None and not self._draining
+        return self._dataplane is not None and not self._draining and self._store_up
 
     def _spec(self, name: str, version: str) -> ModelSpec:
         spec = self.dataplane.spec(name)

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import aio as triton_aio
 
 from service.config import SettingsError, load_settings
 
@@ -58,17 +59,26 @@ async def test_any_replica_serves_any_session(start, connect, redis_server, scra
     assert error[0].code() == grpc.StatusCode.NOT_FOUND
 
 
+async def readiness(server, triton: triton_aio.InferenceServerClient, scrape) -> tuple[float, bool, bool]:
+    """The store gauge, KServe's ServerReady and ModelReady."""
+    up = (await scrape(server)).get("cellstream_state_store_up")
+    return up, await triton.is_server_ready(), await triton.is_model_ready("tiny-chat")
+
+
 async def test_redis_outage_is_unavailable_not_serving_then_recovers(start, connect, redis_server, ref, close,
-                                                                     rpc_error):
+                                                                     rpc_error, scrape):
     server = await start(state_store=redis_server.url, store_probe_interval_seconds=0.2,
                          state_store_timeout_seconds=0.5)
     client = connect(server)
+    triton = triton_aio.InferenceServerClient(f"127.0.0.1:{server.port}")
     session = await client.open_session()
     await client.step(session.session_id, tokens=TOKENS[:5])
     assert await health_status(client) == SERVING
+    assert await readiness(server, triton, scrape) == (1, True, True)
 
     redis_server.stop()
     await wait_health(client, NOT_SERVING, within=5)
+    assert await readiness(server, triton, scrape) == (0, False, False)
     for call in (client.step(session.session_id, tokens=TOKENS[5:]), client.open_session(),
                  client.get_state(session.session_id)):
         error = await rpc_error(call)
@@ -78,6 +88,8 @@ async def test_redis_outage_is_unavailable_not_serving_then_recovers(start, conn
 
     redis_server.start()
     await wait_health(client, SERVING, within=5)
+    assert await readiness(server, triton, scrape) == (1, True, True)
+    await triton.close()
     state = await client.get_state(session.session_id)
     assert state.position == 5, "a step refused while Redis was down changed the session"
     response = await client.step(session.session_id, tokens=TOKENS[5:], logits=True)
