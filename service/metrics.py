@@ -90,6 +90,9 @@ class Metrics:
             self._http_server = None
 
 
+BULK_OBSERVE_FROM = 12  # measured crossover: 1 value 1.1 us one by one vs 12 us in bulk; 16 values 17 vs 15 us
+
+
 def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     """`histogram.observe(v)` for every v of a labelled child, touching each bucket once per call.
 
@@ -97,7 +100,9 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     step of a batch of hundreds is a large share of the server's CPU per step. This does what it does
     (a value lands in the first bucket whose upper bound is >= it) once per bucket instead.
     """
-    if not values:
+    if len(values) < BULK_OBSERVE_FROM:  # numpy's fixed cost (~12 us) is more than a few observe() calls
+        for value in values:
+            histogram.observe(value)
         return
     upper = histogram._upper_bounds  # the client's own fields: it has no bulk observe
     counts = np.bincount(np.searchsorted(upper, values, side="left"), minlength=len(upper))

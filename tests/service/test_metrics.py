@@ -6,8 +6,11 @@ import asyncio
 
 import grpc
 import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
 
 from service.client import Client
+from service.metrics import observe_many
 
 CHAT_STATE_BYTES = 2 * 2 * 16 * 4
 FEATURES_STATE_BYTES = 2 * 2 * 12 * 4
@@ -115,3 +118,25 @@ async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(ser
     assert get("cellstream_requests_total", method="Step", code="OK") == 1
     for session in waiting:
         assert (await client.get_state(session.session_id)).position == 0
+
+
+def histogram_samples(registry: CollectorRegistry, name: str) -> dict[tuple, float]:
+    """(sample suffix, labels) -> value of one histogram, creation time left out."""
+    return {(sample.name.removeprefix(name), tuple(sorted(sample.labels.items()))): sample.value
+            for family in registry.collect() if family.name == name
+            for sample in family.samples if not sample.name.endswith("_created")}
+
+
+@pytest.mark.parametrize("count", [3, 40])  # below and above BULK_OBSERVE_FROM: both paths
+def test_observe_many_equals_one_observe_per_value(count):
+    registry = CollectorRegistry()
+    bulk = Histogram("bulk", "values observed at once", ["m"], registry=registry)
+    each = Histogram("each", "values observed one by one", ["m"], registry=registry)
+    bounds = [b for b in bulk._upper_bounds if b != float("inf")]
+    values = [bounds[k % len(bounds)] * (0.5, 1.0, 1.5)[k % 3] for k in range(count)]  # some exactly on a bound
+    observe_many(bulk.labels("a"), values)
+    for value in values:
+        each.labels("a").observe(value)
+    got, want = histogram_samples(registry, "bulk"), histogram_samples(registry, "each")
+    assert len(want) == len(bounds) + 3  # every bucket incl. +Inf, count and sum
+    assert got == pytest.approx(want)
