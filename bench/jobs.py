@@ -15,6 +15,16 @@ class StepLoad:
 
 
 @dataclass(frozen=True)
+class EchoLoad:
+    """`calls` streams (or unary calls in flight) to the empty echo server, each sending the bytes of a
+    1-token StreamSteps request back to back until told to stop."""
+
+    api: str  # options.API_STREAM or API_UNARY
+    calls: int
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
 class ManyLoad:
     """Multiplexed calls (`api`: StreamMany or StepMany), one per entry of `sessions_per_call`: each sends
     a 1-token step for every one of its sessions in one message, waits for all their outcomes, and again."""
@@ -53,7 +63,7 @@ class Conversation:
     timeout_seconds: float
 
 
-Job = StepLoad | ManyLoad | GenerateLoad | OpenIdle | Conversation
+Job = StepLoad | EchoLoad | ManyLoad | GenerateLoad | OpenIdle | Conversation
 
 
 @dataclass(frozen=True)

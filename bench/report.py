@@ -41,6 +41,13 @@ def _header(results: dict) -> str:
             f"{options['ort_threads']} intra-op thread(s); {options['clients']} client processes")
 
 
+def _floor(results: dict) -> str:
+    rows = [(r["api"], r["calls"], r["messages_per_s"], r["p50_ms"], r["p99_ms"], r["server_cpu_us_per_message"])
+            for r in results["floor"]]
+    return ("0. Floor: an empty gRPC server (same loop, bytes and load; no work): the best any service on it can do\n"
+            + _table(("api", "calls", "msgs/s", "p50 ms", "p99 ms", "server us/msg"), rows))
+
+
 def _limit(results: dict) -> str:
     limit = results["limit"]
     rows = [(p["batch"], p["steps_per_s"], p["us_per_call"]) for p in limit["steps"]]
@@ -97,6 +104,6 @@ def _targets(checks: Sequence[Check]) -> str:
 
 
 def render(results: dict, checks: Sequence[Check]) -> str:
-    sections = (_header(results), _limit(results), _service(results), _conversation(results), _generate(results),
-                _memory(results), _targets(checks))
+    sections = (_header(results), _floor(results), _limit(results), _service(results), _conversation(results),
+                _generate(results), _memory(results), _targets(checks))
     return "\n\n".join(sections)

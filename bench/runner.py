@@ -12,6 +12,7 @@ from pathlib import Path
 from bench.conversation import chat_turns, history_bytes, measure_conversation
 from bench.efficiency import efficiency
 from bench.errors import BenchError
+from bench.floor import measure_floor
 from bench.generation import measure_generate
 from bench.limit import measure_limit
 from bench.machine import machine_info, model_info
@@ -19,7 +20,7 @@ from bench.memory import WARMUP_SESSIONS, measure_idle_memory, startup_summary
 from bench.options import Options
 from bench.pool import WorkerPool
 from bench.progress import restart, say
-from bench.server import ServerProcess
+from bench.server import EchoProcess, ServerProcess
 from bench.service_load import measure_service
 from bench.targets import BATCHING, UNBATCHED
 from service.config import Settings
@@ -58,6 +59,12 @@ def _limit(options: Options, results: dict) -> None:
     say("1. limit: in-process onnxruntime")
     results["limit"] = measure_limit(engine, options.limit_batches, options.prefill_tokens, options.limit_seconds,
                                      options.ort_threads)
+
+
+def _floor(pool: WorkerPool, servers: Servers, options: Options, results: dict) -> None:
+    say("0. floor: an empty gRPC server")
+    with EchoProcess(servers.log_dir / "echo.log") as server:
+        results["floor"] = measure_floor(pool, server, options)
 
 
 def _batching(pool: WorkerPool, servers: Servers, options: Options, results: dict) -> None:
@@ -100,6 +107,7 @@ def run(options: Options) -> dict[str, object]:
     _limit(options, results)
     with WorkerPool(options.clients) as pool, tempfile.TemporaryDirectory(prefix="cellstream-bench-") as logs:
         servers = Servers(options, Path(logs))
+        _floor(pool, servers, options, results)
         _batching(pool, servers, options, results)
         _unbatched(pool, servers, options, results)
         _memory(pool, servers, options, results)

@@ -9,8 +9,10 @@ import time
 import grpc
 
 from bench import wire
+from bench.echo import STREAM as ECHO_STREAM
+from bench.echo import UNARY as ECHO_UNARY
 from bench.gate import Gate
-from bench.jobs import Conversation, Events, GenerateLoad, Job, ManyLoad, OpenIdle, StepLoad, TurnLatencies
+from bench.jobs import Conversation, EchoLoad, Events, GenerateLoad, Job, ManyLoad, OpenIdle, StepLoad, TurnLatencies
 from bench.multiplexed import many_load
 from bench.options import API_STREAM
 from bench.stats import split_evenly
@@ -21,6 +23,8 @@ async def run_job(target: str, job: Job, gate: Gate) -> Events | TurnLatencies |
         match job:
             case StepLoad():
                 return await step_load(channel, job, gate)
+            case EchoLoad():
+                return await echo_load(channel, job, gate)
             case ManyLoad():
                 return await many_load(channel, job, gate)
             case GenerateLoad():
@@ -43,13 +47,33 @@ async def step_load(channel: grpc.aio.Channel, job: StepLoad, gate: Gate) -> Eve
     if job.api == API_STREAM:
         calls = await asyncio.gather(*(_open_stream(channel, sid, job.timeout_seconds) for sid in ids))
         await gate.ready()
-        await asyncio.gather(*(_drive_stream(call, gate, events) for call in calls))
+        request = wire.step_request()  # no session id: each stream is bound to its session already
+        await asyncio.gather(*(_drive_stream(call, gate, events, request) for call in calls))
         return events
     step = channel.unary_unary(wire.STEP)
     requests = [wire.step_request(sid) for sid in ids]
     await asyncio.gather(*(step(request, timeout=job.timeout_seconds) for request in requests))
     await gate.ready()
     await asyncio.gather(*(_drive_unary(step, request, job.timeout_seconds, gate, events) for request in requests))
+    return events
+
+
+async def echo_load(channel: grpc.aio.Channel, job: EchoLoad, gate: Gate) -> Events:
+    """StepLoad's traffic against the empty echo server: the same bytes, streams and back-to-back pacing."""
+    request = wire.step_request()
+    events = Events()
+    if job.api == API_STREAM:
+        calls = [channel.stream_stream(ECHO_STREAM)(timeout=job.timeout_seconds) for _ in range(job.calls)]
+        for call in calls:
+            await call.write(request)
+            await call.read()
+        await gate.ready()
+        await asyncio.gather(*(_drive_stream(call, gate, events, request) for call in calls))
+        return events
+    echo = channel.unary_unary(ECHO_UNARY)
+    await asyncio.gather(*(echo(request, timeout=job.timeout_seconds) for _ in range(job.calls)))
+    await gate.ready()
+    await asyncio.gather(*(_drive_unary(echo, request, job.timeout_seconds, gate, events) for _ in range(job.calls)))
     return events
 
 
@@ -61,8 +85,9 @@ async def _open_stream(channel: grpc.aio.Channel, session_id: str, timeout: floa
     return call
 
 
-async def _drive_stream(call: grpc.aio.StreamStreamCall, gate: Gate, events: Events) -> None:
-    request = wire.step_request()  # the stream is bound to its session: the same bytes every time
+async def _drive_stream(call: grpc.aio.StreamStreamCall, gate: Gate, events: Events, request: bytes) -> None:
+    """Write `request` and read the reply, back to back (a StreamSteps stream is bound to its session by
+    its first request: every later one is the same bytes)."""
     while not gate.stopping:
         start = time.monotonic()
         await call.write(request)
@@ -71,7 +96,7 @@ async def _drive_stream(call: grpc.aio.StreamStreamCall, gate: Gate, events: Eve
     await call.done_writing()
     code = await call.code()
     if code != grpc.StatusCode.OK:
-        raise RuntimeError(f"StreamSteps ended with {code.name}: {await call.details()}")
+        raise RuntimeError(f"stream ended with {code.name}: {await call.details()}")
 
 
 async def _drive_unary(step: grpc.aio.UnaryUnaryMultiCallable, request: bytes, timeout: float, gate: Gate,

@@ -1,4 +1,5 @@
-"""`cellstream serve` in a separate process on 127.0.0.1, timed from spawn to SERVING."""
+"""Servers in separate processes on 127.0.0.1 (`cellstream serve`, the empty echo server), timed from spawn
+to SERVING."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,23 +52,17 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-class ServerProcess:
-    """A context manager: started (and timed to SERVING) on enter, stopped with SIGTERM on exit."""
+class ServedProcess:
+    """A server in its own process on HOST, a context manager: started (and timed to SERVING, by gRPC
+    health) on enter, stopped with SIGTERM on exit."""
 
-    def __init__(self, model_dir: Path, model: str, settings: dict[str, object], extra_args: tuple[str, ...],
-                 log_path: Path) -> None:
-        self.port, self.metrics_port = free_ports(2)
-        self.target = f"{HOST}:{self.port}"
-        self.metrics_url = f"http://{HOST}:{self.metrics_port}/metrics"
+    def __init__(self, argv: list[str], port: int, metrics_url: str | None, log_path: Path) -> None:
+        self.argv = argv
+        self.port = port
+        self.target = f"{HOST}:{port}"
+        self.metrics_url = metrics_url  # None: no /metrics, so no batch counters (the echo server)
         self.log_path = log_path
         self.startup_seconds = 0.0
-        flags = {"host": HOST, "port": self.port, "metrics_host": HOST, "metrics_port": self.metrics_port,
-                 "model_dir": model_dir, "default_model": model, "log_level": "WARNING",
-                 "shutdown_grace_seconds": SHUTDOWN_GRACE_SECONDS, **settings}
-        self.argv = [sys.executable, "-m", "service.cli", "serve"]
-        for name, value in flags.items():
-            self.argv += ["--" + name.replace("_", "-"), str(value)]
-        self.argv += extra_args  # argparse keeps the last value of a repeated flag: the user's wins
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,7 +71,7 @@ class ServerProcess:
             raise BenchError("the server is not running")
         return self._process.pid
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         with self.log_path.open("wb") as log:
             started = time.monotonic()
             self._process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
@@ -113,7 +109,8 @@ class ServerProcess:
 
     def snapshot(self) -> Snapshot:
         now = time.monotonic()
-        return Snapshot(now, cpu_seconds(self.pid), batch_counters(self.metrics_url))
+        batches = batch_counters(self.metrics_url) if self.metrics_url else BatchCounters(0.0, 0.0)
+        return Snapshot(now, cpu_seconds(self.pid), batches)
 
     def stop(self) -> None:
         if self._process is None:
@@ -126,3 +123,28 @@ class ServerProcess:
                 self._process.kill()
                 self._process.wait()
         self._process = None
+
+
+class ServerProcess(ServedProcess):
+    """`cellstream serve` with the harness's settings (and the user's --serve-arg words last)."""
+
+    def __init__(self, model_dir: Path, model: str, settings: dict[str, object], extra_args: tuple[str, ...],
+                 log_path: Path) -> None:
+        port, metrics_port = free_ports(2)
+        flags = {"host": HOST, "port": port, "metrics_host": HOST, "metrics_port": metrics_port,
+                 "model_dir": model_dir, "default_model": model, "log_level": "WARNING",
+                 "shutdown_grace_seconds": SHUTDOWN_GRACE_SECONDS, **settings}
+        argv = [sys.executable, "-m", "service.cli", "serve"]
+        for name, value in flags.items():
+            argv += ["--" + name.replace("_", "-"), str(value)]
+        argv += extra_args  # argparse keeps the last value of a repeated flag: the user's wins
+        super().__init__(argv, port, f"http://{HOST}:{metrics_port}/metrics", log_path)
+
+
+class EchoProcess(ServedProcess):
+    """The empty gRPC server of bench/echo.py."""
+
+    def __init__(self, log_path: Path) -> None:
+        [port] = free_ports(1)
+        super().__init__([sys.executable, "-m", "bench.echo", "--host", HOST, "--port", str(port)], port, None,
+                         log_path)

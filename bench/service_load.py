@@ -14,14 +14,14 @@ from bench.window import measure_window
 CALL_MARGIN_SECONDS = 60.0  # a call outlives the run by this much before gRPC gives up on it
 
 
-def _timeout(options: Options) -> float:
+def call_timeout(options: Options) -> float:
     return options.warmup_seconds + options.duration_seconds + CALL_MARGIN_SECONDS
 
 
 def measure_steps(pool: WorkerPool, server: ServerProcess, api: str, sessions: int,
                   options: Options) -> dict[str, object]:
     """One stream (or unary call in flight) per session."""
-    jobs = [StepLoad(api, n, _timeout(options)) if n else None for n in pool.spread(sessions)]
+    jobs = [StepLoad(api, n, call_timeout(options)) if n else None for n in pool.spread(sessions)]
     window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
     return {"api": api, "sessions": sessions, "calls": sessions, **window.summary("step")}
 
@@ -35,7 +35,7 @@ def many_jobs(api: str, sessions: int, calls: int, per_process: list[int], timeo
 def measure_many(pool: WorkerPool, server: ServerProcess, api: str, sessions: int, calls: int,
                  options: Options) -> dict[str, object]:
     """`sessions` sessions over `calls` multiplexed calls: each message carries a step of each of its sessions."""
-    jobs = many_jobs(api, sessions, calls, pool.spread(calls), _timeout(options))
+    jobs = many_jobs(api, sessions, calls, pool.spread(calls), call_timeout(options))
     window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
     return {"api": api, "sessions": sessions, "calls": calls, **window.summary("step")}
 

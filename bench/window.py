@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from bench.errors import BenchError
 from bench.jobs import Events, Job
 from bench.pool import WorkerPool
-from bench.server import ServerProcess
+from bench.server import ServedProcess
 from bench.stats import percentile_ms
 
 READY_TIMEOUT_SECONDS = 120.0  # opening 1024 sessions and their streams on a busy 2-core box
@@ -43,7 +43,7 @@ class Window:
         }
 
 
-def measure_window(pool: WorkerPool, server: ServerProcess, jobs: Sequence[Job | None], warmup: float,
+def measure_window(pool: WorkerPool, server: ServedProcess, jobs: Sequence[Job | None], warmup: float,
                    duration: float) -> Window:
     pool.start(server.target, jobs, READY_TIMEOUT_SECONDS)
     pool.go()

@@ -20,7 +20,7 @@ from service.sessions.snapshot import SnapshotError
 TRAINING_COMMANDS = {"train": "model.train", "export": "model.export", "evaluate": "model.evaluate"}
 
 
-def _run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """uvloop where it exists (not on Windows): the server's steps/s at load depend on the loop."""
     try:
         import uvloop
@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        _run_event_loop(serve(settings))
+        run_event_loop(serve(settings))
     except ModelLoadError as exc:
         print(f"cellstream serve: cannot serve the models: {exc}", file=sys.stderr)
         return 2

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FIGURES = ("limit", "service", "efficiency", "conversation", "generate", "memory", "startup")
+FIGURES = ("floor", "limit", "service", "efficiency", "conversation", "generate", "memory", "startup")
 RUN_KEYS = {"steps_per_s", "p50_ms", "p99_ms", "mean_batch", "server_cpu_us_per_step", "calls"}
 MULTIPLEXED = {"stream-many", "step-many"}
+FLOOR_KEYS = {"messages_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_message", "calls"}
 
 
 def expected_runs(options: dict) -> set[tuple[str, int, int]]:
@@ -76,6 +77,9 @@ def test_each_figure_has_its_rows(quick_run):
         assert len(runs) == len(expected_runs(options))
         assert {(r["api"], r["sessions"], r["calls"]) for r in runs} == expected_runs(options)
         assert all(set(r) >= RUN_KEYS for r in runs)
+    assert {(r["api"], r["calls"]) for r in results["floor"]} == {
+        (api, n) for api in options["apis"] if api not in MULTIPLEXED for n in options["levels"]}
+    assert all(set(r) >= FLOOR_KEYS for r in results["floor"])
     assert len(results["efficiency"]) == 2 * len(expected_runs(options))
     assert all("efficiency" in row for row in results["efficiency"])
     conversation = results["conversation"]
