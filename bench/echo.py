@@ -16,6 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.cli import run_event_loop
+from service.config import Settings
+from service.server import grpc_options
 
 UNARY = "/cellstream.bench.Echo/Unary"
 STREAM = "/cellstream.bench.Echo/Stream"
@@ -40,7 +42,7 @@ class _Echo(grpc.GenericRpcHandler):
 
 
 async def serve(host: str, port: int) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=grpc_options(Settings()))  # cellstream's defaults: compared alike
     server.add_generic_rpc_handlers((_Echo(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

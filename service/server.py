@@ -90,11 +90,10 @@ def _reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
     return pool
 
 
-async def start_server(settings: Settings, metrics: Metrics | None = None) -> RunningServer:
-    """Bind and start reporting NOT_SERVING, load the models, then report SERVING."""
-    metrics = metrics or Metrics()
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments (the benchmark's empty server uses them too, to compare alike)."""
     pending_limit = max(GRPC_PENDING_REQUESTS, PENDING_PER_INFLIGHT * settings.max_inflight_requests)
-    options = [
+    return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -104,6 +103,12 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
         ("grpc.server.max_pending_requests", pending_limit),
         ("grpc.server.max_pending_requests_hard_limit", pending_limit),
     ]
+
+
+async def start_server(settings: Settings, metrics: Metrics | None = None) -> RunningServer:
+    """Bind and start reporting NOT_SERVING, load the models, then report SERVING."""
+    metrics = metrics or Metrics()
+    options = grpc_options(settings)
     # Authentication first: a call refused for its credentials takes no in-flight slot.
     interceptors = [*auth.interceptors(settings, metrics),
                     AdmissionInterceptor(settings.max_inflight_requests, metrics), DecodeGuardInterceptor(metrics)]
