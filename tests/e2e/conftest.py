@@ -1,5 +1,5 @@
 """Fixtures for tests that run `cellstream serve` as real processes (and real redis-server ones, from
-tests/conftest.py), plus the in-process onnxruntime reference their outputs must equal."""
+tests/conftest.py, as is the in-process onnxruntime reference `ref` their outputs must equal)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import numpy as np
-import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from model.parity import TOLERANCE, scaled_max_diff
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = "tiny-chat"
@@ -128,36 +124,3 @@ def serve_process(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., ServerP
         process.kill()
 
 
-class Reference:
-    """In-process onnxruntime on tiny-chat: a session's outputs computed from its whole history."""
-
-    def __init__(self, model_dir: Path) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_dir / f"{CHAT}.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
-        shape = self.session.get_inputs()[1].shape  # h0 (L, B, H)
-        self.state_shape = (shape[0], shape[2])
-
-    def run(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """tokens (T,) from zero state -> logits (T, V), h, c (L, H)."""
-        zeros = np.zeros((self.state_shape[0], 1, self.state_shape[1]), np.float32)
-        logits, hn, cn = self.session.run(
-            ["logits", "hn", "cn"], {"tokens": np.asarray(tokens, np.int64)[None], "h0": zeros, "c0": zeros})
-        return logits[0], hn[:, 0], cn[:, 0]
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_model_dir: Path) -> Reference:
-    return Reference(tiny_model_dir)
-
-
-def assert_close(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
-    diff = scaled_max_diff(np.asarray(got, np.float32), np.asarray(want, np.float32))
-    assert diff <= TOLERANCE, f"{what}: scaled max diff {diff:.3g} > {TOLERANCE}"
-
-
-@pytest.fixture
-def close() -> Callable[[np.ndarray, np.ndarray, str], None]:
-    """close(got, want, what): scaled max diff within model.parity.TOLERANCE (1e-5)."""
-    return assert_close

@@ -57,7 +57,7 @@ async def probe(client: Client, session_id: str, until: float) -> tuple[list[flo
 
 
 @pytest.mark.timeout(180)
-async def test_burst_excess_refused_fast_admitted_complete(serve_process, reference, close):
+async def test_burst_excess_refused_fast_admitted_complete(serve_process, ref, close):
     server = serve_process(max_inflight_requests=INFLIGHT, max_queue_size=8, max_queue_wait_ms=500)
     await server.wait_serving()
     rng = random.Random(3)
@@ -98,7 +98,7 @@ async def test_burst_excess_refused_fast_admitted_complete(serve_process, refere
         for sid, per_caller in list(zip(sessions, results, strict=True))[:4]:
             applied = sum(not isinstance(o, grpc.aio.AioRpcError) for o, _ in per_caller)
             if applied:
-                _, h, c = reference.run(tokens[sid] * applied)
+                _, h, c = ref.run("tiny-chat", tokens[sid] * applied)
                 state = await client.get_state(sid)
                 close(np.asarray(state.h).reshape(h.shape), h, f"h of {sid}")
                 close(np.asarray(state.c).reshape(c.shape), c, f"c of {sid}")

@@ -65,13 +65,13 @@ class Conversation:
         except grpc.aio.AioRpcError as exc:
             self.errors.append(exc.code())
 
-    def check(self, reference, close, state) -> None:
+    def check(self, ref, close, state) -> None:
         """Every answered step and the final state equal the uninterrupted reference."""
         full = self.history(state.position)
         for position, logits in self.outputs:
-            want, _, _ = reference.run(full[:position])
+            want, _, _ = ref.run("tiny-chat", full[:position])
             close(logits, want[-1], f"session {self.seed} logits at {position}")
-        _, h, c = reference.run(full)
+        _, h, c = ref.run("tiny-chat", full)
         close(np.asarray(state.h).reshape(h.shape), h, f"session {self.seed} h")
         close(np.asarray(state.c).reshape(c.shape), c, f"session {self.seed} c")
 
@@ -103,7 +103,7 @@ async def health(target: str) -> int:
 
 
 @pytest.mark.timeout(180)
-async def test_failover_after_sigkill_continues_exactly(serve_process, redis_server, reference, close):
+async def test_failover_after_sigkill_continues_exactly(serve_process, redis_server, ref, close):
     a = serve_process(state_store=redis_server.url, **REDIS_FLAGS)
     b = serve_process(state_store=redis_server.url, **REDIS_FLAGS)
     await asyncio.gather(a.wait_serving(), b.wait_serving())
@@ -125,12 +125,12 @@ async def test_failover_after_sigkill_continues_exactly(serve_process, redis_ser
         assert await a.wait_exit(5) == -signal.SIGKILL
         for conversation in conversations:
             only_failure_codes(conversation.errors)
-            conversation.check(reference, close, await on_b.get_state(conversation.session_id))
+            conversation.check(ref, close, await on_b.get_state(conversation.session_id))
     assert sum(len(c.errors) for c in conversations) >= 1, "no step was in flight when A died"
 
 
 @pytest.mark.timeout(180)
-async def test_two_replicas_racing_on_one_session_lose_and_double_nothing(serve_process, redis_server, reference,
+async def test_two_replicas_racing_on_one_session_lose_and_double_nothing(serve_process, redis_server, ref,
                                                                           close):
     a = serve_process(state_store=redis_server.url, **REDIS_FLAGS)
     b = serve_process(state_store=redis_server.url, **REDIS_FLAGS)
@@ -166,10 +166,10 @@ async def test_two_replicas_racing_on_one_session_lose_and_double_nothing(serve_
         assert start == len(history), "a step was lost or applied twice (the accepted steps do not tile)"
         assert end == start + len(tokens)
         history += tokens
-        want, _, _ = reference.run(history)
+        want, _, _ = ref.run("tiny-chat", history)
         close(logits, want[-1], f"logits of the step from {start}")
     assert final.position == len(history)
-    _, h, c = reference.run(history)
+    _, h, c = ref.run("tiny-chat", history)
     close(np.asarray(final.h).reshape(h.shape), h, "final h")
     close(np.asarray(final.c).reshape(c.shape), c, "final c")
     print(f"\n{len(accepted)} steps accepted, {sum(aborted)} aborted")
@@ -177,7 +177,7 @@ async def test_two_replicas_racing_on_one_session_lose_and_double_nothing(serve_
 
 @pytest.mark.timeout(180)
 async def test_redis_stopped_mid_load_fails_unavailable_then_resumes_exactly(serve_process, redis_server,
-                                                                             reference, close):
+                                                                             ref, close):
     server = serve_process(state_store=redis_server.url, **REDIS_FLAGS)
     await server.wait_serving()
     async with Client(server.target, timeout=10) as client:
@@ -213,7 +213,7 @@ async def test_redis_stopped_mid_load_fails_unavailable_then_resumes_exactly(ser
             assert during - before <= 2, "steps kept succeeding long after Redis went away"
             assert grpc.StatusCode.UNAVAILABLE in conversation.errors
             only_failure_codes(conversation.errors)
-            conversation.check(reference, close, await client.get_state(conversation.session_id))
+            conversation.check(ref, close, await client.get_state(conversation.session_id))
     log = server.log()
     assert "session store unreachable" in log and "reachable again" in log
     assert "Traceback" not in log, log

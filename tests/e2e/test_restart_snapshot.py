@@ -25,7 +25,7 @@ async def gather_in_chunks(calls: list, size: int = 50) -> list:
 
 
 @pytest.mark.timeout(180)
-async def test_sigterm_then_restart_continues_all_200_sessions(serve_process, tmp_path, reference, close):
+async def test_sigterm_then_restart_continues_all_200_sessions(serve_process, tmp_path, ref, close):
     path = tmp_path / "sessions.snap"
     rng = random.Random(6)
     first = serve_process(snapshot_path=path, shutdown_grace_seconds=5)
@@ -54,7 +54,7 @@ async def test_sigterm_then_restart_continues_all_200_sessions(serve_process, tm
     for (sid, tokens), response in zip(steps.items(), responses, strict=True):
         full = history[sid] + tokens
         assert response.position == len(full)
-        want, h, c = reference.run(full)
+        want, h, c = ref.run("tiny-chat", full)
         close(np.asarray(response.logits), want[-1], f"logits of {sid}")
         close(np.asarray(response.state.h).reshape(h.shape), h, f"h of {sid}")
         close(np.asarray(response.state.c).reshape(c.shape), c, f"c of {sid}")

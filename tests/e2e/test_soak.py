@@ -21,7 +21,7 @@ WARM_UP_SECONDS = 3.0
 RSS_GROWTH_BOUND = 24 * 1024 * 1024  # allocator slack; leaked session state or tasks would exceed it
 
 
-async def worker(client: Client, seed: int, until: float, stats: dict[str, int], reference, close) -> None:
+async def worker(client: Client, seed: int, until: float, stats: dict[str, int], ref, close) -> None:
     rng = random.Random(seed)
     while time.monotonic() < until:
         session = await client.open_session(ttl_seconds=1)
@@ -35,21 +35,21 @@ async def worker(client: Client, seed: int, until: float, stats: dict[str, int],
             stats["steps"] += 1
             assert response.position == len(history)
             if checked:
-                want, _, _ = reference.run(history)
+                want, _, _ = ref.run("tiny-chat", history)
                 close(np.asarray(response.logits), want[-1], "sampled soak step")
         if rng.random() < 0.5:
             await client.close_session(session.session_id)  # the other half expire
 
 
 @pytest.mark.timeout(SOAK_SECONDS + 120)
-async def test_soak_no_errors_and_bounded_memory(serve_process, reference, close):
+async def test_soak_no_errors_and_bounded_memory(serve_process, ref, close):
     server = serve_process(sweep_interval_seconds=0.5, max_queue_wait_ms=10_000)
     await server.wait_serving()
     stats = {"sessions": 0, "steps": 0}
     async with Client(server.target, timeout=30) as client:
         started = time.monotonic()
         until = started + SOAK_SECONDS
-        workers = [asyncio.create_task(worker(client, seed, until, stats, reference, close)) for seed in range(WORKERS)]
+        workers = [asyncio.create_task(worker(client, seed, until, stats, ref, close)) for seed in range(WORKERS)]
         await asyncio.sleep(min(WARM_UP_SECONDS, SOAK_SECONDS / 3))
         warm_rss = server.rss_bytes()
         peak_sessions = 0.0

@@ -13,63 +13,15 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import aio as triton_aio
 
-from model.parity import TOLERANCE, scaled_max_diff
 from service.client import Client
 from service.config import load_settings
 from service.server import RunningServer, start_server
 
-CHAT, FEATURES = "tiny-chat", "tiny-features"
-END_TOKENS = {258, 259}  # eos, eot of the byte tokenizer
-
-
-class Reference:
-    """In-process onnxruntime on the same .onnx files: the outputs the server must reproduce."""
-
-    def __init__(self, model_dir: Path) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.sessions = {
-            name: ort.InferenceSession(str(model_dir / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
-            for name in (CHAT, FEATURES)
-        }
-
-    def zero_state(self, model: str) -> tuple[np.ndarray, np.ndarray]:
-        shape = self.sessions[model].get_inputs()[1].shape  # h0 (L, B, H)
-        zeros = np.zeros((shape[0], shape[2]), np.float32)
-        return zeros, zeros.copy()
-
-    def run(
-        self, model: str, inputs: np.ndarray, h: np.ndarray | None = None, c: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One session, batch 1: inputs (T,) tokens or (T, F) features, h/c (L, H) -> logits (T, V), h, c."""
-        if h is None or c is None:
-            h, c = self.zero_state(model)
-        kind = self.sessions[model].get_inputs()[0].name
-        batch = np.asarray(inputs, dtype=np.int64 if kind == "tokens" else np.float32)[None]
-        logits, hn, cn = self.sessions[model].run(
-            ["logits", "hn", "cn"],
-            {kind: batch, "h0": np.asarray(h, np.float32)[:, None], "c0": np.asarray(c, np.float32)[:, None]},
-        )
-        return logits[0], hn[:, 0], cn[:, 0]
-
-    def greedy(self, prompt: str, max_tokens: int, h: np.ndarray | None = None, c: np.ndarray | None = None
-               ) -> tuple[list[int], np.ndarray, np.ndarray]:
-        """Greedy decoding on tiny-chat from (h, c): feed the prompt, then argmax and feed, token by token,
-        until an end token (included) or max_tokens."""
-        logits, h, c = self.run(CHAT, np.frombuffer(prompt.encode(), np.uint8).astype(np.int64), h, c)
-        tokens: list[int] = []
-        for _ in range(max_tokens):
-            token = int(np.argmax(logits[-1]))
-            tokens.append(token)
-            logits, h, c = self.run(CHAT, np.array([token]), h, c)
-            if token in END_TOKENS:
-                break
-        return tokens, h, c
+CHAT = "tiny-chat"
 
 
 class Samples:
@@ -94,26 +46,10 @@ class Samples:
         return {name for name, _ in self.values}
 
 
-def assert_close(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
-    diff = scaled_max_diff(np.asarray(got, np.float32), np.asarray(want, np.float32))
-    assert diff <= TOLERANCE, f"{what}: scaled max diff {diff:.3g} > {TOLERANCE}"
-
-
 def state_arrays(state) -> tuple[np.ndarray, np.ndarray]:
     """(h, c) of a State message as (L, H) float32 arrays."""
     shape = (state.num_layers, state.hidden_size)
     return (np.asarray(state.h, np.float32).reshape(shape), np.asarray(state.c, np.float32).reshape(shape))
-
-
-@pytest.fixture(scope="session")
-def ref(tiny_model_dir: Path) -> Reference:
-    return Reference(tiny_model_dir)
-
-
-@pytest.fixture
-def close():
-    """assert_close(got, want, what): scaled max diff within model.parity.TOLERANCE."""
-    return assert_close
 
 
 @pytest.fixture
