@@ -57,10 +57,7 @@ async def _drive_stream(call: grpc.aio.StreamStreamCall, request: bytes, count: 
         start = time.monotonic()
         await _stream_round(call, request, count)
         events.add(start, time.monotonic(), count)
-    await call.done_writing()
-    code = await call.code()
-    if code != grpc.StatusCode.OK:
-        raise RuntimeError(f"StreamMany ended with {code.name}: {await call.details()}")
+    await wire.finish(call, "StreamMany")
 
 
 async def _drive_unary(step_many: grpc.aio.UnaryUnaryMultiCallable, request: bytes, count: int, timeout: float,

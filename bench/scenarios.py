@@ -43,60 +43,53 @@ async def _open_sessions(channel: grpc.aio.Channel, count: int, timeout: float) 
 async def step_load(channel: grpc.aio.Channel, job: StepLoad, gate: Gate) -> Events:
     """Every session steps back to back; one step each happens before `ready`, so nothing is cold."""
     ids = await _open_sessions(channel, job.sessions, job.timeout_seconds)
-    events = Events()
-    if job.api == API_STREAM:
-        calls = await asyncio.gather(*(_open_stream(channel, sid, job.timeout_seconds) for sid in ids))
-        await gate.ready()
-        request = wire.step_request()  # no session id: each stream is bound to its session already
-        await asyncio.gather(*(_drive_stream(call, gate, events, request) for call in calls))
-        return events
-    step = channel.unary_unary(wire.STEP)
-    requests = [wire.step_request(sid) for sid in ids]
-    await asyncio.gather(*(step(request, timeout=job.timeout_seconds) for request in requests))
-    await gate.ready()
-    await asyncio.gather(*(_drive_unary(step, request, job.timeout_seconds, gate, events) for request in requests))
-    return events
+    # After its first request a StreamSteps call is bound to its session: every later one is the same bytes.
+    return await _back_to_back(channel, job.api, (wire.STREAM_STEPS, wire.STEP),
+                               [wire.step_request(sid) for sid in ids], wire.step_request(), job.timeout_seconds, gate)
 
 
 async def echo_load(channel: grpc.aio.Channel, job: EchoLoad, gate: Gate) -> Events:
     """StepLoad's traffic against the empty echo server: the same bytes, streams and back-to-back pacing."""
     request = wire.step_request()
+    return await _back_to_back(channel, job.api, (ECHO_STREAM, ECHO_UNARY), [request] * job.calls, request,
+                               job.timeout_seconds, gate)
+
+
+async def _back_to_back(channel: grpc.aio.Channel, api: str, methods: tuple[str, str], firsts: list[bytes],
+                        later: bytes, timeout: float, gate: Gate) -> Events:
+    """One stream (`methods[0]`) or unary call in flight (`methods[1]`) per request of `firsts`, each sent once
+    before `ready`; then, until stop, a stream sends `later` and a unary call its own request, back to back."""
+    stream_method, unary_method = methods
     events = Events()
-    if job.api == API_STREAM:
-        calls = [channel.stream_stream(ECHO_STREAM)(timeout=job.timeout_seconds) for _ in range(job.calls)]
-        for call in calls:
-            await call.write(request)
-            await call.read()
+    if api == API_STREAM:
+        calls = await asyncio.gather(*(_open_stream(channel, stream_method, first, timeout) for first in firsts))
         await gate.ready()
-        await asyncio.gather(*(_drive_stream(call, gate, events, request) for call in calls))
+        await asyncio.gather(*(_drive_stream(call, gate, events, later) for call in calls))
         return events
-    echo = channel.unary_unary(ECHO_UNARY)
-    await asyncio.gather(*(echo(request, timeout=job.timeout_seconds) for _ in range(job.calls)))
+    call = channel.unary_unary(unary_method)
+    await asyncio.gather(*(call(first, timeout=timeout) for first in firsts))
     await gate.ready()
-    await asyncio.gather(*(_drive_unary(echo, request, job.timeout_seconds, gate, events) for _ in range(job.calls)))
+    await asyncio.gather(*(_drive_unary(call, first, timeout, gate, events) for first in firsts))
     return events
 
 
-async def _open_stream(channel: grpc.aio.Channel, session_id: str, timeout: float) -> grpc.aio.StreamStreamCall:
-    """A StreamSteps call bound to the session by its first step."""
-    call = channel.stream_stream(wire.STREAM_STEPS)(timeout=timeout)
-    await call.write(wire.step_request(session_id))
+async def _open_stream(channel: grpc.aio.Channel, method: str, first: bytes, timeout: float
+                       ) -> grpc.aio.StreamStreamCall:
+    """A stream after one round trip of `first` (a StreamSteps call: bound to the session it names)."""
+    call = channel.stream_stream(method)(timeout=timeout)
+    await call.write(first)
     await call.read()
     return call
 
 
 async def _drive_stream(call: grpc.aio.StreamStreamCall, gate: Gate, events: Events, request: bytes) -> None:
-    """Write `request` and read the reply, back to back (a StreamSteps stream is bound to its session by
-    its first request: every later one is the same bytes)."""
+    """Write `request` and read the reply, back to back."""
     while not gate.stopping:
         start = time.monotonic()
         await call.write(request)
         await call.read()
         events.add(start, time.monotonic())
-    await call.done_writing()
-    code = await call.code()
-    if code != grpc.StatusCode.OK:
-        raise RuntimeError(f"stream ended with {code.name}: {await call.details()}")
+    await wire.finish(call, "stream")
 
 
 async def _drive_unary(step: grpc.aio.UnaryUnaryMultiCallable, request: bytes, timeout: float, gate: Gate,

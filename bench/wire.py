@@ -65,3 +65,11 @@ def generated_tokens(chunk: bytes) -> int:
 async def open_session(channel: grpc.aio.Channel, timeout: float) -> str:
     reply = await channel.unary_unary(OPEN_SESSION)(OPEN_REQUEST, timeout=timeout)
     return pb.SessionInfo.FromString(reply).session_id
+
+
+async def finish(call: grpc.aio.StreamStreamCall, what: str) -> None:
+    """Half-close a stream and wait for its status: anything but OK fails the run."""
+    await call.done_writing()
+    code = await call.code()
+    if code != grpc.StatusCode.OK:
+        raise RuntimeError(f"{what} ended with {code.name}: {await call.details()}")
