@@ -7,28 +7,22 @@ calls costs (tasks, decoded requests, store round trips) before any of it is spe
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 
-from service.api.interception import is_infrastructure, refusing_handler, wrap_handler
+from service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
 from service.metrics import Metrics
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+class AdmissionInterceptor(ApiInterceptor):
     def __init__(self, max_inflight: int, metrics: Metrics) -> None:
         self.max_inflight = max_inflight
         self.inflight = 0
         self._metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or is_infrastructure(handler_call_details.method):
-            return handler
+    def intercept_api(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+                      ) -> grpc.RpcMethodHandler:
         if self.inflight >= self.max_inflight:  # refused before its request is even decoded
             self._metrics.calls_refused.labels("overloaded").inc()
             return refusing_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal())

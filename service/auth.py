@@ -18,13 +18,13 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 
 import grpc
 
-from service.api.interception import is_infrastructure, refusing_handler, wrap_handler
+from service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
 from service.config import Settings
 from service.metrics import Metrics
 
@@ -126,22 +126,16 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str | N
     return token.strip(), ""
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+class TokenAuthInterceptor(ApiInterceptor):
     """UNAUTHENTICATED for API calls without a known token; the caller's principal for the others."""
 
     def __init__(self, tokens: TokenFile, metrics: Metrics) -> None:
         self._tokens = tokens
         self._metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or is_infrastructure(handler_call_details.method):
-            return handler
-        token, problem = _bearer(handler_call_details.invocation_metadata)
+    def intercept_api(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+                      ) -> grpc.RpcMethodHandler:
+        token, problem = _bearer(details.invocation_metadata)
         principal = None if token is None else self._tokens.principal(token)
         if principal is None:
             self._metrics.calls_refused.labels("unauthenticated").inc()

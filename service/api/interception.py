@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -70,3 +71,22 @@ def refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, deta
         yield  # never reached: abort raises
 
     return rebuild(handler, lambda behavior: _around(behavior, refuse), request_deserializer=None)
+
+
+class ApiInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor of API calls only: unknown methods and the infrastructure pass untouched."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or is_infrastructure(handler_call_details.method):
+            return handler
+        return self.intercept_api(handler, handler_call_details)
+
+    @abc.abstractmethod  # grpc.aio.ServerInterceptor is an ABC
+    def intercept_api(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+                      ) -> grpc.RpcMethodHandler:
+        """The handler an API call runs with instead of `handler`."""
