@@ -34,7 +34,7 @@ import numpy as np
 from service.engine import TOKENS, Engine
 from service.errors import Aborted, CellstreamError, DeadlineExceeded, ResourceExhausted, Unavailable, session_not_found
 from service.metrics import Metrics, observe_many
-from service.sessions.base import SessionRecord, SessionStore, StateUpdate
+from service.sessions.base import SessionRecord, SessionStore, StateUpdates, stack_states
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +233,10 @@ class Batcher:
             return
         started = loop.time()
         observe_many(self._queue_wait, [started - job.enqueued for job in jobs])
-        # np.array, not np.stack: stack's Python-level work per array is several times the copy.
         inputs = np.array([job.inputs for job in jobs], dtype=self._input_dtype)  # (B, T[, F])
-        h0 = np.ascontiguousarray(np.array([record.h for record in ready]).transpose(1, 0, 2))  # (L, B, H)
-        c0 = np.ascontiguousarray(np.array([record.c for record in ready]).transpose(1, 0, 2))
-        # The positions this state stands for, read now: a store may update its records in place
-        # while the batch runs, and compare-and-set must check against what was computed from.
+        # Read now, before any await: a commit of another batch may overwrite these states in place.
+        held = any(job.state is not None for job in jobs)
+        h0, c0 = stack_states(ready) if held else self.store.stack(ready)  # (L, B, H)
         positions = [record.position for record in ready]
         if inputs.shape[0] * inputs.shape[1] <= self.inline_max_tokens:
             logits, hn, cn = self.engine.run(inputs, h0, c0)
@@ -246,31 +244,35 @@ class Batcher:
             logits, hn, cn = await loop.run_in_executor(self._executor, self.engine.run, inputs, h0, c0)
         self._compute.observe(loop.time() - started)
         self._batch_size.observe(len(jobs))
-        # (B, L, H): each session's rows contiguous, so copying them out (a session must not keep the
-        # whole batch's array alive) is one cheap copy per session. Rows are iterated, not indexed: numpy
-        # makes the views in C.
-        h_rows, c_rows = hn.transpose(1, 0, 2).copy(), cn.transpose(1, 0, 2).copy()
         steps = inputs.shape[1]
+        # Each result's h, c are views of the batch's arrays (L, B, H), which nothing writes again; the
+        # store copied what it keeps. Iterating the (B, L, H) transposes makes those views in C.
+        results = zip(jobs, positions, logits, hn.transpose(1, 0, 2), cn.transpose(1, 0, 2), strict=True)
         # A caller that went away while the batch ran gets nothing applied: its request failed.
-        committing: list[tuple[StepJob, np.ndarray]] = []
-        updates: list[StateUpdate] = []
+        committing: list[tuple[StepJob, StepResult]] = []
+        columns: list[int] = []
         answered = 0
-        for job, position, row_logits, h, c in zip(jobs, positions, logits, h_rows, c_rows, strict=True):
+        for column, (job, position, row_logits, h, c) in enumerate(results):
             if job.future.done():
                 continue
             if job.state is not None:
-                job.succeed(StepResult(row_logits, h.copy(), c.copy(), steps))
+                job.succeed(StepResult(row_logits, h, c, steps))
                 answered += 1
                 continue
-            committing.append((job, row_logits))
-            updates.append(StateUpdate(job.session_id, position, h.copy(), c.copy(), position + steps))
-        applied = await self.store.commit_many(updates) if updates else []
-        for (job, row_logits), update, ok in zip(committing, updates, applied, strict=True):
-            if not ok:
-                job.fail(Aborted(f"session {job.session_id!r} changed while this step ran; nothing was applied"))
-            elif not job.future.done():
-                job.succeed(StepResult(row_logits, update.h, update.c, update.position))
-                answered += 1
+            committing.append((job, StepResult(row_logits, h, c, position + steps)))
+            columns.append(column)
+        if committing:
+            every = len(columns) == len(jobs)
+            applied = await self.store.commit_many(StateUpdates(
+                [job.session_id for job, _ in committing], [positions[k] for k in columns],
+                [result.position for _, result in committing],
+                hn if every else hn[:, columns], cn if every else cn[:, columns]))
+            for (job, result), ok in zip(committing, applied, strict=True):
+                if not ok:
+                    job.fail(Aborted(f"session {job.session_id!r} changed while this step ran; nothing was applied"))
+                elif not job.future.done():
+                    job.succeed(result)
+                    answered += 1
         self._tokens.inc(answered * steps)
 
     async def _starting_points(self, batch: list[StepJob]) -> list[SessionRecord | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -33,14 +34,23 @@ class SessionRecord:
         return self.h.nbytes + self.c.nbytes
 
 
-class StateUpdate(NamedTuple):  # a tuple: built once per step, in the hot path
-    """New state for a session, applied only if its position is still `expected_position`."""
+class StateUpdates(NamedTuple):
+    """New states of a batch's sessions, as the engine returns them; each is applied only if its session
+    is still at its expected position."""
 
-    session_id: str
-    expected_position: int
-    h: np.ndarray
+    session_ids: Sequence[str]
+    expected_positions: Sequence[int]
+    positions: Sequence[int]  # after the step
+    h: np.ndarray  # (L, B, H): column b is session_ids[b]'s
     c: np.ndarray
-    position: int
+
+
+def stack_states(records: Sequence[SessionRecord]) -> tuple[np.ndarray, np.ndarray]:
+    """The records' states as h0, c0 (L, B, H)."""
+    # np.array, not np.stack: stack's Python-level work per array is several times the copy.
+    h = np.array([record.h for record in records]).transpose(1, 0, 2)
+    c = np.array([record.c for record in records]).transpose(1, 0, 2)
+    return np.ascontiguousarray(h), np.ascontiguousarray(c)
 
 
 class SessionStore(Protocol):
@@ -53,8 +63,11 @@ class SessionStore(Protocol):
     async def load_many(self, session_ids: list[str]) -> list[SessionRecord | None]:
         """Live sessions in one round trip, None where missing; refreshes their TTLs."""
 
-    async def commit_many(self, updates: list[StateUpdate]) -> list[bool]:
-        """Apply updates whose expected position still holds (compare-and-set); False where not."""
+    def stack(self, records: Sequence[SessionRecord]) -> tuple[np.ndarray, np.ndarray]:
+        """The states of records load_many just returned, as h0, c0 (L, B, H) (read before any await)."""
+
+    async def commit_many(self, updates: StateUpdates) -> list[bool]:
+        """Apply each update whose expected position still holds (compare-and-set); False where not."""
 
     async def delete(self, session_id: str) -> SessionRecord:
         """Remove and return a live session; NotFound if there is none."""

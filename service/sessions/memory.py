@@ -1,9 +1,9 @@
 """In-memory session store: LRU order, per-session idle TTL, byte accounting, per-owner limit, and
 an optional snapshot written at graceful shutdown (see snapshot.py; restored by factory.py).
 
-Only the event loop thread touches it, so it needs no locks. A commit replaces a record's arrays
-(never writes into them) and its position: arrays handed out stay valid, but a reader that needs the
-position a state stood for must read it together with the arrays.
+Only the event loop thread touches it, so it needs no locks. States live in slabs (slab.py), one per
+state shape: a record's h and c are views that a commit overwrites in place, so a reader copies them, or
+uses them before its next await, and reads the position together with them.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from service.errors import ResourceExhausted, session_not_found
 from service.metrics import Metrics
 from service.sessions import snapshot
-from service.sessions.base import SessionRecord, StateUpdate
+from service.sessions.base import SessionRecord, StateUpdates, stack_states
+from service.sessions.slab import StateSlab
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ class MemoryStore:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._records: OrderedDict[str, SessionRecord] = OrderedDict()  # least recently used first
+        self._slabs: dict[tuple[int, ...], StateSlab] = {}  # by state shape (L, H)
+        self._columns: dict[str, tuple[StateSlab, int]] = {}  # where each session's state lives
         self._bytes = 0
         self._owned: Counter[str] = Counter()  # live sessions per non-empty owner
         self._max_per_owner = max_sessions_per_principal
@@ -62,6 +67,8 @@ class MemoryStore:
 
     def _remove(self, session_id: str) -> SessionRecord:
         record = self._records.pop(session_id)
+        slab, column = self._columns.pop(session_id)
+        slab.release(column)
         self._bytes -= record.state_bytes
         if record.owner:
             self._owned[record.owner] -= 1
@@ -80,6 +87,10 @@ class MemoryStore:
         return record
 
     def _insert(self, record: SessionRecord) -> None:
+        slab = self._slabs.get(record.h.shape)
+        if slab is None:
+            slab = self._slabs[record.h.shape] = StateSlab(record.h.shape)
+        self._columns[record.session_id] = slab, slab.take(record)
         self._records[record.session_id] = record
         self._bytes += record.state_bytes
         if record.owner:
@@ -130,16 +141,35 @@ class MemoryStore:
                 self._touch(record, now, wall)
         return records
 
-    async def commit_many(self, updates: list[StateUpdate]) -> list[bool]:
+    def stack(self, records: Sequence[SessionRecord]) -> tuple[np.ndarray, np.ndarray]:
+        columns = self._columns
+        located = [columns.get(record.session_id) for record in records]
+        slab = located[0][0] if located and located[0] is not None else None
+        if slab is None or any(where is None or where[0] is not slab for where in located):
+            return stack_states(records)
+        return slab.gather([column for _, column in located])
+
+    async def commit_many(self, updates: StateUpdates) -> list[bool]:
         now, wall = self._clock(), time.time()
-        applied = []
-        for update in updates:
-            record = self._live(update.session_id, now)
-            ok = record is not None and record.position == update.expected_position
+        applied: list[bool] = []
+        written: dict[StateSlab, tuple[list[int], list[int]]] = {}  # slab -> (update indices, columns)
+        for k, (session_id, expected, position) in enumerate(
+                zip(updates.session_ids, updates.expected_positions, updates.positions, strict=True)):
+            record = self._live(session_id, now)
+            ok = record is not None and record.position == expected
             if ok:  # a session's state keeps its model's shape: its bytes do not change
-                record.h, record.c, record.position = update.h, update.c, update.position
+                record.position = position
                 self._touch(record, now, wall)
+                slab, column = self._columns[session_id]
+                indices, slab_columns = written.setdefault(slab, ([], []))
+                indices.append(k)
+                slab_columns.append(column)
             applied.append(ok)
+        for slab, (indices, slab_columns) in written.items():
+            if len(indices) == len(applied):  # every update of the batch: no need to pick columns
+                slab.scatter(slab_columns, updates.h, updates.c)
+            else:
+                slab.scatter(slab_columns, updates.h[:, indices], updates.c[:, indices])
         return applied
 
     async def delete(self, session_id: str) -> SessionRecord:

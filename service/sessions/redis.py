@@ -28,7 +28,7 @@ from service.config import redacted_url
 from service.errors import ResourceExhausted, Unavailable, session_not_found
 from service.metrics import Metrics
 from service.sessions import redis_lua
-from service.sessions.base import SessionRecord, StateUpdate
+from service.sessions.base import SessionRecord, StateUpdates, stack_states
 
 PREFIX = "cellstream:"
 SWEEP_BATCH = 1000  # index entries one sweep script looks at: bounds how long it holds Redis
@@ -143,15 +143,19 @@ class RedisStore:
         now_ms, fields = reply[0], len(redis_lua.FIELDS)
         return [_record(sid, reply[1 + i * fields:1 + (i + 1) * fields], now_ms) for i, sid in enumerate(session_ids)]
 
-    async def commit_many(self, updates: list[StateUpdate]) -> list[bool]:
-        if not updates:
+    def stack(self, records: Sequence[SessionRecord]) -> tuple[np.ndarray, np.ndarray]:
+        return stack_states(records)
+
+    async def commit_many(self, updates: StateUpdates) -> list[bool]:
+        if not updates.session_ids:
             return []
 
         async def pipelined() -> list[object]:
             pipe = self._redis.pipeline(transaction=False)
-            for u in updates:
-                pipe.evalsha(SCRIPTS["COMMIT"].sha, 1, self._key(u.session_id), u.expected_position, u.position,
-                             _raw(u.h), _raw(u.c))
+            for k, (session_id, expected, position) in enumerate(
+                    zip(updates.session_ids, updates.expected_positions, updates.positions, strict=True)):
+                pipe.evalsha(SCRIPTS["COMMIT"].sha, 1, self._key(session_id), expected, position,
+                             _raw(updates.h[:, k]), _raw(updates.c[:, k]))
             replies = await pipe.execute(raise_on_error=False)
             # Every call names the same script: if Redis lacked it, none of them ran.
             errors = [r for r in replies if isinstance(r, Exception)]

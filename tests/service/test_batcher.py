@@ -16,7 +16,7 @@ from service.batcher import INLINE_MAX_TOKENS, Batcher, StepJob
 from service.engine import Engine
 from service.errors import Aborted, DeadlineExceeded, ResourceExhausted, Unavailable
 from service.metrics import Metrics
-from service.sessions.base import SessionRecord, StateUpdate, new_session_id
+from service.sessions.base import SessionRecord, StateUpdates, new_session_id
 from service.sessions.memory import MemoryStore
 
 MODEL = "tiny-chat"
@@ -275,7 +275,8 @@ async def test_expected_position_and_concurrent_change(rig):
     task = asyncio.create_task(batcher.submit(job(b, [5, 6])))
     assert await asyncio.to_thread(recorder.entered.wait, 30)
     marker = np.full((2, 16), 0.25, np.float32)
-    assert await store.commit_many([StateUpdate(b.session_id, 0, marker, marker, 7)]) == [True]
+    column = marker[:, None]  # (L, 1, H): one session's column
+    assert await store.commit_many(StateUpdates([b.session_id], [0], [7], column, column)) == [True]
     recorder.release.set()
     with pytest.raises(Aborted, match="changed while this step ran"):
         await asyncio.wait_for(task, 30)

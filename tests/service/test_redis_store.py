@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from service.errors import NotFound, ResourceExhausted, Unavailable
 from service.metrics import Metrics
-from service.sessions.base import SessionRecord, StateUpdate, new_session_id
+from service.sessions.base import SessionRecord, StateUpdates, new_session_id
 from service.sessions.redis import RedisStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -22,6 +22,12 @@ def record(ttl: float = 60.0, owner: str = "", position: int = 0, seed: int = 0)
     rng = np.random.default_rng(seed)
     h, c = (rng.normal(size=SHAPE).astype(np.float32) for _ in range(2))
     return SessionRecord(new_session_id(), "tiny-chat", h, c, position, ttl, owner)
+
+
+def updates(*items: tuple[str, int, np.ndarray, np.ndarray, int]) -> StateUpdates:
+    """A batch of (session id, expected position, h, c, position after) updates, as the batcher commits them."""
+    ids, expected, h, c, positions = zip(*items, strict=True)
+    return StateUpdates(list(ids), list(expected), list(positions), np.stack(h, axis=1), np.stack(c, axis=1))
 
 
 @pytest.fixture
@@ -51,16 +57,16 @@ async def test_round_trip_is_exact_and_commit_is_compare_and_set(stores):
     assert loaded.h.tobytes() == original.h.tobytes() and loaded.c.tobytes() == original.c.tobytes()
     assert loaded.h.shape == SHAPE
 
-    first = StateUpdate(original.session_id, 7, original.h + 1, original.c + 1, 10)
-    racing = StateUpdate(original.session_id, 7, original.h + 2, original.c + 2, 12)  # computed from 7 too
-    assert await store.commit_many([first, racing]) == [True, False]
-    assert await other_replica.commit_many([racing]) == [False]
+    first = (original.session_id, 7, original.h + 1, original.c + 1, 10)
+    racing = (original.session_id, 7, original.h + 2, original.c + 2, 12)  # computed from 7 too
+    assert await store.commit_many(updates(first, racing)) == [True, False]
+    assert await other_replica.commit_many(updates(racing)) == [False]
     after = await store.get(original.session_id)
     assert after.position == 10
     assert after.h.tobytes() == (original.h + 1).tobytes(), "the losing write was applied"
 
     missing = new_session_id()
-    assert await store.commit_many([StateUpdate(missing, 0, original.h, original.c, 1)]) == [False]
+    assert await store.commit_many(updates((missing, 0, original.h, original.c, 1))) == [False]
     many = await store.load_many([missing, original.session_id])
     assert many[0] is None and many[1].position == 10
 
@@ -76,10 +82,10 @@ async def test_positions_beyond_2_to_the_53_compare_exactly(stores):
     store = stores()
     big = 2**63 + 1
     session = await store.create(record(position=big))
-    near = StateUpdate(session.session_id, big - 1, session.h, session.c, big + 1)  # equal as a double
-    assert await store.commit_many([near]) == [False]
-    exact = StateUpdate(session.session_id, big, session.h, session.c, big + 5)
-    assert await store.commit_many([exact]) == [True]
+    near = (session.session_id, big - 1, session.h, session.c, big + 1)  # equal as a double
+    assert await store.commit_many(updates(near)) == [False]
+    exact = (session.session_id, big, session.h, session.c, big + 5)
+    assert await store.commit_many(updates(exact)) == [True]
     assert (await store.get(session.session_id)).position == big + 5
 
 
@@ -131,8 +137,8 @@ async def test_scripts_are_registered_again_after_redis_forgets_them(stores, red
     admin = aioredis.Redis.from_url(redis_server.url)
     await admin.script_flush()
     await admin.aclose()
-    update = StateUpdate(session.session_id, 0, session.h, session.c, 3)
-    assert await store.commit_many([update]) == [True]
+    update = (session.session_id, 0, session.h, session.c, 3)
+    assert await store.commit_many(updates(update)) == [True]
     assert (await store.get(session.session_id)).position == 3
 
 
@@ -145,8 +151,8 @@ async def test_redis_down_is_unavailable_and_nothing_is_lost(redis_server):
     session = await store.create(record(position=4))
 
     redis_server.stop()
-    update = StateUpdate(session.session_id, 4, session.h + 1, session.c + 1, 9)
-    for attempt in (store.ping(), store.get(session.session_id), store.commit_many([update]),
+    update = (session.session_id, 4, session.h + 1, session.c + 1, 9)
+    for attempt in (store.ping(), store.get(session.session_id), store.commit_many(updates(update)),
                     store.create(record()), store.sweep(), store.delete(session.session_id)):
         with pytest.raises(Unavailable) as info:
             await asyncio.wait_for(attempt, 5)
@@ -160,5 +166,5 @@ async def test_redis_down_is_unavailable_and_nothing_is_lost(redis_server):
     await store.ping()
     back = await store.get(session.session_id)
     assert back.position == 4 and back.h.tobytes() == session.h.tobytes()
-    assert await store.commit_many([update]) == [True]
+    assert await store.commit_many(updates(update)) == [True]
     await store.close()
