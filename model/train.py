@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bptt", type=_positive_int, default=1024, help="truncated-BPTT window (steps)")
     parser.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam peak learning rate (one-cycle)")
     parser.add_argument("--clip", type=_positive_float, default=1.0, help="gradient-norm clip")
+    parser.add_argument("--head-weight-decay", type=_non_negative_float, default=0.0,
+                        help="decoupled weight decay on the head's weights (AdamW); smaller head weights "
+                             "amplify float32 rounding in h less, which the export's parity check measures")
     parser.add_argument("--answer-weight", type=_positive_float, default=10.0,
                         help="loss weight of the bytes where the bot says a stated fact back")
     parser.add_argument("--user-weight", type=_non_negative_float, default=0.1,
@@ -168,7 +171,12 @@ def train(args: argparse.Namespace) -> dict:
         train_text, eval_text = text[: int(len(text) * 0.95)] or text, text[int(len(text) * 0.95) :] or text
     model = LSTMLanguageModel(config)
     probe = FactProbe(config.hidden_size)
-    optimizer = torch.optim.Adam([*model.parameters(), *probe.parameters()], lr=args.lr)
+    others = [p for name, p in model.named_parameters() if name != "head.weight"]
+    optimizer = torch.optim.AdamW(
+        [{"params": [model.head.weight], "weight_decay": args.head_weight_decay},
+         {"params": [*others, *probe.parameters()], "weight_decay": 0.0}],
+        lr=args.lr,
+    )
     start_step = 0
     if args.resume:
         checkpoint = torch.load(args.resume, weights_only=False)
