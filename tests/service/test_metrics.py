@@ -109,7 +109,7 @@ async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(ser
 
     get = (await scrape(server)).get
     for _ in range(50):  # the server learns of the cancellation a moment after the client
-        if get("cellstream_requests_total", method="Step", code="CANCELLED"):
+        if get("cellstream_requests_total", 0.0, method="Step", code="CANCELLED"):
             break
         await asyncio.sleep(0.1)
         get = (await scrape(server)).get
