@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 from collections import deque
@@ -54,6 +55,8 @@ StepInputs = list[int] | np.ndarray
 
 @dataclass(slots=True)
 class StepJob:
+    """One step of one session (Step, StreamSteps, Generate, KServe): its caller awaits the future."""
+
     session_id: str
     inputs: StepInputs
     expected_position: int | None = None
@@ -62,20 +65,77 @@ class StepJob:
     future: asyncio.Future[StepResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = 0.0
     owner: str | None = None  # if set: the session must be this principal's (checked when it is loaded)
-    on_done: Callable[[StepJob], None] | None = None
-    """Called at once when the batcher resolves the future: a multiplexed call learns of each of its
-    steps without a callback scheduled on the event loop per step."""
 
     def succeed(self, result: StepResult) -> None:
         self.future.set_result(result)
-        if self.on_done is not None:
-            self.on_done(self)
 
     def fail(self, error: Exception) -> None:
         if not self.future.done():
             self.future.set_exception(error)
-            if self.on_done is not None:
-                self.on_done(self)
+
+
+@dataclass(slots=True, eq=False)
+class StepGroup:
+    """Steps of distinct sessions of one model, all of one length T and all with stored state, queued and
+    answered as one: a multiplexed message's items cost the batcher no job, future or callback each.
+    A group is taken into a batch whole or waits whole, so it holds at most max_batch_size steps."""
+
+    session_ids: list[str]
+    inputs: list[StepInputs]
+    expected_positions: list[int | None] | None  # None: no step names one
+    deadline: float | None
+    owner: str | None
+    on_done: Callable[[StepGroup], None]
+    """Called once, when every step has its outcome (or the group was refused or dropped unrun)."""
+    enqueued: float = 0.0
+    cancelled: bool = False  # the caller went away: dropped if queued; if running, nothing is committed
+    finished: bool = False
+    errors: dict[int, CellstreamError] = field(default_factory=dict)  # the failed steps, by index
+    columns: Sequence[int] = ()  # each step's column in `outputs` (failed steps: unused)
+    outputs: tuple[np.ndarray, np.ndarray, np.ndarray, list[int]] | None = None
+    """The batch's logits (B, T, V), hn, cn (L, B, H) and positions after the step, by column."""
+
+    def __len__(self) -> int:
+        return len(self.session_ids)
+
+    def add(self, session_id: str, inputs: StepInputs, expected_position: int | None) -> None:
+        if expected_position is not None and self.expected_positions is None:
+            self.expected_positions = [None] * len(self.session_ids)
+        self.session_ids.append(session_id)
+        self.inputs.append(inputs)
+        if self.expected_positions is not None:
+            self.expected_positions.append(expected_position)
+
+    @property
+    def length(self) -> int:
+        return len(self.inputs[0])
+
+    def position(self, index: int) -> int:
+        """The position after step `index`, which succeeded."""
+        assert self.outputs is not None
+        return self.outputs[3][self.columns[index]]
+
+    def result(self, index: int) -> StepResult:
+        """The outputs of step `index`, which succeeded (views of the batch's arrays)."""
+        assert self.outputs is not None
+        logits, hn, cn, positions = self.outputs
+        column = self.columns[index]
+        return StepResult(logits[column], hn[:, column], cn[:, column], positions[column])
+
+    def fail(self, error: CellstreamError) -> None:
+        """Every step fails with `error` (unless the group has its outcomes, or nobody waits for them)."""
+        if not (self.finished or self.cancelled):
+            self.errors = dict.fromkeys(range(len(self.session_ids)), error)
+            self.finish()
+
+    def finish(self) -> None:
+        """Report the outcomes, once; a cancelled group reports nothing (like a cancelled job's future)."""
+        if not (self.finished or self.cancelled):
+            self.finished = True
+            self.on_done(self)
+
+
+QueueEntry = StepJob | StepGroup
 
 
 class Batcher:
@@ -100,7 +160,8 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.max_queue_wait = max_queue_wait  # seconds
         self.inline_max_tokens = inline_max_tokens  # 0: every batch runs on the worker thread
-        self._queue: deque[StepJob] = deque()
+        self._queue: deque[QueueEntry] = deque()
+        self._queued_steps = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.model}")
         self._task: asyncio.Task[None] | None = None
@@ -117,7 +178,8 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Steps waiting (a group counts each of its steps)."""
+        return self._queued_steps
 
     async def submit(self, job: StepJob) -> StepResult:
         self.enqueue(job)
@@ -125,35 +187,47 @@ class Batcher:
 
     def enqueue(self, job: StepJob) -> None:
         """Queue a step without waiting for it: its future gets the result. Refusals raise here."""
-        _, refusal = self.enqueue_many((job,))
+        _, refusal = self._admit(job, 1)
         if refusal is not None:
             raise refusal
 
-    def enqueue_many(self, jobs: Sequence[StepJob]) -> tuple[int, CellstreamError | None]:
-        """Queue `jobs` in order, as enqueue() would one after another, in one call (a multiplexed message
-        queues all its steps at once, without a task each): returns how many were queued, and the error
-        that refuses the others (None if none was refused)."""
+    def enqueue_group(self, group: StepGroup) -> CellstreamError | None:
+        """Queue a group without waiting for it: its on_done gets its outcomes. Returns the error refusing
+        steps, if any; the group then keeps only the steps the queue had room for (its lists are cut, to
+        none if it was not queued)."""
+        if len(group) > self.max_batch_size:
+            raise ValueError(f"a group of {len(group)} steps is larger than max_batch_size {self.max_batch_size}")
+        queued, refusal = self._admit(group, len(group))
+        if queued < len(group):
+            del group.session_ids[queued:], group.inputs[queued:]
+            if group.expected_positions is not None:
+                del group.expected_positions[queued:]
+        return refusal
+
+    def _admit(self, entry: QueueEntry, steps: int) -> tuple[int, CellstreamError | None]:
+        """Queue the entry's first `queued` steps (all, or as many as there is room for): (queued, the error
+        refusing the others)."""
         queue = self._queue
         if self._closed:
             return 0, Unavailable("server is shutting down; retry on another replica")
-        room = self.max_queue_size - len(queue)
+        room = self.max_queue_size - self._queued_steps
         if room > 0:
             now = asyncio.get_running_loop().time()
             if queue and self._overdue(queue[0], now):
-                self.metrics.steps_dropped.labels(self.model, "queue_wait").inc(len(jobs))
+                self.metrics.steps_dropped.labels(self.model, "queue_wait").inc(steps)
                 return 0, ResourceExhausted(f"model {self.model!r} is overloaded: its oldest queued step has "
                                             f"waited {now - queue[0].enqueued:.3f}s (max_queue_wait_ms); retry later")
-            taken = jobs if len(jobs) <= room else jobs[:room]
-            for job in taken:
-                job.enqueued = now
-            queue.extend(taken)
+            queued = min(room, steps)
+            entry.enqueued = now
+            queue.append(entry)
+            self._queued_steps += queued
             self._wakeup.set()
-            if len(taken) == len(jobs):
-                return len(taken), None
+            if queued == steps:
+                return queued, None
         queued = max(room, 0)
-        self.metrics.steps_dropped.labels(self.model, "queue_full").inc(len(jobs) - queued)
+        self.metrics.steps_dropped.labels(self.model, "queue_full").inc(steps - queued)
         return queued, ResourceExhausted(
-            f"model {self.model!r} has {len(queue)} steps queued (max_queue_size); retry later")
+            f"model {self.model!r} has {self._queued_steps} steps queued (max_queue_size); retry later")
 
     async def _loop(self) -> None:
         while True:
@@ -165,77 +239,115 @@ class Batcher:
                 try:
                     await self._execute(batch)
                 except CellstreamError as exc:
-                    for job in batch:
-                        job.fail(exc)
+                    for entry in batch:
+                        entry.fail(exc)
                 except asyncio.CancelledError:
-                    for job in batch:
-                        job.fail(Unavailable("server shut down while this step ran; nothing was applied"))
+                    for entry in batch:
+                        entry.fail(Unavailable("server shut down while this step ran; nothing was applied"))
                     raise
                 except Exception:  # the loop must survive anything, or every later caller hangs
-                    log.exception("batch of %d steps on model %s failed", len(batch), self.model)
-                    for job in batch:
-                        job.fail(CellstreamError(f"internal error running model {self.model!r}"))
+                    log.exception("batch of %d entries on model %s failed", len(batch), self.model)
+                    for entry in batch:
+                        entry.fail(CellstreamError(f"internal error running model {self.model!r}"))
 
-    def _overdue(self, job: StepJob, now: float) -> bool:
-        return self.max_queue_wait is not None and now - job.enqueued > self.max_queue_wait
+    def _overdue(self, entry: QueueEntry, now: float) -> bool:
+        return self.max_queue_wait is not None and now - entry.enqueued > self.max_queue_wait
 
-    def _take_batch(self) -> list[StepJob]:
+    def _take_batch(self) -> list[QueueEntry]:
         now = asyncio.get_running_loop().time()
-        chosen: list[StepJob] = []
-        waiting: deque[StepJob] = deque()
+        chosen: list[QueueEntry] = []
+        waiting: deque[QueueEntry] = deque()
+        waiting_steps = 0
         seen: set[str] = set()
         length: int | None = None
         room = self.max_batch_size
+        dropped = self.metrics.steps_dropped
         # Steps queued after this instant have not waited too long (max_queue_wait): checked in one comparison.
         fresh = -math.inf if self.max_queue_wait is None else now - self.max_queue_wait
-        for job in self._queue:
-            if job.future.done():  # the caller went away
-                self.metrics.steps_dropped.labels(self.model, "cancelled").inc()
-                continue
-            if job.deadline is not None and now >= job.deadline:
-                self.metrics.steps_dropped.labels(self.model, "deadline").inc()
-                job.fail(DeadlineExceeded(f"deadline passed after {now - job.enqueued:.3f}s in the queue"))
-                continue
-            if job.enqueued < fresh:
-                self.metrics.steps_dropped.labels(self.model, "queue_wait").inc()
-                job.fail(ResourceExhausted(f"model {self.model!r} is overloaded: this step waited "
-                                           f"{now - job.enqueued:.3f}s in the queue (max_queue_wait_ms); "
-                                           "nothing was applied, retry later"))
-                continue
-            session_id = job.session_id
-            if room and session_id not in seen and (length is None or len(job.inputs) == length):
-                chosen.append(job)
-                length = len(job.inputs)
-                room -= 1
+        for entry in self._queue:
+            if isinstance(entry, StepJob):
+                steps, entry_length, ids = 1, len(entry.inputs), (entry.session_id,)
+                gone = entry.future.done()
             else:
-                waiting.append(job)
-            seen.add(session_id)
+                steps, entry_length, ids = len(entry), entry.length, entry.session_ids
+                gone = entry.cancelled
+            if gone:  # the caller went away
+                dropped.labels(self.model, "cancelled").inc(steps)
+                continue
+            if entry.deadline is not None and now >= entry.deadline:
+                dropped.labels(self.model, "deadline").inc(steps)
+                entry.fail(DeadlineExceeded(f"deadline passed after {now - entry.enqueued:.3f}s in the queue"))
+                continue
+            if entry.enqueued < fresh:
+                dropped.labels(self.model, "queue_wait").inc(steps)
+                entry.fail(ResourceExhausted(f"model {self.model!r} is overloaded: this step waited "
+                                             f"{now - entry.enqueued:.3f}s in the queue (max_queue_wait_ms); "
+                                             "nothing was applied, retry later"))
+                continue
+            if steps <= room and (length is None or entry_length == length) and seen.isdisjoint(ids):
+                chosen.append(entry)
+                length = entry_length
+                room -= steps
+            else:
+                waiting.append(entry)
+                waiting_steps += steps
+            seen.update(ids)
         self._queue = waiting
+        self._queued_steps = waiting_steps
         return chosen
 
-    async def _execute(self, batch: list[StepJob]) -> None:
+    async def _execute(self, batch: list[QueueEntry]) -> None:
         loop = asyncio.get_running_loop()
         records = await self._starting_points(batch)
-        jobs: list[StepJob] = []
+        # The batch's columns: each step that runs, in order; a group's steps are consecutive columns.
         ready: list[SessionRecord] = []
-        for job, record in zip(batch, records, strict=True):
-            if record is None or (job.owner is not None and record.owner != job.owner):
-                job.fail(session_not_found(job.session_id))
-            elif job.expected_position is not None and job.expected_position != record.position:
-                job.fail(Aborted(
-                    f"expected_position is {job.expected_position} but session {job.session_id!r} is at "
-                    f"position {record.position}; nothing was applied"
-                ))
-            elif not job.future.done():
-                jobs.append(job)
-                ready.append(record)
-        if not jobs:
+        inputs_list: list[StepInputs] = []
+        taken: list[tuple[QueueEntry, int]] = []  # (entry, its first column)
+        cursor = 0
+        for entry in batch:
+            if isinstance(entry, StepJob):
+                record = records[cursor]
+                cursor += 1
+                error = self._refusal(entry.session_id, record, entry.owner, entry.expected_position)
+                if error is not None:
+                    entry.fail(error)
+                elif not entry.future.done():
+                    taken.append((entry, len(ready)))
+                    ready.append(record)
+                    inputs_list.append(entry.inputs)
+                continue
+            size = len(entry)
+            loaded = records[cursor:cursor + size]
+            cursor += size
+            taken.append((entry, len(ready)))
+            if self._all_ready(entry, loaded):
+                entry.columns = range(len(ready), len(ready) + size)
+                ready.extend(loaded)
+                inputs_list.extend(entry.inputs)
+                continue
+            columns: list[int] = []
+            expected = entry.expected_positions
+            for k, (session_id, record) in enumerate(zip(entry.session_ids, loaded, strict=True)):
+                error = self._refusal(session_id, record, entry.owner, None if expected is None else expected[k])
+                if error is not None:
+                    entry.errors[k] = error
+                    columns.append(-1)
+                else:
+                    columns.append(len(ready))
+                    ready.append(record)
+                    inputs_list.append(entry.inputs[k])
+            entry.columns = columns
+        if not ready:
+            self._finish_groups(taken)
             return
         started = loop.time()
-        observe_many(self._queue_wait, [started - job.enqueued for job in jobs])
-        inputs = np.array([job.inputs for job in jobs], dtype=self._input_dtype)  # (B, T[, F])
+        waits: list[float] = []
+        for entry, _ in taken:
+            waits += [started - entry.enqueued] * (1 if isinstance(entry, StepJob) else len(entry) - len(entry.errors))
+        observe_many(self._queue_wait, waits)
+        inputs = np.array(inputs_list, dtype=self._input_dtype)  # (B, T[, F])
         # Read now, before any await: a commit of another batch may overwrite these states in place.
-        held = any(job.state is not None for job in jobs)
+        held = any(isinstance(entry, StepJob) and entry.state is not None for entry, _ in taken)
         h0, c0 = stack_states(ready) if held else self.store.stack(ready)  # (L, B, H)
         positions = [record.position for record in ready]
         if inputs.shape[0] * inputs.shape[1] <= self.inline_max_tokens:
@@ -243,44 +355,108 @@ class Batcher:
         else:
             logits, hn, cn = await loop.run_in_executor(self._executor, self.engine.run, inputs, h0, c0)
         self._compute.observe(loop.time() - started)
-        self._batch_size.observe(len(jobs))
+        self._batch_size.observe(len(ready))
         steps = inputs.shape[1]
-        # Each result's h, c are views of the batch's arrays (L, B, H), which nothing writes again; the
-        # store copied what it keeps. Iterating the (B, L, H) transposes makes those views in C.
-        results = zip(jobs, positions, logits, hn.transpose(1, 0, 2), cn.transpose(1, 0, 2), strict=True)
-        # A caller that went away while the batch ran gets nothing applied: its request failed.
-        committing: list[tuple[StepJob, StepResult]] = []
-        columns: list[int] = []
+        after = [position + steps for position in positions]
+        # What a result holds are views of the batch's arrays, which nothing writes again: the store
+        # copies what it keeps. A caller that went away while the batch ran gets nothing applied.
         answered = 0
-        for column, (job, position, row_logits, h, c) in enumerate(results):
-            if job.future.done():
+        commit: list[int] = []  # columns to commit
+        for entry, first in taken:
+            if isinstance(entry, StepGroup):
+                if entry.cancelled:
+                    continue
+                if entry.errors:
+                    commit += [column for k, column in enumerate(entry.columns) if k not in entry.errors]
+                else:
+                    commit += entry.columns
+            elif entry.future.done():
                 continue
-            if job.state is not None:
-                job.succeed(StepResult(row_logits, h, c, steps))
+            elif entry.state is not None:
+                entry.succeed(StepResult(logits[first], hn[:, first], cn[:, first], steps))
                 answered += 1
-                continue
-            committing.append((job, StepResult(row_logits, h, c, position + steps)))
-            columns.append(column)
-        if committing:
-            every = len(columns) == len(jobs)
-            applied = await self.store.commit_many(StateUpdates(
-                [job.session_id for job, _ in committing], [positions[k] for k in columns],
-                [result.position for _, result in committing],
-                hn if every else hn[:, columns], cn if every else cn[:, columns]))
-            for (job, result), ok in zip(committing, applied, strict=True):
-                if not ok:
-                    job.fail(Aborted(f"session {job.session_id!r} changed while this step ran; nothing was applied"))
-                elif not job.future.done():
-                    job.succeed(result)
+            else:
+                commit.append(first)
+        changed = await self._commit(ready, commit, positions, after, hn, cn)
+        for entry, first in taken:
+            if isinstance(entry, StepJob):
+                if entry.future.done():  # answered above (client-held state), or the caller left
+                    continue
+                if first in changed:
+                    entry.fail(Aborted(f"session {entry.session_id!r} changed while this step ran; "
+                                       "nothing was applied"))
+                else:
+                    entry.succeed(StepResult(logits[first], hn[:, first], cn[:, first], after[first]))
                     answered += 1
+                continue
+            if entry.cancelled:
+                continue
+            if changed:
+                for k, column in enumerate(entry.columns):
+                    if column in changed and k not in entry.errors:
+                        entry.errors[k] = Aborted(f"session {entry.session_ids[k]!r} changed while this step ran; "
+                                                  "nothing was applied")
+            answered += len(entry) - len(entry.errors)
+            entry.outputs = logits, hn, cn, after
+            entry.finish()
         self._tokens.inc(answered * steps)
 
-    async def _starting_points(self, batch: list[StepJob]) -> list[SessionRecord | None]:
-        """Each job's record: its stored session (one store round trip), or its client-held state."""
-        stored = [job.session_id for job in batch if job.state is None]
+    async def _commit(self, ready: list[SessionRecord], columns: list[int], positions: list[int],
+                      after: list[int], hn: np.ndarray, cn: np.ndarray) -> set[int]:
+        """Commit the new state of `columns` (compare-and-set on the positions they were computed from):
+        the columns not applied because their session changed meanwhile."""
+        if not columns:
+            return set()
+        if len(columns) == len(ready):  # every column, in order: no need to pick
+            updates = StateUpdates([r.session_id for r in ready], positions, after, hn, cn)
+        else:
+            updates = StateUpdates([ready[k].session_id for k in columns], [positions[k] for k in columns],
+                                   [after[k] for k in columns], hn[:, columns], cn[:, columns])
+        applied = await self.store.commit_many(updates)
+        return set() if all(applied) else {column for column, ok in zip(columns, applied, strict=True) if not ok}
+
+    def _all_ready(self, group: StepGroup, loaded: list[SessionRecord | None]) -> bool:
+        """Whether every step of the group can run (the common case, checked without a loop in Python)."""
+        if group.expected_positions is not None or None in loaded:
+            return False
+        owner = group.owner
+        return owner is None or all(record.owner == owner for record in loaded)  # type: ignore[union-attr]
+
+    @staticmethod
+    def _refusal(session_id: str, record: SessionRecord | None, owner: str | None,
+                 expected: int | None) -> CellstreamError | None:
+        if record is None or (owner is not None and record.owner != owner):
+            return session_not_found(session_id)
+        if expected is not None and expected != record.position:
+            return Aborted(f"expected_position is {expected} but session {session_id!r} is at "
+                           f"position {record.position}; nothing was applied")
+        return None
+
+    @staticmethod
+    def _finish_groups(taken: list[tuple[QueueEntry, int]]) -> None:
+        for entry, _ in taken:
+            if isinstance(entry, StepGroup):
+                entry.finish()
+
+    async def _starting_points(self, batch: list[QueueEntry]) -> list[SessionRecord | None]:
+        """Each step's record, in batch order: its stored session (one store round trip for the batch), or
+        its client-held state."""
+        stored: list[str] = []
+        for entry in batch:
+            if isinstance(entry, StepGroup):
+                stored.extend(entry.session_ids)
+            elif entry.state is None:
+                stored.append(entry.session_id)
         loaded = iter(await self.store.load_many(stored) if stored else [])
-        return [next(loaded) if job.state is None else SessionRecord(job.session_id, self.model, *job.state, 0, 0.0)
-                for job in batch]
+        records: list[SessionRecord | None] = []
+        for entry in batch:
+            if isinstance(entry, StepGroup):
+                records.extend(itertools.islice(loaded, len(entry)))
+            elif entry.state is None:
+                records.append(next(loaded))
+            else:
+                records.append(SessionRecord(entry.session_id, self.model, *entry.state, 0, 0.0))
+        return records
 
     async def close(self) -> None:
         """Stop taking steps; fail those still queued with UNAVAILABLE."""
@@ -289,8 +465,9 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for job in self._queue:
-            job.fail(Unavailable("server shut down before this step ran; retry"))
+        for entry in self._queue:
+            entry.fail(Unavailable("server shut down before this step ran; retry"))
         self._queue.clear()
+        self._queued_steps = 0
         # A batch cut off mid-compute finishes in its thread on its own; waiting would block the loop.
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.auth import current_principal
-from service.batcher import Batcher, StepInputs, StepJob, StepResult
+from service.batcher import Batcher, StepGroup, StepInputs, StepJob, StepResult
 from service.config import Settings
 from service.engine import FEATURES, TOKENS, ModelRegistry, ModelSpec
 from service.errors import CellstreamError, InvalidArgument, NotFound, session_not_found
@@ -268,14 +268,14 @@ class DataPlane:
         job = StepJob(record.session_id, inputs, expected_position, deadline_after(timeout))
         return await self.batchers[record.model].submit(job)
 
-    def start_steps(self, model: str, jobs: Sequence[StepJob]) -> tuple[int, CellstreamError | None]:
-        """Queue many validated steps of sessions of `model` without waiting (multiplexed calls): how many
-        were queued, and the error refusing the others (queue full, shutting down) if any.
+    def start_group(self, model: str, group: StepGroup) -> CellstreamError | None:
+        """Queue validated steps of sessions of `model` without waiting (multiplexed calls); the error refusing
+        some or all of them (queue full, shutting down), if any: see Batcher.enqueue_group.
 
-        A job's session is checked when its batch loads it (with `StepJob.owner`, that it is the
+        A step's session is checked when its batch loads it (with the group's owner, that it is the
         owner's): NotFound then, word for word session()'s.
         """
-        return self.batchers[model].enqueue_many(jobs)
+        return self.batchers[model].enqueue_group(group)
 
     @property
     def only_spec(self) -> ModelSpec | None:

@@ -1,13 +1,15 @@
 """The items of StepMany and StreamMany: many sessions' steps per message, each with its own outcome.
 
 Every item is checked like a single Step (same rules, same statuses and messages) and queued in
-its model's batcher like one, so items batch with every other caller's steps and take their turn.
-What makes an item cheaper than a Step is what it does not do: no task of its own (the batcher
-reports its outcome at once), no store read of its own (the batch's load checks that the session
-exists and is the caller's; only a server of several models must first learn each session's model,
-in one round trip per message for the sessions new to the call), and no copy of its reply (filled in
-place). One difference follows: an item with several faults may report a different one of them than
-a Step would (a Step looks the session up before it checks the input).
+its model's batcher, so items batch with every other caller's steps and take their turn. What makes
+an item cheaper than a Step is what it does not do: a message's items travel through the batcher as
+groups (`StepGroup`: distinct sessions of one model and input length, at most a batch each), so an item
+has no job, future, callback or task of its own; no store read of its own (the batch's load checks that
+the session exists and is the caller's; only a server of several models must first learn each session's
+model, in one round trip per message for the sessions new to the call); and no copy of its reply (filled in
+place). A session named twice in a message has its second step in a later group, so it runs after the
+first. One difference follows: an item with several faults may report a different one of them than a
+Step would (a Step looks the session up before it checks the input).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from service._proto.cellstream.v1 import inference_pb2 as pb
 from service.api.native_codec import expected_position, fill_response, fill_status, step_inputs, wanted
 from service.api.outbox import Outbox
 from service.auth import current_principal
-from service.batcher import StepJob
+from service.batcher import StepGroup
 from service.dataplane import DataPlane, deadline_after
 from service.engine import ModelSpec
 from service.errors import CellstreamError, InvalidArgument
 from service.metrics import Metrics
 
-# (item, its session's model, its queued step or the error that refused it)
-Entry = tuple[pb.StepRequest, ModelSpec | None, StepJob | CellstreamError]
+# (item, its session's model, the group its step is in and its index there, or the error that refused it)
+Entry = tuple[pb.StepRequest, ModelSpec | None, StepGroup | CellstreamError, int]
 
 KNOWN_SESSIONS_PER_CALL = 65_536  # a stream forgets the sessions it found past this many (they are found again)
 
@@ -37,13 +39,6 @@ def check_item_count(count: int, limit: int, message: str) -> None:
     if count > limit:
         raise InvalidArgument(f"{message} has {count} items, more than max_items_per_message ({limit}); "
                               "nothing was done: split it into several messages")
-
-
-def abandon(job: StepJob) -> None:
-    """Nobody will read this step's outcome: cancel it if it has not run (then nothing is applied),
-    else mark its error as read, which asyncio would otherwise log as never retrieved."""
-    if not job.future.cancel() and not job.future.cancelled():
-        job.future.exception()
 
 
 class StepItems:
@@ -56,8 +51,8 @@ class StepItems:
         self.outbox: Outbox[Entry] = Outbox()
         self._ok = metrics.items.labels(method, grpc.StatusCode.OK.name)  # bound once: counted per message
         self._models: dict[str, ModelSpec] = {}  # sessions this call found (and the caller owns): their model
-        self._running: dict[int, Entry] = {}  # by id() of the job, in the order they were queued
-        self._after: dict[int, list[Entry]] = {}  # refused items waiting for an earlier item of their session
+        self._running: dict[int, tuple[StepGroup, list[Entry]]] = {}  # by id() of the group, in queue order
+        self._after: dict[int, list[Entry]] = {}  # refused items waiting for an earlier group of their session
 
     async def _find(self, items: Sequence[pb.StepRequest]) -> dict[str, CellstreamError]:
         """Learn the model of every session new to this call (one store round trip); the errors of the
@@ -77,7 +72,7 @@ class StepItems:
         return errors
 
     async def _queue(self, batch: pb.StepBatch, timeout: float | None) -> list[Entry]:
-        """Check and queue every item; entries in item order."""
+        """Check every item and queue the valid ones in groups; entries in item order."""
         items = batch.items
         dataplane = self.dataplane
         check_item_count(len(items), dataplane.settings.max_items_per_message, "StepBatch")
@@ -88,9 +83,12 @@ class StepItems:
         models = self._models
         owner = current_principal()
         deadline = deadline_after(timeout)
-        create_future = asyncio.get_running_loop().create_future
         entries: list[Entry] = []
-        by_model: dict[str, list[int]] = {}  # entry indices of each model's steps, queued together below
+        # A session's steps go to groups made one after another (queued in that order, so they run in order).
+        groups: dict[tuple[str, int], int] = {}  # the open group for (model, T): its index in `made`
+        made: list[tuple[str, StepGroup]] = []  # every group with its model, in the order made
+        latest: dict[str, int] = {}  # each session's latest group, by index in `made`
+        largest = dataplane.settings.max_batch_size  # a group is taken into a batch whole
         for item in items:
             session_id = item.session_id
             spec = only or models.get(session_id)
@@ -101,69 +99,83 @@ class StepItems:
                     dataplane.check_session_id(session_id)
                 inputs = step_inputs(dataplane, spec, item)
             except CellstreamError as exc:
-                entries.append((item, spec, exc))
+                entries.append((item, spec, exc, -1))
                 continue
-            job = StepJob(session_id, inputs, expected_position(item), deadline, owner=owner,
-                          future=create_future())
-            by_model.setdefault(spec.name, []).append(len(entries))
-            entries.append((item, spec, job))
-        for model, indices in by_model.items():
-            queued, refusal = dataplane.start_steps(model, [entries[k][2] for k in indices])
-            for k in indices[queued:]:
-                entries[k] = (entries[k][0], entries[k][1], refusal)
+            key = (spec.name, len(inputs))
+            index = groups.get(key, -1)
+            if index <= latest.get(session_id, -1) or len(made[index][1]) == largest:
+                index = groups[key] = len(made)
+                made.append((spec.name, StepGroup([], [], None, deadline, owner, self._done)))
+            latest[session_id] = index
+            group = made[index][1]
+            entries.append((item, spec, group, len(group)))
+            group.add(session_id, inputs, expected_position(item))
+        cut: dict[int, tuple[int, CellstreamError]] = {}  # groups the queue took only part of
+        for model, group in made:
+            refusal = dataplane.start_group(model, group)
+            if refusal is not None:
+                cut[id(group)] = (len(group), refusal)
+        if cut:
+            for k, (item, spec, group, index) in enumerate(entries):
+                if isinstance(group, StepGroup) and id(group) in cut:
+                    queued, refusal = cut[id(group)]
+                    if index >= queued:
+                        entries[k] = (item, spec, refusal, -1)
         return entries
 
     async def answer(self, batch: pb.StepBatch, timeout: float | None) -> pb.StepBatchResult:
         """StepMany: every item's outcome, in item order."""
         entries = await self._queue(batch, timeout)
-        jobs = [job for _, _, job in entries if isinstance(job, StepJob)]
-        if jobs:
-            remaining = len(jobs)
+        groups = {id(group): group for _, _, group, _ in entries if isinstance(group, StepGroup)}
+        if groups:
+            remaining = len(groups)
             finished = asyncio.get_running_loop().create_future()
 
-            def count(_: StepJob) -> None:
+            def count(_: StepGroup) -> None:
                 nonlocal remaining
                 remaining -= 1
                 if not remaining:
                     finished.set_result(None)
 
-            for job in jobs:
-                job.on_done = count
+            for group in groups.values():
+                group.on_done = count
             try:
                 await finished
             except asyncio.CancelledError:
-                for job in jobs:  # the caller went away: what has not run yet never will
-                    abandon(job)
+                for group in groups.values():  # the caller went away: what has not run yet never will
+                    group.cancelled = True
                 raise
         return self.pack(entries)
 
     async def admit(self, batch: pb.StepBatch, context: grpc.aio.ServicerContext) -> None:
-        """StreamMany: queue a message's items; each outcome is filed when it completes, after the
-        outcomes of the same session's earlier items."""
+        """StreamMany: queue a message's items; each group's outcomes are filed when it completes, and a
+        refused item after the outcomes of the same session's earlier items."""
         entries = await self._queue(batch, context.time_remaining())
-        outbox, running, done = self.outbox, self._running, self._done
+        outbox, running = self.outbox, self._running
         outbox.pending += len(entries)
-        latest: dict[str, StepJob] | None = None  # each session's latest running step, once an item was refused
+        latest: dict[str, StepGroup] | None = None  # each session's latest running group, once an item was refused
         for entry in entries:
-            outcome = entry[2]
-            if isinstance(outcome, StepJob):
-                running[id(outcome)] = entry
-                outcome.on_done = done
+            item, _, outcome, _ = entry
+            if isinstance(outcome, StepGroup):
+                running.setdefault(id(outcome), (outcome, []))[1].append(entry)
                 if latest is not None:
-                    latest[entry[0].session_id] = outcome
+                    latest[item.session_id] = outcome
                 continue
             if latest is None:  # refusals are rare: only then is it worth knowing (running is in queue order)
-                latest = {item.session_id: job for item, _, job in running.values()}
-            earlier = latest.get(entry[0].session_id)
+                latest = {}
+                for group, members in running.values():
+                    for member in members:
+                        latest[member[0].session_id] = group
+            earlier = latest.get(item.session_id)
             if earlier is None:
                 outbox.file(entry)
             else:
                 self._after.setdefault(id(earlier), []).append(entry)
 
-    def _done(self, job: StepJob) -> None:
-        self.outbox.file(self._running.pop(id(job)))
+    def _done(self, group: StepGroup) -> None:
+        self.outbox.file_many(self._running.pop(id(group))[1])
         if self._after:
-            for later in self._after.pop(id(job), ()):
+            for later in self._after.pop(id(group), ()):
                 self.outbox.file(later)
 
     def pack(self, entries: list[Entry]) -> pb.StepBatchResult:
@@ -171,15 +183,17 @@ class StepItems:
         reply = pb.StepBatchResult()
         add = reply.items.add
         ok = 0
-        for item, spec, outcome in entries:
+        for item, spec, outcome, index in entries:
             message = add(tag=item.tag)
-            if isinstance(outcome, StepJob):
-                try:
-                    result = outcome.future.result()
-                except CellstreamError as exc:  # anything else is a bug: the call becomes INTERNAL, logged once
-                    error = exc
-                else:
-                    fill_response(message.response, item.session_id, spec, wanted(item), result)
+            if isinstance(outcome, StepGroup):
+                error = outcome.errors.get(index) if outcome.errors else None
+                if error is None:
+                    want = wanted(item)
+                    if want is None:  # the common case: the position only
+                        response = message.response
+                        response.session_id, response.position = item.session_id, outcome.position(index)
+                    else:
+                        fill_response(message.response, item.session_id, spec, want, outcome.result(index))
                     ok += 1
                     continue
             else:
@@ -190,6 +204,7 @@ class StepItems:
         return reply
 
     def cancel(self) -> None:
-        for _, _, job in [*self._running.values(), *self.outbox.clear()]:
-            if isinstance(job, StepJob):
-                abandon(job)
+        for group, _ in self._running.values():
+            group.cancelled = True
+        self._running.clear()
+        self.outbox.clear()

@@ -1,7 +1,7 @@
 """The shape every multiplexed stream (StreamMany, GenerateMany) shares: read messages of many items,
 send their outcomes as they complete, as few messages as possible.
 
-Outcomes are filed as they complete (by the batcher, through a step's `on_done`, or by a chat turn's
+Outcomes are filed as they complete (by the batcher, through a step group's `on_done`, or by a chat turn's
 task), and the writer sends everything filed since its previous message as one message. The batcher
 completes a whole batch without yielding to the event loop, so the outcomes of one batch always
 travel together.
@@ -34,6 +34,13 @@ class Outbox(Generic[Entry]):
         self._ready.append(entry)
         if final:
             self.pending -= 1
+
+    def file_many(self, entries: list[Entry]) -> None:
+        """Add the final outcomes of several items to the next message."""
+        if not self._ready:
+            self._wake.set()
+        self._ready += entries
+        self.pending -= len(entries)
 
     def clear(self) -> list[Entry]:
         """Take back what was filed and never sent (the call ended)."""

@@ -117,6 +117,40 @@ async def test_a_session_repeated_in_one_message_applies_in_order(client, ref, c
     assert (await client.get_state(sid)).position == 5
 
 
+@pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
+async def test_a_sessions_later_step_of_another_length_runs_after_its_earlier_one(client, method):
+    """Items travel in groups of one input length; `other` is named twice first, so a group for its second
+    1-token step exists before `sid`'s 2-token step has a group: sid's 1-token step must not join it."""
+    sid = (await client.open_session()).session_id
+    other = (await client.open_session()).session_id
+    items = [Client.step_request(other, tokens=[1], tag=0), Client.step_request(other, tokens=[2], tag=1),
+             Client.step_request(sid, tokens=[3, 4], tag=2), Client.step_request(sid, tokens=[5], tag=3)]
+    outcomes = await answer(client, method, items)
+    assert [o.response.position for o in outcomes] == [1, 2, 2, 3], [o.error.message for o in outcomes]
+
+
+@pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
+async def test_a_full_queue_takes_part_of_a_message_and_refuses_the_rest(start, connect, gate, method):
+    server = await start(max_queue_size=3)
+    client = connect(server)
+    sessions = [(await client.open_session()).session_id for _ in range(6)]
+    held = gate(server)
+    busy = asyncio.ensure_future(client.step(sessions[5], tokens=[1]))  # holds the model; the queue is empty
+    assert await asyncio.to_thread(held.running.wait, 30)
+    items = [Client.step_request(sid, tokens=[2], tag=k) for k, sid in enumerate(sessions[:5])]
+    pending = asyncio.ensure_future(answer(client, method, items))
+    await asyncio.sleep(0.3)  # the message is read, three of its steps queued
+    held.open.set()
+    outcomes = await asyncio.wait_for(pending, 30)
+    await asyncio.wait_for(busy, 30)
+    assert [o.WhichOneof("outcome") for o in outcomes] == ["response"] * 3 + ["error"] * 2
+    for outcome in outcomes[3:]:
+        assert outcome.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "has 3 steps queued (max_queue_size)" in outcome.error.message
+    positions = [(await client.get_state(sid)).position for sid in sessions[:5]]
+    assert positions == [1, 1, 1, 0, 0], "a refused item was applied, or a queued one was not"
+
+
 async def test_item_cap_refuses_the_whole_message(start, connect, rpc_error, warmed):
     server = await start(max_items_per_message=4)
     client = connect(server)
