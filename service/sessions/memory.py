@@ -150,17 +150,18 @@ class MemoryStore:
         return slab.gather([column for _, column in located])
 
     async def commit_many(self, updates: StateUpdates) -> list[bool]:
-        now, wall = self._clock(), time.time()
+        # Not a use of the sessions: their batch's load_many refreshed their idle TTLs and LRU places a moment
+        # ago (a session that expired since was live when its step began: the step completes).
+        records, columns = self._records, self._columns
         applied: list[bool] = []
         written: dict[StateSlab, tuple[list[int], list[int]]] = {}  # slab -> (update indices, columns)
         for k, (session_id, expected, position) in enumerate(
                 zip(updates.session_ids, updates.expected_positions, updates.positions, strict=True)):
-            record = self._live(session_id, now)
+            record = records.get(session_id)
             ok = record is not None and record.position == expected
             if ok:  # a session's state keeps its model's shape: its bytes do not change
                 record.position = position
-                self._touch(record, now, wall)
-                slab, column = self._columns[session_id]
+                slab, column = columns[session_id]
                 indices, slab_columns = written.setdefault(slab, ([], []))
                 indices.append(k)
                 slab_columns.append(column)

@@ -47,11 +47,14 @@ class StateSlab:
 
     def gather(self, columns: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The states of `columns` as h0, c0 (L, B, H), fresh arrays."""
-        return self.h[:, columns], self.c[:, columns]
+        # take() on an index array: half the time of indexing with the list (measured, 256 columns).
+        index = np.array(columns, dtype=np.intp)
+        return np.take(self.h, index, axis=1), np.take(self.c, index, axis=1)
 
     def scatter(self, columns: Sequence[int], h: np.ndarray, c: np.ndarray) -> None:
         """Write h, c (L, B, H) into `columns`."""
-        self.h[:, columns], self.c[:, columns] = h, c
+        index = np.array(columns, dtype=np.intp)
+        self.h[:, index], self.c[:, index] = h, c
 
     def _grow(self) -> None:
         """Double the capacity; every record's views move to the new arrays."""
