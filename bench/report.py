@@ -12,7 +12,7 @@ TURNS_SHOWN = 6  # turns of the conversation printed (first, last, evenly betwee
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Text columns aligned left, numbers right."""
     cells = [[_cell(value) for value in row] for row in rows]
-    widths = [max(len(h), *(len(row[k]) for row in cells)) for k, h in enumerate(headers)]
+    widths = [max([len(h), *(len(row[k]) for row in cells)]) for k, h in enumerate(headers)]
     left = [bool(rows) and isinstance(rows[0][k], str) for k in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
