@@ -257,14 +257,19 @@ class Batcher:
         now = asyncio.get_running_loop().time()
         chosen: list[QueueEntry] = []
         waiting: deque[QueueEntry] = deque()
-        waiting_steps = 0
+        removed = 0  # steps taken or dropped
         seen: set[str] = set()
         length: int | None = None
         room = self.max_batch_size
         dropped = self.metrics.steps_dropped
         # Steps queued after this instant have not waited too long (max_queue_wait): checked in one comparison.
         fresh = -math.inf if self.max_queue_wait is None else now - self.max_queue_wait
-        for entry in self._queue:
+        queue = iter(self._queue)
+        for entry in queue:
+            if not room:  # the batch is full: the rest wait as they are, checked when their turn comes
+                waiting.append(entry)
+                waiting.extend(queue)
+                break
             if isinstance(entry, StepJob):
                 steps, entry_length, ids = 1, len(entry.inputs), (entry.session_id,)
                 gone = entry.future.done()
@@ -273,27 +278,28 @@ class Batcher:
                 gone = entry.cancelled
             if gone:  # the caller went away
                 dropped.labels(self.model, "cancelled").inc(steps)
-                continue
-            if entry.deadline is not None and now >= entry.deadline:
+            elif entry.deadline is not None and now >= entry.deadline:
                 dropped.labels(self.model, "deadline").inc(steps)
                 entry.fail(DeadlineExceeded(f"deadline passed after {now - entry.enqueued:.3f}s in the queue"))
-                continue
-            if entry.enqueued < fresh:
+            elif entry.enqueued < fresh:
                 dropped.labels(self.model, "queue_wait").inc(steps)
                 entry.fail(ResourceExhausted(f"model {self.model!r} is overloaded: this step waited "
                                              f"{now - entry.enqueued:.3f}s in the queue (max_queue_wait_ms); "
                                              "nothing was applied, retry later"))
-                continue
-            if steps <= room and (length is None or entry_length == length) and seen.isdisjoint(ids):
+            elif steps <= room and (length is None or entry_length == length) and seen.isdisjoint(ids):
                 chosen.append(entry)
                 length = entry_length
                 room -= steps
+                seen.update(ids)
+                removed += steps
+                continue
             else:
                 waiting.append(entry)
-                waiting_steps += steps
-            seen.update(ids)
+                seen.update(ids)
+                continue
+            removed += steps
         self._queue = waiting
-        self._queued_steps = waiting_steps
+        self._queued_steps -= removed
         return chosen
 
     async def _execute(self, batch: list[QueueEntry]) -> None:
