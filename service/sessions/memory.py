@@ -210,4 +210,7 @@ class MemoryStore:
         for sid in expired:
             self._remove(sid)
         self._metrics.sessions_expired.inc(len(expired))
+        for slab in self._slabs.values():
+            for session_id, column in slab.shrink().items():
+                self._columns[session_id] = slab, column
         return len(expired)

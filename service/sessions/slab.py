@@ -57,6 +57,29 @@ class StateSlab:
         for layer in range(self.h.shape[0]):  # per layer, rows of one 2-D array: half the time of one 3-D assignment
             self.h[layer][index], self.c[layer][index] = h[layer], c[layer]
 
+    def shrink(self) -> dict[str, int]:
+        """If at most a quarter of the columns hold sessions (after a peak of sessions has gone), move them
+        into arrays of twice their number, so the memory of the peak is given back; returns each moved
+        session's new column (nothing if it did not shrink)."""
+        capacity, used = self.h.shape[1], len(self._holders)
+        if capacity <= INITIAL_COLUMNS or used > capacity // 4:
+            return {}
+        kept = list(self._holders.items())
+        index = np.array([column for column, _ in kept], dtype=np.intp)
+        layers, hidden = self.h.shape[0], self.h.shape[2]
+        h = np.zeros((layers, max(INITIAL_COLUMNS, 2 * used), hidden), np.float32)
+        c = np.zeros_like(h)
+        h[:, :used], c[:, :used] = np.take(self.h, index, axis=1), np.take(self.c, index, axis=1)
+        self.h, self.c = h, c
+        self._holders = {}
+        moved: dict[str, int] = {}
+        for column, (_, record) in enumerate(kept):
+            record.h, record.c = h[:, column], c[:, column]
+            self._holders[column] = record
+            moved[record.session_id] = column
+        self._free = list(range(h.shape[1] - 1, used - 1, -1))
+        return moved
+
     def _grow(self) -> None:
         """Double the capacity; every record's views move to the new arrays."""
         capacity = self.h.shape[1]

@@ -77,3 +77,27 @@ async def test_a_copy_made_from_a_sessions_arrays_is_independent():
     assert await store.commit_many(StateUpdates([source.session_id], [0], [1], changed, changed)) == [True]
     assert np.array_equal((await store.get(fork.session_id)).h, state(0)), "the fork followed its source"
     assert np.array_equal((await store.get(source.session_id)).h, state(5))
+
+
+async def test_a_sweep_gives_back_the_columns_of_a_peak_that_has_gone():
+    store = MemoryStore(Metrics(), max_sessions=10_000)
+    records = await open_sessions(store, 8 * INITIAL_COLUMNS)
+    [slab] = store._slabs.values()
+    peak = slab.h.shape[1]
+    kept = records[3::37]  # 14 sessions scattered over the columns
+    for record in records:
+        if record not in kept:
+            await store.delete(record.session_id)
+    await store.sweep()
+    assert slab.h.shape[1] == INITIAL_COLUMNS < peak, "the peak's memory was not given back"
+    for record in kept:
+        got = await store.get(record.session_id)
+        assert np.array_equal(got.h, state(record.position)) and np.array_equal(got.c, -state(record.position))
+    changed = state(99)[:, None]
+    first = kept[0]
+    assert await store.commit_many(StateUpdates([first.session_id], [first.position], [first.position + 1],
+                                                changed, changed)) == [True]
+    assert np.array_equal((await store.get(first.session_id)).h, state(99)), "a commit after the move was lost"
+    assert np.array_equal((await store.get(kept[1].session_id)).h, state(kept[1].position))
+    await open_sessions(store, 2 * INITIAL_COLUMNS, start=5000)  # grows again from the moved columns
+    assert np.array_equal((await store.get(kept[-1].session_id)).h, state(kept[-1].position))
