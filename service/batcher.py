@@ -304,47 +304,11 @@ class Batcher:
 
     async def _execute(self, batch: list[QueueEntry]) -> None:
         loop = asyncio.get_running_loop()
-        records = await self._starting_points(batch)
-        # The batch's columns: each step that runs, in order; a group's steps are consecutive columns.
-        ready: list[SessionRecord] = []
-        inputs_list: list[StepInputs] = []
-        taken: list[tuple[QueueEntry, int]] = []  # (entry, its first column)
-        cursor = 0
-        for entry in batch:
-            if isinstance(entry, StepJob):
-                record = records[cursor]
-                cursor += 1
-                error = self._refusal(entry.session_id, record, entry.owner, entry.expected_position)
-                if error is not None:
-                    entry.fail(error)
-                elif not entry.future.done():
-                    taken.append((entry, len(ready)))
-                    ready.append(record)
-                    inputs_list.append(entry.inputs)
-                continue
-            size = len(entry)
-            loaded = records[cursor:cursor + size]
-            cursor += size
-            taken.append((entry, len(ready)))
-            if self._all_ready(entry, loaded):
-                entry.columns = range(len(ready), len(ready) + size)
-                ready.extend(loaded)
-                inputs_list.extend(entry.inputs)
-                continue
-            columns: list[int] = []
-            expected = entry.expected_positions
-            for k, (session_id, record) in enumerate(zip(entry.session_ids, loaded, strict=True)):
-                error = self._refusal(session_id, record, entry.owner, None if expected is None else expected[k])
-                if error is not None:
-                    entry.errors[k] = error
-                    columns.append(-1)
-                else:
-                    columns.append(len(ready))
-                    ready.append(record)
-                    inputs_list.append(entry.inputs[k])
-            entry.columns = columns
+        ready, inputs_list, taken = self._arrange(batch, await self._starting_points(batch))
         if not ready:
-            self._finish_groups(taken)
+            for entry, _ in taken:
+                if isinstance(entry, StepGroup):
+                    entry.finish()
             return
         started = loop.time()
         waits: list[float] = []
@@ -384,9 +348,63 @@ class Batcher:
             else:
                 commit.append(first)
         changed = await self._commit(ready, commit, positions, after, hn, cn)
+        answered += self._settle(taken, changed, (logits, hn, cn, after))
+        self._tokens.inc(answered * steps)
+
+    def _arrange(self, batch: list[QueueEntry], records: list[SessionRecord | None]
+                 ) -> tuple[list[SessionRecord], list[StepInputs], list[tuple[QueueEntry, int]]]:
+        """The batch's columns, one per step that can run, in batch order: their records and inputs, and
+        each entry with its first column. Steps that cannot run (unknown session, another principal's,
+        wrong expected position) fail here: a job at once, a group's in its `errors`."""
+        ready: list[SessionRecord] = []
+        inputs_list: list[StepInputs] = []
+        taken: list[tuple[QueueEntry, int]] = []
+        cursor = 0
+        for entry in batch:
+            if isinstance(entry, StepJob):
+                record = records[cursor]
+                cursor += 1
+                error = self._refusal(entry.session_id, record, entry.owner, entry.expected_position)
+                if error is not None:
+                    entry.fail(error)
+                elif not entry.future.done():
+                    taken.append((entry, len(ready)))
+                    ready.append(record)
+                    inputs_list.append(entry.inputs)
+                continue
+            size = len(entry)
+            loaded = records[cursor:cursor + size]
+            cursor += size
+            taken.append((entry, len(ready)))
+            if self._all_ready(entry, loaded):
+                entry.columns = range(len(ready), len(ready) + size)
+                ready += loaded  # _all_ready: none of them is None
+                inputs_list += entry.inputs
+                continue
+            columns: list[int] = []
+            expected = entry.expected_positions
+            for k, (session_id, record) in enumerate(zip(entry.session_ids, loaded, strict=True)):
+                error = self._refusal(session_id, record, entry.owner, None if expected is None else expected[k])
+                if error is not None:
+                    entry.errors[k] = error
+                    columns.append(-1)
+                else:
+                    columns.append(len(ready))
+                    ready.append(record)
+                    inputs_list.append(entry.inputs[k])
+            entry.columns = columns
+        return ready, inputs_list, taken
+
+    @staticmethod
+    def _settle(taken: list[tuple[QueueEntry, int]], changed: set[int],
+                outputs: tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]) -> int:
+        """Answer the steps whose state was committed (or fail those whose session changed meanwhile);
+        returns how many were answered."""
+        logits, hn, cn, after = outputs
+        answered = 0
         for entry, first in taken:
             if isinstance(entry, StepJob):
-                if entry.future.done():  # answered above (client-held state), or the caller left
+                if entry.future.done():  # answered before the commit (client-held state), or the caller left
                     continue
                 if first in changed:
                     entry.fail(Aborted(f"session {entry.session_id!r} changed while this step ran; "
@@ -403,9 +421,9 @@ class Batcher:
                         entry.errors[k] = Aborted(f"session {entry.session_ids[k]!r} changed while this step ran; "
                                                   "nothing was applied")
             answered += len(entry) - len(entry.errors)
-            entry.outputs = logits, hn, cn, after
+            entry.outputs = outputs
             entry.finish()
-        self._tokens.inc(answered * steps)
+        return answered
 
     async def _commit(self, ready: list[SessionRecord], columns: list[int], positions: list[int],
                       after: list[int], hn: np.ndarray, cn: np.ndarray) -> set[int]:
@@ -437,12 +455,6 @@ class Batcher:
             return Aborted(f"expected_position is {expected} but session {session_id!r} is at "
                            f"position {record.position}; nothing was applied")
         return None
-
-    @staticmethod
-    def _finish_groups(taken: list[tuple[QueueEntry, int]]) -> None:
-        for entry, _ in taken:
-            if isinstance(entry, StepGroup):
-                entry.finish()
 
     async def _starting_points(self, batch: list[QueueEntry]) -> list[SessionRecord | None]:
         """Each step's record, in batch order: its stored session (one store round trip for the batch), or
