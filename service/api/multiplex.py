@@ -71,8 +71,8 @@ class StepItems:
                 known[session_id] = self.dataplane.spec(found.model)
         return errors
 
-    async def _queue(self, batch: pb.StepBatch, timeout: float | None) -> list[Entry]:
-        """Check every item and queue the valid ones in groups; entries in item order."""
+    async def _queue(self, batch: pb.StepBatch, timeout: float | None) -> tuple[list[Entry], list[StepGroup]]:
+        """Check every item and queue the valid ones in groups: entries in item order, and the groups queued."""
         items = batch.items
         dataplane = self.dataplane
         check_item_count(len(items), dataplane.settings.max_items_per_message, "StepBatch")
@@ -103,12 +103,12 @@ class StepItems:
                 continue
             key = (spec.name, len(inputs))
             index = groups.get(key, -1)
-            if index <= latest.get(session_id, -1) or len(made[index][1]) == largest:
+            if index <= latest.get(session_id, -1) or len(made[index][1].session_ids) == largest:
                 index = groups[key] = len(made)
                 made.append((spec.name, StepGroup([], [], None, deadline, owner, self._done)))
             latest[session_id] = index
             group = made[index][1]
-            entries.append((item, spec, group, len(group)))
+            entries.append((item, spec, group, len(group.session_ids)))
             group.add(session_id, inputs, expected_position(item))
         cut: dict[int, tuple[int, CellstreamError]] = {}  # groups the queue took only part of
         for model, group in made:
@@ -121,12 +121,11 @@ class StepItems:
                     queued, refusal = cut[id(group)]
                     if index >= queued:
                         entries[k] = (item, spec, refusal, -1)
-        return entries
+        return entries, [group for _, group in made if group.session_ids]
 
     async def answer(self, batch: pb.StepBatch, timeout: float | None) -> pb.StepBatchResult:
         """StepMany: every item's outcome, in item order."""
-        entries = await self._queue(batch, timeout)
-        groups = {id(group): group for _, _, group, _ in entries if isinstance(group, StepGroup)}
+        entries, groups = await self._queue(batch, timeout)
         if groups:
             remaining = len(groups)
             finished = asyncio.get_running_loop().create_future()
@@ -137,12 +136,12 @@ class StepItems:
                 if not remaining:
                     finished.set_result(None)
 
-            for group in groups.values():
+            for group in groups:
                 group.on_done = count
             try:
                 await finished
             except asyncio.CancelledError:
-                for group in groups.values():  # the caller went away: what has not run yet never will
+                for group in groups:  # the caller went away: what has not run yet never will
                     group.cancelled = True
                 raise
         return self.pack(entries)
@@ -150,7 +149,7 @@ class StepItems:
     async def admit(self, batch: pb.StepBatch, context: grpc.aio.ServicerContext) -> None:
         """StreamMany: queue a message's items; each group's outcomes are filed when it completes, and a
         refused item after the outcomes of the same session's earlier items."""
-        entries = await self._queue(batch, context.time_remaining())
+        entries, _ = await self._queue(batch, context.time_remaining())
         outbox, running = self.outbox, self._running
         outbox.pending += len(entries)
         latest: dict[str, StepGroup] | None = None  # each session's latest running group, once an item was refused
