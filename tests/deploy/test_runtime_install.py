@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,11 @@ import dockerfile
 import pytest
 from manifests import DOCKERFILE, REPO
 
+from bench.server import free_ports
+
 pytestmark = pytest.mark.timeout(180)
 # Installed only by the extras: none of them may reach the image.
 EXTRAS_ONLY = ("torch", "onnx", "tqdm", "pytest", "hypothesis", "tritonclient", "grpc_tools", "matplotlib")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(*argv: str | Path, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess:
@@ -87,7 +82,7 @@ def test_the_runtime_install_serves_the_shipped_model_without_torch(tmp_path):
     models.mkdir()
     for model in (REPO / "model" / "artifacts").glob("*.onnx"):
         shutil.copy2(model, models)
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     env = runtime_env(CELLSTREAM_MODEL_DIR=str(models), CELLSTREAM_PORT=str(port))
     before = sorted(p for p in tmp_path.rglob("*") if venv in p.parents or models in p.parents)
     log = tmp_path / "serve.log"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,23 +17,19 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.server import free_ports
+
 REPO = Path(__file__).resolve().parents[2]
 CHAT = "tiny-chat"
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
     """`python -m service.cli serve` on free loopback ports; `flags` are settings (snake_case names)."""
 
     def __init__(self, model_dir: Path, log: Path, **flags: object) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
+        # Held open together: two ports picked one after the other can be the same one.
+        self.port, self.metrics_port = free_ports(2)
         self.log_path = log
         settings = {"host": "127.0.0.1", "port": self.port, "metrics_host": "127.0.0.1",
                     "metrics_port": self.metrics_port, "model_dir": model_dir, "default_model": CHAT,

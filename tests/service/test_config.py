@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from bench.server import free_ports
 from service.config import Settings, SettingsError, load_settings
 from service.engine import Engine, ModelRegistry
 from service.errors import ModelLoadError
@@ -177,14 +177,9 @@ def test_registry_checks(tmp_path, tiny_model_dir):
     assert logits.shape == (3, 4, 260) and hn.shape == cn.shape == (2, 3, 16)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_start_server_with_bad_default_fails_and_frees_ports(tiny_model_dir):
-    ports = {"port": free_port(), "metrics_port": free_port()}
+    port, metrics_port = free_ports(2)
+    ports = {"port": port, "metrics_port": metrics_port}
     common = dict(host="127.0.0.1", metrics_host="127.0.0.1", model_dir=tiny_model_dir, **ports)
     with pytest.raises(ModelLoadError, match="default model 'nope'"):
         await start_server(load_settings(default_model="nope", **common))
