@@ -1,7 +1,7 @@
 """The states of the memory store's sessions of one shape, as columns of two arrays h, c (L, capacity, H).
 
-A batch gathers its sessions' states with one fancy index and commits them with one assignment, in the
-engine's own layout (L, B, H); with an array pair per session, the batcher built the batch from B arrays and
+A batch gathers its sessions' states with one `np.take` and commits them with one assignment per layer, in
+the engine's own layout (L, B, H); with an array pair per session, the batcher built the batch from B arrays and
 copied B pairs back out at every step, which cost more event-loop time than onnxruntime spent on the step.
 A record's h and c are views of its column: they always show the session's current state.
 """
@@ -19,14 +19,10 @@ INITIAL_COLUMNS = 64
 
 class StateSlab:
     def __init__(self, shape: tuple[int, int], capacity: int = INITIAL_COLUMNS) -> None:
-        layers, hidden = shape
-        self.h = np.zeros((layers, capacity, hidden), np.float32)
-        self.c = np.zeros_like(self.h)
+        self._shape = shape
+        self.h, self.c = self._arrays(capacity)
         self._holders: dict[int, SessionRecord] = {}  # column -> the record whose h, c are views of it
         self._free = list(range(capacity - 1, -1, -1))  # lowest column first
-
-    def __len__(self) -> int:
-        return len(self._holders)
 
     def take(self, record: SessionRecord) -> int:
         """Copy the record's state into a free column and make its h, c views of it; returns the column."""
@@ -34,8 +30,7 @@ class StateSlab:
             self._grow()
         column = self._free.pop()
         self.h[:, column], self.c[:, column] = record.h, record.c
-        record.h, record.c = self.h[:, column], self.c[:, column]
-        self._holders[column] = record
+        self._hold(column, record)
         return column
 
     def release(self, column: int) -> None:
@@ -65,17 +60,13 @@ class StateSlab:
         if capacity <= INITIAL_COLUMNS or used > capacity // 4:
             return {}
         kept = list(self._holders.items())
-        index = np.array([column for column, _ in kept], dtype=np.intp)
-        layers, hidden = self.h.shape[0], self.h.shape[2]
-        h = np.zeros((layers, max(INITIAL_COLUMNS, 2 * used), hidden), np.float32)
-        c = np.zeros_like(h)
-        h[:, :used], c[:, :used] = np.take(self.h, index, axis=1), np.take(self.c, index, axis=1)
+        h, c = self._arrays(max(INITIAL_COLUMNS, 2 * used))
+        h[:, :used], c[:, :used] = self.gather([column for column, _ in kept])
         self.h, self.c = h, c
         self._holders = {}
         moved: dict[str, int] = {}
         for column, (_, record) in enumerate(kept):
-            record.h, record.c = h[:, column], c[:, column]
-            self._holders[column] = record
+            self._hold(column, record)
             moved[record.session_id] = column
         self._free = list(range(h.shape[1] - 1, used - 1, -1))
         return moved
@@ -83,10 +74,18 @@ class StateSlab:
     def _grow(self) -> None:
         """Double the capacity; every record's views move to the new arrays."""
         capacity = self.h.shape[1]
-        h = np.zeros((self.h.shape[0], 2 * capacity, self.h.shape[2]), np.float32)
-        c = np.zeros_like(h)
+        h, c = self._arrays(2 * capacity)
         h[:, :capacity], c[:, :capacity] = self.h, self.c
         self.h, self.c = h, c
-        for column, record in self._holders.items():
-            record.h, record.c = h[:, column], c[:, column]
+        for column, record in list(self._holders.items()):
+            self._hold(column, record)
         self._free.extend(range(2 * capacity - 1, capacity - 1, -1))
+
+    def _arrays(self, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+        layers, hidden = self._shape
+        return np.zeros((layers, capacity, hidden), np.float32), np.zeros((layers, capacity, hidden), np.float32)
+
+    def _hold(self, column: int, record: SessionRecord) -> None:
+        """Make the record's h, c views of `column` of the current arrays."""
+        record.h, record.c = self.h[:, column], self.c[:, column]
+        self._holders[column] = record
