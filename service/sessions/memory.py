@@ -56,10 +56,10 @@ class MemoryStore:
     def state_bytes(self) -> int:
         return self._bytes
 
-    def _touch(self, record: SessionRecord, now: float, wall: float | None = None) -> None:
-        """Mark used at `now` (the store's clock); `wall`: time.time() if the caller already read it."""
+    def _touch(self, record: SessionRecord, now: float) -> None:
+        """Mark used at `now` (the store's clock)."""
         record.last_used = now
-        record.expires_at = (time.time() if wall is None else wall) + record.ttl_seconds
+        record.expires_at = time.time() + record.ttl_seconds
         self._records.move_to_end(record.session_id)
 
     def _expired(self, record: SessionRecord, now: float) -> bool:
@@ -135,10 +135,18 @@ class MemoryStore:
 
     async def load_many(self, session_ids: list[str]) -> list[SessionRecord | None]:
         now, wall = self._clock(), time.time()
-        records = [self._live(sid, now) for sid in session_ids]
-        for record in records:
+        find, to_end = self._records.get, self._records.move_to_end
+        records: list[SessionRecord | None] = []
+        # _live and _touch written out: this loop runs for every step of every batch.
+        for session_id in session_ids:
+            record = find(session_id)
             if record is not None:
-                self._touch(record, now, wall)
+                if now - record.last_used > record.ttl_seconds:
+                    record = self._live(session_id, now)  # expired: removed and counted there
+                else:
+                    record.last_used, record.expires_at = now, wall + record.ttl_seconds
+                    to_end(session_id)
+            records.append(record)
         return records
 
     def stack(self, records: Sequence[SessionRecord]) -> tuple[np.ndarray, np.ndarray]:
@@ -155,17 +163,23 @@ class MemoryStore:
         records, columns = self._records, self._columns
         applied: list[bool] = []
         written: dict[StateSlab, tuple[list[int], list[int]]] = {}  # slab -> (update indices, columns)
+        current: StateSlab | None = None  # a batch is of one model, so nearly always of one slab
+        indices: list[int] = []
+        slab_columns: list[int] = []
         for k, (session_id, expected, position) in enumerate(
                 zip(updates.session_ids, updates.expected_positions, updates.positions, strict=True)):
             record = records.get(session_id)
-            ok = record is not None and record.position == expected
-            if ok:  # a session's state keeps its model's shape: its bytes do not change
-                record.position = position
-                slab, column = columns[session_id]
+            if record is None or record.position != expected:
+                applied.append(False)
+                continue
+            record.position = position  # a session's state keeps its model's shape: its bytes do not change
+            slab, column = columns[session_id]
+            if slab is not current:
                 indices, slab_columns = written.setdefault(slab, ([], []))
-                indices.append(k)
-                slab_columns.append(column)
-            applied.append(ok)
+                current = slab
+            indices.append(k)
+            slab_columns.append(column)
+            applied.append(True)
         for slab, (indices, slab_columns) in written.items():
             if len(indices) == len(applied):  # every update of the batch: no need to pick columns
                 slab.scatter(slab_columns, updates.h, updates.c)
