@@ -311,10 +311,9 @@ class Batcher:
                     entry.finish()
             return
         started = loop.time()
-        waits: list[float] = []
-        for entry, _ in taken:
-            waits += [started - entry.enqueued] * (1 if isinstance(entry, StepJob) else len(entry) - len(entry.errors))
-        observe_many(self._queue_wait, waits)
+        observe_many(self._queue_wait, [
+            (started - entry.enqueued, 1 if isinstance(entry, StepJob) else len(entry) - len(entry.errors))
+            for entry, _ in taken])
         inputs = np.array(inputs_list, dtype=self._input_dtype)  # (B, T[, F])
         # Read now, before any await: a commit of another batch may overwrite these states in place.
         held = any(isinstance(entry, StepJob) and entry.state is not None for entry, _ in taken)

@@ -137,9 +137,11 @@ def test_observe_many_equals_one_observe_per_value(count):
     each = Histogram("each", "values observed one by one", ["m"], registry=registry)
     bounds = [b for b in bulk._upper_bounds if b != float("inf")]
     values = [bounds[k % len(bounds)] * (0.5, 1.0, 1.5)[k % 3] for k in range(count)]  # some exactly on a bound
-    observe_many(bulk.labels("a"), values)
-    for value in values:
-        each.labels("a").observe(value)
+    observations = [(value, k % 4) for k, value in enumerate(values)]  # a value 0 to 3 times
+    observe_many(bulk.labels("a"), observations)
+    for value, times in observations:
+        for _ in range(times):
+            each.labels("a").observe(value)
     got, want = histogram_samples(registry, "bulk"), histogram_samples(registry, "each")
     assert len(want) == len(bounds) + 3  # every bucket incl. +Inf, count and sum
     assert got == pytest.approx(want)
