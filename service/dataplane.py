@@ -132,11 +132,14 @@ class DataPlane:
         # Checked as Python ints: numpy's per-call overhead is most of the cost of a 1-token step. A slice,
         # not list(): a protobuf repeated field slices into a list at half the cost of iterating it.
         values = ids.reshape(-1).tolist() if isinstance(ids, np.ndarray) else ids[:]
-        self._check_length(len(values), field)
-        if min(values) < 0 or max(values) >= spec.vocab_size:
-            k, token = next((k, t) for k, t in enumerate(values) if not 0 <= t < spec.vocab_size)
+        count, vocab = len(values), spec.vocab_size
+        if not 0 < count <= self.settings.max_tokens_per_request:  # the call only when it raises
+            self._check_length(count, field)
+        # One token (most streamed steps) is checked without min() and max(), half the cost of this check.
+        if (not 0 <= values[0] < vocab) if count == 1 else (min(values) < 0 or max(values) >= vocab):
+            k, token = next((k, t) for k, t in enumerate(values) if not 0 <= t < vocab)
             raise InvalidArgument(f"{field}[{k}] = {token} is outside the vocabulary "
-                                  f"[0, {spec.vocab_size}) of model {spec.name!r}")
+                                  f"[0, {vocab}) of model {spec.name!r}")
         return values
 
     def text_input(self, spec: ModelSpec, text: str, field: str = "text") -> list[int]:
