@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from operator import methodcaller
 
 import grpc
 
@@ -23,8 +26,8 @@ from service._proto.cellstream.v1 import inference_pb2 as pb
 from service.api.native_codec import expected_position, fill_response, fill_status, step_inputs, wanted
 from service.api.outbox import Outbox
 from service.auth import current_principal
-from service.batcher import StepGroup
-from service.dataplane import DataPlane, deadline_after
+from service.batcher import StepGroup, StepInputs
+from service.dataplane import MAX_ID_CHARS, DataPlane, deadline_after
 from service.engine import ModelSpec
 from service.errors import CellstreamError, InvalidArgument
 from service.metrics import Metrics
@@ -32,7 +35,20 @@ from service.metrics import Metrics
 # (item, its session's model, the group its step is in and its index there, or the error that refused it)
 Entry = tuple[pb.StepRequest, ModelSpec | None, StepGroup | CellstreamError, int]
 
+HAS_EXPECTED_POSITION = methodcaller("HasField", "expected_position")
 KNOWN_SESSIONS_PER_CALL = 65_536  # a stream forgets the sessions it found past this many (they are found again)
+
+
+@dataclass(slots=True)
+class Checked:
+    """A message's items after their checks, by item: session id, model (None: not known), input or the
+    error refusing the item, expected position; and how many were refused."""
+
+    session_ids: list[str]
+    specs: list[ModelSpec | None]
+    inputs: list[StepInputs | CellstreamError]
+    expected: list[int | None]
+    refused: int = 0
 
 
 def check_item_count(count: int, limit: int, message: str) -> None:
@@ -71,8 +87,78 @@ class StepItems:
                 known[session_id] = self.dataplane.spec(found.model)
         return errors
 
-    async def _queue(self, batch: pb.StepBatch, timeout: float | None) -> tuple[list[Entry], list[StepGroup]]:
-        """Check every item and queue the valid ones in groups: entries in item order, and the groups queued."""
+    def _check(self, items: Sequence[pb.StepRequest], only: ModelSpec | None,
+               errors: dict[str, CellstreamError]) -> Checked:
+        """Every item checked like a Step (same rules, same errors), nothing queued yet."""
+        dataplane, models = self.dataplane, self._models
+        checked = Checked([], [], [], [])
+        session_ids, specs, inputs = checked.session_ids, checked.specs, checked.inputs
+        for item in items:
+            session_id = item.session_id
+            spec = only or models.get(session_id)
+            try:
+                if spec is None:
+                    raise errors[session_id]
+                if only is not None and not 0 < len(session_id) <= MAX_ID_CHARS:  # the call only when it raises
+                    dataplane.check_session_id(session_id)
+                inputs.append(step_inputs(dataplane, spec, item))
+            except CellstreamError as exc:
+                inputs.append(exc)
+                checked.refused += 1
+            session_ids.append(session_id)
+            specs.append(spec)
+        if any(map(HAS_EXPECTED_POSITION, items)):  # rare: most steps do not name a position
+            checked.expected = [expected_position(item) for item in items]
+        else:
+            checked.expected = [None] * len(items)
+        return checked
+
+    def _groups(self, items: Sequence[pb.StepRequest], checked: Checked, deadline: float | None,
+                owner: str | None) -> tuple[list[Entry], list[tuple[str, StepGroup, list[Entry]]]]:
+        """The items' entries, in item order, and the groups to queue (model, group, its entries), in order.
+        A session's steps go to groups made one after another, so they run in item order."""
+        session_ids, specs, inputs, expected = checked.session_ids, checked.specs, checked.inputs, checked.expected
+        largest = self.dataplane.settings.max_batch_size  # a group is taken into a batch whole
+        count = len(session_ids)
+        spec = specs[0] if count else None
+        if (spec is not None and not checked.refused and specs.count(spec) == count
+                and expected.count(None) == count and len(set(session_ids)) == count
+                and len(set(map(len, inputs))) == 1):  # the common message: cut into groups as it comes
+            entries: list[Entry] = []
+            made: list[tuple[str, StepGroup, list[Entry]]] = []
+            for start in range(0, count, largest):
+                stop = start + largest
+                group = StepGroup(session_ids[start:stop], inputs[start:stop], None, deadline, owner, self._done)
+                members = list(zip(items[start:stop], repeat(spec), repeat(group), range(len(group))))
+                entries += members
+                made.append((spec.name, group, members))
+            return entries, made
+        entries = []
+        made = []
+        groups: dict[tuple[str, int], int] = {}  # the open group for (model, T): its index in `made`
+        latest: dict[str, int] = {}  # each session's latest group, by index in `made`
+        for k, (item, session_id, spec, step) in enumerate(zip(items, session_ids, specs, inputs, strict=True)):
+            if isinstance(step, CellstreamError):
+                entries.append((item, spec, step, -1))
+                continue
+            assert spec is not None
+            key = (spec.name, len(step))
+            index = groups.get(key, -1)
+            if index <= latest.get(session_id, -1) or len(made[index][1]) == largest:
+                index = groups[key] = len(made)
+                made.append((spec.name, StepGroup([], [], None, deadline, owner, self._done), []))
+            latest[session_id] = index
+            _, group, members = made[index]
+            entry = (item, spec, group, len(group))
+            entries.append(entry)
+            members.append(entry)
+            group.add(session_id, step, expected[k])
+        return entries, made
+
+    async def _queue(self, batch: pb.StepBatch, timeout: float | None
+                     ) -> tuple[list[Entry], list[tuple[StepGroup, list[Entry]]]]:
+        """Check every item and queue the valid ones in groups: entries in item order, and the groups queued
+        with their entries."""
         items = batch.items
         dataplane = self.dataplane
         check_item_count(len(items), dataplane.settings.max_items_per_message, "StepBatch")
@@ -80,54 +166,28 @@ class StepItems:
         # and its batch's load checks that the session exists and is the caller's.
         only = dataplane.only_spec
         errors = {} if only is not None else await self._find(items)
-        models = self._models
-        owner = current_principal()
-        deadline = deadline_after(timeout)
-        entries: list[Entry] = []
-        # A session's steps go to groups made one after another (queued in that order, so they run in order).
-        groups: dict[tuple[str, int], int] = {}  # the open group for (model, T): its index in `made`
-        made: list[tuple[str, StepGroup]] = []  # every group with its model, in the order made
-        latest: dict[str, int] = {}  # each session's latest group, by index in `made`
-        largest = dataplane.settings.max_batch_size  # a group is taken into a batch whole
-        for item in items:
-            session_id = item.session_id
-            spec = only or models.get(session_id)
-            try:
-                if spec is None:
-                    raise errors[session_id]
-                if only is not None:
-                    dataplane.check_session_id(session_id)
-                inputs = step_inputs(dataplane, spec, item)
-            except CellstreamError as exc:
-                entries.append((item, spec, exc, -1))
-                continue
-            key = (spec.name, len(inputs))
-            index = groups.get(key, -1)
-            if index <= latest.get(session_id, -1) or len(made[index][1].session_ids) == largest:
-                index = groups[key] = len(made)
-                made.append((spec.name, StepGroup([], [], None, deadline, owner, self._done)))
-            latest[session_id] = index
-            group = made[index][1]
-            entries.append((item, spec, group, len(group.session_ids)))
-            group.add(session_id, inputs, expected_position(item))
-        cut: dict[int, tuple[int, CellstreamError]] = {}  # groups the queue took only part of
-        for model, group in made:
+        entries, made = self._groups(items, self._check(items, only, errors), deadline_after(timeout),
+                                     current_principal())
+        queued: list[tuple[StepGroup, list[Entry]]] = []
+        cut: dict[int, CellstreamError] = {}  # groups the queue took only part of (or none): their refusal
+        for model, group, members in made:
             refusal = dataplane.start_group(model, group)
             if refusal is not None:
-                cut[id(group)] = (len(group), refusal)
+                cut[id(group)] = refusal
+                del members[len(group):]
+            if members:
+                queued.append((group, members))
         if cut:
             for k, (item, spec, group, index) in enumerate(entries):
-                if isinstance(group, StepGroup) and id(group) in cut:
-                    queued, refusal = cut[id(group)]
-                    if index >= queued:
-                        entries[k] = (item, spec, refusal, -1)
-        return entries, [group for _, group in made if group.session_ids]
+                if isinstance(group, StepGroup) and id(group) in cut and index >= len(group):
+                    entries[k] = (item, spec, cut[id(group)], -1)
+        return entries, queued
 
     async def answer(self, batch: pb.StepBatch, timeout: float | None) -> pb.StepBatchResult:
         """StepMany: every item's outcome, in item order."""
-        entries, groups = await self._queue(batch, timeout)
-        if groups:
-            remaining = len(groups)
+        entries, queued = await self._queue(batch, timeout)
+        if queued:
+            remaining = len(queued)
             finished = asyncio.get_running_loop().create_future()
 
             def count(_: StepGroup) -> None:
@@ -136,12 +196,12 @@ class StepItems:
                 if not remaining:
                     finished.set_result(None)
 
-            for group in groups:
+            for group, _ in queued:
                 group.on_done = count
             try:
                 await finished
             except asyncio.CancelledError:
-                for group in groups:  # the caller went away: what has not run yet never will
+                for group, _ in queued:  # the caller went away: what has not run yet never will
                     group.cancelled = True
                 raise
         return self.pack(entries)
@@ -149,25 +209,25 @@ class StepItems:
     async def admit(self, batch: pb.StepBatch, context: grpc.aio.ServicerContext) -> None:
         """StreamMany: queue a message's items; each group's outcomes are filed when it completes, and a
         refused item after the outcomes of the same session's earlier items."""
-        entries, _ = await self._queue(batch, context.time_remaining())
-        outbox, running = self.outbox, self._running
-        outbox.pending += len(entries)
-        latest: dict[str, StepGroup] | None = None  # each session's latest running group, once an item was refused
+        entries, queued = await self._queue(batch, context.time_remaining())
+        self.outbox.pending += len(entries)
+        if len(entries) > sum(len(members) for _, members in queued):  # refusals are rare
+            self._file_refused(entries)
+        running = self._running
+        for group, members in queued:
+            running[id(group)] = (group, members)
+
+    def _file_refused(self, entries: list[Entry]) -> None:
+        """File each refused item's outcome now, or hold it until its session's earlier steps have theirs
+        (in this message or running before it: `_running` is in queue order, and this message's groups are
+        not in it yet)."""
+        latest = {member[0].session_id: group for group, members in self._running.values() for member in members}
         for entry in entries:
             item, _, outcome, _ = entry
             if isinstance(outcome, StepGroup):
-                running.setdefault(id(outcome), (outcome, []))[1].append(entry)
-                if latest is not None:
-                    latest[item.session_id] = outcome
-                continue
-            if latest is None:  # refusals are rare: only then is it worth knowing (running is in queue order)
-                latest = {}
-                for group, members in running.values():
-                    for member in members:
-                        latest[member[0].session_id] = group
-            earlier = latest.get(item.session_id)
-            if earlier is None:
-                outbox.file(entry)
+                latest[item.session_id] = outcome
+            elif (earlier := latest.get(item.session_id)) is None:
+                self.outbox.file(entry)
             else:
                 self._after.setdefault(id(earlier), []).append(entry)
 
@@ -183,7 +243,8 @@ class StepItems:
         add = reply.items.add
         ok = 0
         for item, spec, outcome, index in entries:
-            message = add(tag=item.tag)
+            message = add()  # add(tag=...) parses keyword arguments: slower than setting the field
+            message.tag = item.tag
             if isinstance(outcome, StepGroup):
                 error = outcome.errors.get(index) if outcome.errors else None
                 if error is None:
