@@ -23,7 +23,7 @@ from operator import methodcaller
 import grpc
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.api.native_codec import expected_position, fill_response, fill_status, step_inputs, wanted
+from service.api.native_codec import expected_position, fill_response, fill_status, step_inputs
 from service.api.outbox import Outbox
 from service.auth import current_principal
 from service.batcher import StepGroup, StepInputs
@@ -34,6 +34,8 @@ from service.metrics import Metrics
 
 # (item, its session's model, the group its step is in and its index there, or the error that refused it)
 Entry = tuple[pb.StepRequest, ModelSpec | None, StepGroup | CellstreamError, int]
+
+Made = tuple[str, StepGroup, list[Entry]]  # a group to queue: its model, the group, its items' entries
 
 HAS_EXPECTED_POSITION = methodcaller("HasField", "expected_position")
 KNOWN_SESSIONS_PER_CALL = 65_536  # a stream forgets the sessions it found past this many (they are found again)
@@ -114,27 +116,19 @@ class StepItems:
         return checked
 
     def _groups(self, items: Sequence[pb.StepRequest], checked: Checked, deadline: float | None,
-                owner: str | None) -> tuple[list[Entry], list[tuple[str, StepGroup, list[Entry]]]]:
+                owner: str | None) -> tuple[list[Entry], list[Made]]:
         """The items' entries, in item order, and the groups to queue (model, group, its entries), in order.
         A session's steps go to groups made one after another, so they run in item order."""
-        session_ids, specs, inputs, expected = checked.session_ids, checked.specs, checked.inputs, checked.expected
-        largest = self.dataplane.settings.max_batch_size  # a group is taken into a batch whole
+        session_ids, specs, inputs = checked.session_ids, checked.specs, checked.inputs
         count = len(session_ids)
         spec = specs[0] if count else None
         if (spec is not None and not checked.refused and specs.count(spec) == count
-                and expected.count(None) == count and len(set(session_ids)) == count
+                and checked.expected.count(None) == count and len(set(session_ids)) == count
                 and len(set(map(len, inputs))) == 1):  # the common message: cut into groups as it comes
-            entries: list[Entry] = []
-            made: list[tuple[str, StepGroup, list[Entry]]] = []
-            for start in range(0, count, largest):
-                stop = start + largest
-                group = StepGroup(session_ids[start:stop], inputs[start:stop], None, deadline, owner, self._done)
-                members = list(zip(items[start:stop], repeat(spec), repeat(group), range(len(group))))
-                entries += members
-                made.append((spec.name, group, members))
-            return entries, made
-        entries = []
-        made = []
+            return self._slices(items, checked, spec, deadline, owner)
+        entries: list[Entry] = []
+        made: list[Made] = []
+        largest = self.dataplane.settings.max_batch_size  # a group is taken into a batch whole
         groups: dict[tuple[str, int], int] = {}  # the open group for (model, T): its index in `made`
         latest: dict[str, int] = {}  # each session's latest group, by index in `made`
         for k, (item, session_id, spec, step) in enumerate(zip(items, session_ids, specs, inputs, strict=True)):
@@ -152,7 +146,23 @@ class StepItems:
             entry = (item, spec, group, len(group))
             entries.append(entry)
             members.append(entry)
-            group.add(session_id, step, expected[k])
+            group.add(session_id, step, checked.expected[k])
+        return entries, made
+
+    def _slices(self, items: Sequence[pb.StepRequest], checked: Checked, spec: ModelSpec, deadline: float | None,
+                owner: str | None) -> tuple[list[Entry], list[Made]]:
+        """_groups of valid items of distinct sessions, one model and one length: consecutive slices, made
+        without any work per item in Python."""
+        largest = self.dataplane.settings.max_batch_size
+        entries: list[Entry] = []
+        made: list[Made] = []
+        for start in range(0, len(items), largest):
+            stop = start + largest
+            group = StepGroup(checked.session_ids[start:stop], checked.inputs[start:stop], None, deadline, owner,
+                              self._done)
+            members: list[Entry] = list(zip(items[start:stop], repeat(spec), repeat(group), range(len(group))))
+            entries += members
+            made.append((spec.name, group, members))
         return entries, made
 
     async def _queue(self, batch: pb.StepBatch, timeout: float | None
@@ -248,12 +258,12 @@ class StepItems:
             if isinstance(outcome, StepGroup):
                 error = outcome.errors.get(index) if outcome.errors else None
                 if error is None:
-                    want = wanted(item)
-                    if want is None:  # the common case: the position only
+                    if item.HasField("want"):
+                        fill_response(message.response, item.session_id, spec, item.want, outcome.result(index))
+                    else:  # the common case: the position only
                         response = message.response
-                        response.session_id, response.position = item.session_id, outcome.position(index)
-                    else:
-                        fill_response(message.response, item.session_id, spec, want, outcome.result(index))
+                        response.session_id = item.session_id
+                        response.position = outcome.position(index)
                     ok += 1
                     continue
             else:
