@@ -191,3 +191,22 @@ def rpc_error():
         return info.value
 
     return _rpc_error
+
+
+@pytest.fixture
+def eventually() -> Callable[..., Awaitable[None]]:
+    """await eventually(condition, what): poll `condition()` (a bool, or an awaitable of one) until it holds;
+    fails with `what` after 30 s. For what the server learns a moment after the client (a cancellation)."""
+
+    async def _eventually(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            held = condition()
+            if not isinstance(held, bool):
+                held = await held
+            if held:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"never happened: {what}"
+            await asyncio.sleep(0.01)
+
+    return _eventually

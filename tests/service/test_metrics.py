@@ -92,7 +92,8 @@ async def test_metrics_after_a_workload(server, client, scrape, rpc_error):
 
 
 
-async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(server, client, gate, scrape, rpc_error):
+async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(server, client, gate, scrape, rpc_error,
+                                                                            eventually):
     held = gate(server)
     blocker = await client.open_session()
     waiting = [await client.open_session() for _ in range(2)]
@@ -106,12 +107,10 @@ async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(ser
     abandoned.cancel()
     # The server learns of the cancellation a moment after the client; a step it has not yet heard of
     # may still run, so the model stays held until the server has counted the call CANCELLED.
-    get = (await scrape(server)).get
-    for _ in range(100):
-        if get("cellstream_requests_total", 0.0, method="Step", code="CANCELLED"):
-            break
-        await asyncio.sleep(0.1)
-        get = (await scrape(server)).get
+    async def counted() -> bool:
+        return bool((await scrape(server)).get("cellstream_requests_total", 0.0, method="Step", code="CANCELLED"))
+
+    await eventually(counted, "the server counts the abandoned Step CANCELLED")
     held.open.set()
     assert (await asyncio.wait_for(first, 30)).position == 1
 

@@ -130,7 +130,7 @@ async def test_a_sessions_later_step_of_another_length_runs_after_its_earlier_on
 
 
 @pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
-async def test_a_full_queue_takes_part_of_a_message_and_refuses_the_rest(start, connect, gate, method):
+async def test_a_full_queue_takes_part_of_a_message_and_refuses_the_rest(start, connect, gate, method, eventually):
     server = await start(max_queue_size=3)
     client = connect(server)
     sessions = [(await client.open_session()).session_id for _ in range(6)]
@@ -139,7 +139,8 @@ async def test_a_full_queue_takes_part_of_a_message_and_refuses_the_rest(start, 
     assert await asyncio.to_thread(held.running.wait, 30)
     items = [Client.step_request(sid, tokens=[2], tag=k) for k, sid in enumerate(sessions[:5])]
     pending = asyncio.ensure_future(answer(client, method, items))
-    await asyncio.sleep(0.3)  # the message is read, three of its steps queued
+    batcher = server.dataplane.batchers[server.dataplane.spec("").name]
+    await eventually(lambda: batcher.queued == 3, "the message is read, three of its steps queued")
     held.open.set()
     outcomes = await asyncio.wait_for(pending, 30)
     await asyncio.wait_for(busy, 30)

@@ -70,32 +70,45 @@ async def test_a_sessions_outcomes_keep_its_item_order(client):
     assert arrived[0].tag == 4, "an error of a session with nothing in flight is sent at once"
 
 
-async def test_cancelled_stream_applies_nothing_still_queued_or_running(server, client, gate):
+async def test_cancelled_stream_applies_nothing_still_queued_or_running(server, client, gate, scrape, eventually):
     sessions = [(await client.open_session()).session_id for _ in range(4)]
     held = gate(server)
+    batcher = server.dataplane.batchers[server.dataplane.spec("").name]  # the sessions' model, the default
     call = client.stream_many()
     await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[1, 2]) for sid in sessions]))
     assert await asyncio.to_thread(held.running.wait, 30)
     await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[3]) for sid in sessions]))
-    await asyncio.sleep(0.3)  # the second message is read and queued behind the held batch
+    await eventually(lambda: batcher.queued == len(sessions), "the second message is queued behind the held batch")
     call.cancel()
-    await asyncio.sleep(0.5)  # the server sees the cancellation while the batch is held
+
+    async def counted() -> bool:
+        return bool((await scrape(server)).get("cellstream_requests_total", 0.0, method="StreamMany",
+                                               code="CANCELLED"))
+
+    await eventually(counted, "the server sees the cancellation while the batch is held")
     held.open.set()
     for sid in sessions:
         assert (await client.get_state(sid)).position == 0, "a cancelled stream's step was applied"
     assert (await client.step(sessions[0], tokens=[1])).position == 1  # the batcher serves on
 
 
-async def test_step_many_past_its_deadline_applies_nothing(server, client, gate, rpc_error):
+async def test_step_many_past_its_deadline_applies_nothing(server, client, gate, rpc_error, scrape, eventually):
     sessions = [(await client.open_session()).session_id for _ in range(4)]
+    other = (await client.open_session()).session_id
     held = gate(server)
     batch = pb.StepBatch(items=[Client.step_request(sid, tokens=[1, 2]) for sid in sessions])
     error = await rpc_error(client.stub.StepMany(batch, timeout=1.0))  # the batch is held past the deadline
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert held.running.is_set()
-    await asyncio.sleep(1.0)  # the client may learn of the deadline before the server cancels the call
+
+    async def ended() -> bool:  # the client may learn of the deadline before the server cancels the call
+        return bool((await scrape(server)).get("cellstream_requests_total", 0.0, method="StepMany",
+                                               code="DEADLINE_EXCEEDED"))
+
+    await eventually(ended, "the server ends the StepMany call at its deadline")
     held.open.set()
-    await asyncio.sleep(0.3)  # the held batch finishes: its steps' callers are gone, nothing is committed
+    # A later batch runs only once the held one has finished (its steps' callers are gone: nothing committed).
+    assert (await client.step(other, tokens=[1])).position == 1
     for sid in sessions:
         assert (await client.get_state(sid)).position == 0, "a step of a call that ended was applied"
 
