@@ -19,6 +19,7 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
+DEADLINE_SLACK_SECONDS = 0.05
 
 
 class HasMetrics:
@@ -59,9 +60,11 @@ class _CallRecord:
 
     def interrupted(self, context: grpc.aio.ServicerContext) -> None:
         """gRPC cancelled the handler: the client went away or its deadline passed. context.cancelled() says
-        neither (it is still false when the done callback runs), so the deadline tells them apart."""
+        neither (it is still false when the done callback runs), so the deadline tells them apart. A client
+        whose deadline passes resets the stream a few ms before the server's own deadline (which starts when
+        the call arrives): 5.6-7.1 ms measured on loopback, so within DEADLINE_SLACK_SECONDS is the deadline."""
         remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
         self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
     async def fail(self, exc: Exception, context: grpc.aio.ServicerContext) -> None:
