@@ -130,6 +130,29 @@ async def test_a_sessions_later_step_of_another_length_runs_after_its_earlier_on
 
 
 @pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
+@pytest.mark.parametrize("repeat", [False, True])  # distinct sessions (cut in slices) / one named twice (item by item)
+async def test_a_message_of_more_items_than_a_batch_runs_in_several(start, connect, ref, close, scrape, method, repeat):
+    server = await start(max_batch_size=4)
+    client = connect(server)
+    sessions = [(await client.open_session()).session_id for _ in range(10)]
+    named = sessions + sessions[:1] if repeat else sessions
+    items = [Client.step_request(sid, tokens=[k + 1], logits=True, tag=k) for k, sid in enumerate(named)]
+    outcomes = await answer(client, method, items)
+    assert [o.WhichOneof("outcome") for o in outcomes] == ["response"] * len(items), [o.error.message for o in outcomes]
+    fed: dict[str, list[int]] = {}
+    for k, (sid, outcome) in enumerate(zip(named, outcomes, strict=True)):
+        fed.setdefault(sid, []).append(k + 1)
+        assert outcome.response.session_id == sid
+        assert outcome.response.position == len(fed[sid])
+        want, _, _ = ref.run("tiny-chat", np.array(fed[sid]))
+        close(np.asarray(outcome.response.logits), want[-1], f"item {k}")
+    samples = await scrape(server)
+    batches = samples.get("cellstream_batch_size_count", model="tiny-chat")
+    assert samples.get("cellstream_batch_size_sum", model="tiny-chat") == len(items)
+    assert samples.get("cellstream_batch_size_bucket", model="tiny-chat", le="4.0") == batches >= 3
+
+
+@pytest.mark.parametrize("method", ["StepMany", "StreamMany"])
 async def test_a_full_queue_takes_part_of_a_message_and_refuses_the_rest(start, connect, gate, method, eventually):
     server = await start(max_queue_size=3)
     client = connect(server)
