@@ -20,7 +20,7 @@ import numpy as np
 from service.errors import ResourceExhausted, session_not_found
 from service.metrics import Metrics
 from service.sessions import snapshot
-from service.sessions.base import SessionRecord, StateUpdates, stack_states
+from service.sessions.base import SessionRecord, StateUpdates
 from service.sessions.slab import StateSlab
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,12 @@ class MemoryStore:
         now, wall = self._clock(), time.time()
         find, to_end = self._records.get, self._records.move_to_end
         records: list[SessionRecord | None] = []
-        # _live and _touch written out: this loop runs for every step of every batch.
+        # _live and _touch written out (one clock read for the batch): this loop runs for every step.
         for session_id in session_ids:
             record = find(session_id)
             if record is not None:
-                if now - record.last_used > record.ttl_seconds:
-                    record = self._live(session_id, now)  # expired: removed and counted there
+                if self._expired(record, now):
+                    record = self._live(session_id, now)  # removed and counted there
                 else:
                     record.last_used, record.expires_at = now, wall + record.ttl_seconds
                     to_end(session_id)
@@ -150,21 +150,16 @@ class MemoryStore:
         return records
 
     def stack(self, records: Sequence[SessionRecord]) -> tuple[np.ndarray, np.ndarray]:
+        # A batch is of one model: its sessions' states are columns of the one slab of their shape.
         columns = self._columns
-        located = [columns.get(record.session_id) for record in records]
-        slab = located[0][0] if located and located[0] is not None else None
-        if slab is None or any(where is None or where[0] is not slab for where in located):
-            return stack_states(records)
-        return slab.gather([column for _, column in located])
+        return self._slabs[records[0].h.shape].gather([columns[record.session_id][1] for record in records])
 
     async def commit_many(self, updates: StateUpdates) -> list[bool]:
         # Not a use of the sessions: their batch's load_many refreshed their idle TTLs and LRU places a moment
         # ago (a session that expired since was live when its step began: the step completes).
         records, columns = self._records, self._columns
         applied: list[bool] = []
-        written: dict[StateSlab, tuple[list[int], list[int]]] = {}  # slab -> (update indices, columns)
-        current: StateSlab | None = None  # a batch is of one model, so nearly always of one slab
-        indices: list[int] = []
+        indices: list[int] = []  # the updates applied, and their sessions' columns
         slab_columns: list[int] = []
         for k, (session_id, expected, position) in enumerate(
                 zip(updates.session_ids, updates.expected_positions, updates.positions, strict=True)):
@@ -173,14 +168,12 @@ class MemoryStore:
                 applied.append(False)
                 continue
             record.position = position  # a session's state keeps its model's shape: its bytes do not change
-            slab, column = columns[session_id]
-            if slab is not current:
-                indices, slab_columns = written.setdefault(slab, ([], []))
-                current = slab
             indices.append(k)
-            slab_columns.append(column)
+            slab_columns.append(columns[session_id][1])
             applied.append(True)
-        for slab, (indices, slab_columns) in written.items():
+        if indices:
+            layers, _, hidden = updates.h.shape
+            slab = self._slabs[(layers, hidden)]  # the batch's model's slab, as in stack
             if len(indices) == len(applied):  # every update of the batch: no need to pick columns
                 slab.scatter(slab_columns, updates.h, updates.c)
             else:
