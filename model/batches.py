@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from model import corpus, tokenizer
+from model.languages import CITIES, JOBS, JOBS_FR, NAMES
 
-FACT_VALUES: dict[str, tuple[str, ...]] = {"name": corpus.NAMES, "city": corpus.CITIES, "job": corpus.JOBS}
+# What the probe names, per kind: the values of every language (French jobs after the English ones).
+FACT_VALUES: dict[str, tuple[str, ...]] = {"name": tuple(NAMES), "city": tuple(CITIES), "job": (*JOBS, *JOBS_FR)}
 UNKNOWN = -100  # fact label where the fact is not stated yet (cross_entropy's ignore_index)
 
 
@@ -47,7 +49,7 @@ class LossWeights:
 
 def dialogue_weights(dialogue: corpus.Dialogue, weights: LossWeights) -> list[float]:
     """Loss weight of each byte of the dialogue as a target."""
-    values = [value.encode("utf-8") for value in dialogue.facts.values()]
+    values = {statement.value.encode("utf-8") for statement in dialogue.statements}
     out: list[float] = []
     for text_line in dialogue.text.splitlines(keepends=True):
         encoded = text_line.encode("utf-8")
@@ -64,12 +66,12 @@ def dialogue_weights(dialogue: corpus.Dialogue, weights: LossWeights) -> list[fl
 
 
 def fact_labels(dialogue: corpus.Dialogue, length: int) -> torch.Tensor:
-    """(length, kinds) labels: at byte k, each fact's index in its list once the user has stated it."""
+    """(length, kinds) labels: at byte k, the index of each fact's latest stated value in its list."""
     labels = torch.full((length, len(FACT_VALUES)), UNKNOWN, dtype=torch.long)
-    for column, (kind, values) in enumerate(FACT_VALUES.items()):
-        if kind in dialogue.stated_at:
-            # Reading byte stated_at - 1 (the value's last) completes the fact.
-            labels[dialogue.stated_at[kind] - 1 :, column] = values.index(dialogue.facts[kind])
+    columns = {kind: column for column, kind in enumerate(FACT_VALUES)}
+    for statement in dialogue.statements:  # in order: an update overwrites from its own byte on
+        # Reading byte end - 1 (the value's last) completes the fact.
+        labels[statement.end - 1 :, columns[statement.kind]] = FACT_VALUES[statement.kind].index(statement.value)
     return labels
 
 
@@ -110,18 +112,19 @@ def curriculum_max_filler(batch_index: int, ramp_batches: int) -> int:
 
 def dialogue_batches(
     seed: int, batch_size: int, weights: LossWeights, *, first_batch: int = 0, ramp_batches: int = 0,
-    quiz_rate: float = 0.0, bucket: int = 16,
+    quiz_rate: float = 0.0, update_rate: float = 0.0, french_rate: float = 0.0, bucket: int = 16,
 ) -> Iterator[Batch]:
-    """Endless batches of training dialogues (0 to the curriculum's most filler turns); `bucket`
-    batches at a time are sorted by length."""
+    """Endless batches of training dialogues (0 to the curriculum's most filler turns), French with
+    probability `french_rate`; `bucket` batches at a time are sorted by length."""
     rng = random.Random(seed)
     index = first_batch
     while True:
         max_filler = curriculum_max_filler(index, ramp_batches)
         index += bucket
         rows = [
-            encode_dialogue(corpus.make_dialogue(rng, min_filler=0, max_filler=max_filler, quiz_rate=quiz_rate),
-                            weights)
+            encode_dialogue(corpus.make_dialogue(rng, language="fr" if rng.random() < french_rate else "en",
+                                                 min_filler=0, max_filler=max_filler, quiz_rate=quiz_rate,
+                                                 update_rate=update_rate), weights)
             for _ in range(batch_size * bucket)
         ]
         rows.sort(key=lambda row: len(row.ids))

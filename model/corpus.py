@@ -1,8 +1,10 @@
 """Synthetic memory dialogues, and plain-text corpora.
 
-A dialogue states facts early (name, city, job), wanders through 1-8 turns of unrelated small
-talk, then asks for the facts back. Recalling them needs the LSTM's cell state to hold a few bytes
-across hundreds of steps of noise, which is what makes state carry observable end to end.
+A dialogue, in English or in French, states facts early (name, city, job), wanders through 1-8
+turns of unrelated small talk, may change one fact on the way ("i moved to berlin."), then asks for
+the facts back. Recalling them needs the LSTM's cell state to hold a few bytes across hundreds of
+steps of noise, and to let an old value go when a new one is stated: what makes state carry
+observable end to end. The lines themselves are in `model.languages`.
 
 The filler generator has a training half and a held-out half (disjoint words and sentence shapes),
 so evaluation measures recall across text the model never saw.
@@ -16,120 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-NAMES = (
-    "alice bob carla david emma felix grace hugo irene jack karen leo maria nina oscar paula quentin "
-    "rosa samuel tina ugo vera walter xavier yasmin zoe adam bella chris diana ethan fiona george "
-    "helen ivan julia kevin laura martin nora owen petra ralph sofia thomas ursula victor wendy "
-    "yann zack anna boris clara denis elsa"
-).split()
-CITIES = (
-    "paris london berlin madrid rome lisbon vienna prague dublin oslo "
-    "stockholm helsinki warsaw athens brussels amsterdam zurich geneva lyon marseille "
-    "toulouse nantes bordeaux lille montreal toronto boston chicago denver seattle "
-    "tokyo osaka seoul sydney"
-).split()
-JOBS = (
-    "baker teacher nurse doctor pilot farmer lawyer painter plumber carpenter "
-    "writer singer dentist chef banker tailor gardener librarian mechanic "
-    "programmer sailor journalist"
-).split()
-
-FACT_PHRASES: dict[str, tuple[str, ...]] = {
-    "name": ("my name is {v}.", "my name is {v}.", "i am {v}.", "call me {v}.", "people call me {v}."),
-    "city": ("i live in {v}.", "i live in {v}.", "my home is in {v}.", "these days i live in {v}."),
-    "job": ("i work as a {v}.", "i work as a {v}.", "my job is {v}.", "i earn my living as a {v}."),
-}
-ACKS: dict[str, tuple[str, ...]] = {
-    "name": ("nice to meet you, {v}.", "hello {v}!", "got it, {v}.", "pleased to meet you, {v}."),
-    "city": ("{v} sounds lovely.", "noted, {v}.", "oh, {v}!", "i see, {v}."),
-    "job": ("being a {v} must be interesting.", "noted, a {v}.", "a {v}, nice.", "good to know, a {v}."),
-}
-QUESTIONS: dict[str, tuple[str, str]] = {
-    "name": ("what is my name?", "your name is {v}."),
-    "city": ("where do i live?", "you live in {v}."),
-    "job": ("what is my job?", "you work as a {v}."),
-}
-QUESTION_VARIANTS: dict[str, tuple[str, ...]] = {
-    "name": ("what is my name?", "what is my name?", "do you remember my name?", "who am i?"),
-    "city": ("where do i live?", "where do i live?", "which city do i live in?", "where is my home?"),
-    "job": ("what is my job?", "what is my job?", "what do i do for a living?", "what is my work?"),
-}
-
-# Filler vocabulary: word lists split into a training and a held-out half by position.
-_FILLER_WORDS: dict[str, str] = {
-    "noun": (
-        "book song movie garden kitchen river mountain bicycle window coffee tea bread soup cake "
-        "market museum park beach forest lake bridge train bus car boat phone laptop camera guitar "
-        "piano painting letter story game puzzle recipe sweater jacket umbrella lamp chair table "
-        "dog cat bird horse rabbit fish flower tree cloud storm sunset breakfast dinner lunch "
-        "holiday weekend festival concert exhibition newspaper magazine podcast blanket candle "
-        "mirror clock pillow basket bottle kettle notebook pencil island valley desert meadow"
-    ),
-    "adj": (
-        "quiet noisy sunny rainy cold warm bright dark old new small big strange simple funny "
-        "boring lovely busy calm slow quick soft loud fresh tired happy sleepy lucky green blue "
-        "red yellow tiny huge gentle wild cozy odd fancy plain shiny dusty muddy crowded empty"
-    ),
-    "verb": (
-        "read watched cooked painted cleaned visited fixed bought sold found lost built drew "
-        "planted washed carried borrowed baked wrote sang played tried opened closed moved "
-        "packed tidied checked ordered shared forgot noticed repaired"
-    ),
-    "feeling": (
-        "fun nice odd great fine weird relaxing tiring exciting pleasant dull charming "
-        "surprising annoying peaceful"
-    ),
-}
-_USER_SHAPES = (
-    "{time} i {verb} a {adj} {noun}.",
-    "i {verb} the {noun} {time}.",
-    "the {noun} was {adj} {time}.",
-    "have you ever {verb} a {noun}?",
-    "do you like {noun}s?",
-    "my {noun} is {adj}.",
-    "i think the {noun} looks {adj}.",
-    "what do you think of the {adj} {noun}?",
-    "{time} it was {adj} outside.",
-    "i saw a {adj} {noun} near the {noun}.",
-    "there is a {noun} on the {noun}.",
-    "i want a {adj} {noun} for my {noun}.",
-    "the weather is {adj} {time}.",
-    "my friend {verb} a {noun} {time}.",
-    "it was {feeling} to see the {noun}.",
-    "tell me something about {noun}s.",
-    "i forgot my {noun} at the {noun}.",
-    "is a {noun} better than a {noun}?",
-    "we {verb} the {adj} {noun} together.",
-    "how was your {noun}?",
-    "a {adj} {noun} makes me smile.",
-    "the {noun} smelled {adj}.",
-)
-_BOT_SHAPES = (
-    "that sounds {feeling}.",
-    "i like {adj} {noun}s too.",
-    "a {noun} can be very {adj}.",
-    "tell me more about the {noun}.",
-    "how {feeling}!",
-    "i have never {verb} a {noun}.",
-    "{noun}s are {feeling}.",
-    "that must have been {feeling}.",
-    "i prefer a {adj} {noun}.",
-    "really? a {adj} {noun}?",
-    "what a {feeling} {noun}.",
-    "maybe you should get a {noun}.",
-    "i hope the {noun} was {adj}.",
-    "the {noun} sounds {adj}.",
-    "interesting, tell me more.",
-    "{time} sounds {feeling}.",
-    "a {echo}? tell me more.",
-    "i love a good {echo}.",
-    "oh, the {echo}!",
-    "your {echo} sounds {adj}.",
-    "what kind of {echo}?",
-    "a {adj} {echo}, nice.",
-    "i also like the {echo}.",
-    "the {echo} again?",
-)
+from model.languages import ENGLISH, KINDS, LANGUAGES, Language
 
 
 def _half(items: tuple[str, ...], heldout: bool) -> tuple[str, ...]:
@@ -137,23 +26,15 @@ def _half(items: tuple[str, ...], heldout: bool) -> tuple[str, ...]:
     return tuple(item for k, item in enumerate(items) if (k % 4 == 3) == heldout)
 
 
-# Time expressions span several words, so they are listed whole rather than split on spaces.
-_TIMES = (
-    "yesterday", "today", "this morning", "last night", "on monday", "on friday", "last week",
-    "this spring", "at noon", "in the evening", "after work", "before bed", "last summer",
-    "every day", "sometimes", "on sunday",
-)
-
-
 @dataclass(frozen=True)
 class FillerGenerator:
     """Small talk from a word pool and sentence shapes; `heldout` picks the disjoint evaluation half."""
 
     heldout: bool = False
+    language: Language = ENGLISH
 
     def _pool(self, kind: str) -> tuple[str, ...]:
-        words = _TIMES if kind == "time" else tuple(_FILLER_WORDS[kind].split())
-        return _half(words, self.heldout)
+        return _half(self.language.small_talk.words[kind], self.heldout)
 
     def _shapes(self, shapes: tuple[str, ...]) -> tuple[str, ...]:
         return _half(shapes, self.heldout)
@@ -174,8 +55,9 @@ class FillerGenerator:
 
     def turn(self, rng: random.Random) -> tuple[str, str]:
         """A user line and the bot's reply, which often picks up a noun of the user's (copying practice)."""
-        user, nouns = self._fill(rng.choice(self._shapes(_USER_SHAPES)), rng)
-        shapes = [s for s in self._shapes(_BOT_SHAPES) if nouns or "{echo}" not in s]
+        talk = self.language.small_talk
+        user, nouns = self._fill(rng.choice(self._shapes(talk.user_shapes)), rng)
+        shapes = [s for s in self._shapes(talk.bot_shapes) if nouns or "{echo}" not in s]
         bot, _ = self._fill(rng.choice(shapes), rng, tuple(nouns))
         return user, bot
 
@@ -189,24 +71,70 @@ class QuestionAnswer:
     answer: str
 
 
+Role = Literal["greeting", "fact", "update", "small talk", "quiz"]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A user line and the bot's reply (both without speaker). A fact or update turn names the fact:
+    its `kind` and the `value` the user states, which the bot's acknowledgement says back."""
+
+    role: Role
+    user: str
+    bot: str
+    kind: str = ""
+    value: str = ""
+
+    @property
+    def text(self) -> str:
+        return line("user", self.user) + line("bot", self.bot)
+
+
+@dataclass(frozen=True)
+class Statement:
+    """The user states (or changes) a fact: from byte `end` of the dialogue's text on, `kind` is `value`."""
+
+    kind: str
+    value: str
+    end: int  # UTF-8 byte offset just past the value in the user's line
+
+
 @dataclass(frozen=True)
 class Dialogue:
-    """One generated dialogue: the facts and small talk (`context`), then the questions on them.
+    """One generated dialogue: the facts, small talk and updates (`turns`, whose text is `context`),
+    then the questions on the facts' latest values.
 
-    `stated_at[kind]` is the UTF-8 byte offset in `text` just past the fact's value where the user
-    states it: from there on the fact is known (training supervises the state with it).
+    `facts` holds the latest value of each fact, `previous` the value an update replaced.
     """
 
-    context: str
+    turns: tuple[Turn, ...]
     questions: tuple[QuestionAnswer, ...]
     facts: dict[str, str]
-    stated_at: dict[str, int] = field(default_factory=dict)
+    language: str = "en"
+    previous: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def context(self) -> str:
+        return "".join(turn.text for turn in self.turns)
 
     @property
     def text(self) -> str:
         return self.context + "".join(
             line("user", qa.question) + line("bot", qa.answer) for qa in self.questions
         )
+
+    @property
+    def statements(self) -> tuple[Statement, ...]:
+        """Every fact and update the user states, in order, with where its value ends in `text`."""
+        out = []
+        offset = 0
+        for turn in self.turns:
+            if turn.role in ("fact", "update"):
+                user = line("user", turn.user).encode("utf-8")
+                value = turn.value.encode("utf-8")
+                out.append(Statement(turn.kind, turn.value, offset + user.rindex(value) + len(value)))
+            offset += len(turn.text.encode("utf-8"))
+        return tuple(out)
 
 
 def line(speaker: Literal["user", "bot"], text: str) -> str:
@@ -217,61 +145,74 @@ def make_dialogue(
     rng: random.Random,
     *,
     heldout: bool = False,
+    language: str = "en",
     min_filler: int = 1,
     max_filler: int = 8,
     exact_questions: bool = False,
     quiz_rate: float = 0.0,
+    update_rate: float = 0.0,
 ) -> Dialogue:
-    """A dialogue: facts, then `min_filler`..`max_filler` small-talk turns, then questions on the facts.
+    """A dialogue in `language`: facts, then `min_filler`..`max_filler` small-talk turns, then questions.
 
-    `quiz_rate` (training only) asks a fact back after a small-talk turn with that probability, so
-    recall is practised at every distance, not only after all the filler.
+    With probability `update_rate` the user changes one fact after a small-talk turn (in the user's
+    words, e.g. "i moved to berlin."); the bot acknowledges the new value and every later question
+    expects it. `quiz_rate` (training only) asks a fact back after a small-talk turn with that
+    probability, so recall is practised at every distance, not only after all the filler.
     """
-    facts = {"name": rng.choice(NAMES), "city": rng.choice(CITIES), "job": rng.choice(JOBS)}
-    filler = FillerGenerator(heldout=heldout)
+    lang = LANGUAGES[language]
+    facts = {kind: rng.choice(lang.values(kind)) for kind in KINDS}
+    filler = FillerGenerator(heldout=heldout, language=lang)
     order = list(facts)
     rng.shuffle(order)
-    lines: list[str] = []
-    stated_at: dict[str, int] = {}
+    turns: list[Turn] = []
     if rng.random() < 0.15:
-        lines.append(line("user", "hello!"))
-        lines.append(line("bot", "hello! how can i help?"))
+        turns.append(Turn("greeting", *lang.greeting))
     for kind in order:
         value = facts[kind]
-        phrase = rng.choice(FACT_PHRASES[kind])
-        before_value = sum(len(text.encode("utf-8")) for text in lines) + len(line("user", phrase).split("{v}")[0])
-        stated_at[kind] = before_value + len(value.encode("utf-8"))
-        lines.append(line("user", phrase.format(v=value)))
-        lines.append(line("bot", rng.choice(ACKS[kind]).format(v=value)))
-    for _ in range(rng.randint(min_filler, max_filler)):
-        user, bot = filler.turn(rng)
-        lines += [line("user", user), line("bot", bot)]
+        turns.append(Turn("fact", rng.choice(lang.facts[kind]).format(v=value),
+                          rng.choice(lang.acks[kind]).format(v=value), kind, value))
+    small_talk = rng.randint(min_filler, max_filler)
+    # The update comes after the k-th small-talk turn (k >= 1 when there is small talk at all).
+    update_after = rng.randint(min(1, small_talk), small_talk) if rng.random() < update_rate else -1
+    previous: dict[str, str] = {}
+    for k in range(small_talk + 1):
+        if k == update_after:
+            kind = rng.choice(KINDS)
+            value = rng.choice([v for v in lang.values(kind) if v != facts[kind]])
+            previous[kind], facts[kind] = facts[kind], value
+            turns.append(Turn("update", rng.choice(lang.updates[kind]).format(v=value),
+                              rng.choice(lang.update_acks[kind]).format(v=value), kind, value))
+        if k == small_talk:
+            break
+        turns.append(Turn("small talk", *filler.turn(rng)))
         if rng.random() < quiz_rate:
-            qa = _question(rng.choice(list(facts)), facts, rng, exact_questions)
-            lines += [line("user", qa.question), line("bot", qa.answer)]
+            qa = _question(lang, rng.choice(KINDS), facts, rng, exact_questions)
+            turns.append(Turn("quiz", qa.question, qa.answer, qa.kind, facts[qa.kind]))
     asked = list(facts)
     rng.shuffle(asked)
-    questions = [_question(kind, facts, rng, exact_questions) for kind in asked]
-    return Dialogue(context="".join(lines), questions=tuple(questions), facts=facts, stated_at=stated_at)
+    questions = [_question(lang, kind, facts, rng, exact_questions) for kind in asked]
+    return Dialogue(turns=tuple(turns), questions=tuple(questions), facts=facts, language=language,
+                    previous=previous)
 
 
-def _question(kind: str, facts: dict[str, str], rng: random.Random, exact: bool) -> QuestionAnswer:
-    question, answer = QUESTIONS[kind]
+def _question(lang: Language, kind: str, facts: dict[str, str], rng: random.Random, exact: bool) -> QuestionAnswer:
+    question, answer = lang.questions[kind]
     if not exact:
-        question = rng.choice(QUESTION_VARIANTS[kind])
+        question = rng.choice(lang.question_variants[kind])
     return QuestionAnswer(kind, question, answer.format(v=facts[kind]))
 
 
 def is_answer(bot_text: str) -> bool:
-    """Whether a bot line's text answers a question on a fact."""
-    return any(bot_text.startswith(answer.split("{")[0]) for _, answer in QUESTIONS.values())
+    """Whether a bot line's text answers a question on a fact (in any language)."""
+    return any(bot_text.startswith(answer.split("{")[0])
+               for lang in LANGUAGES.values() for _, answer in lang.questions.values())
 
 
-def dialogues(seed: int, *, heldout: bool = False) -> Iterator[Dialogue]:
+def dialogues(seed: int, *, heldout: bool = False, language: str = "en") -> Iterator[Dialogue]:
     """An endless, seed-deterministic stream of dialogues."""
     rng = random.Random(seed)
     while True:
-        yield make_dialogue(rng, heldout=heldout)
+        yield make_dialogue(rng, heldout=heldout, language=language)
 
 
 class CorpusError(ValueError):

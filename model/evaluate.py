@@ -1,8 +1,13 @@
 """Recall of the memory dialogues by an exported model, with greedy decoding under onnxruntime.
 
-The context is fed, then each question; the bot's reply is decoded greedily and its own tokens are
-fed back into the state, as a chat front end would. `reset` zeroes the state just before each
-question: a model that truly keeps facts in its state must then fail.
+Two ways to hold a conversation, per language:
+- `fed`: the dialogue's context is fed as written, then each question; the bot's reply is decoded
+  greedily and its own tokens are fed back into the state. `reset` zeroes the state just before each
+  question: a model that truly keeps facts in its state must then fail.
+- `chat`: as `cellstream chat` does, one turn at a time: every user line is fed and every bot line
+  (acknowledgements, small talk, answers) is the model's own greedy reply, fed back.
+
+Dialogues with an update (a fact changed after some small talk) score the new value and the old one.
 """
 
 from __future__ import annotations
@@ -10,34 +15,62 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
 from model import corpus, tokenizer
+from model.languages import KINDS, LANGUAGES
 
 EVAL_SEED = 20_261_125
 MAX_REPLY_TOKENS = 48
 NEWLINE = ord("\n")
+Mode = Literal["fed", "chat"]
 
 
 @dataclass
 class Recall:
     dialogues: int = 0
-    correct: dict[str, int] = field(default_factory=lambda: {"name": 0, "city": 0, "job": 0})
+    correct: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
 
     def rate(self, kind: str) -> float:
         return self.correct[kind] / max(1, self.dialogues)
 
     def overall(self) -> float:
-        return sum(self.correct.values()) / max(1, 3 * self.dialogues)
+        return sum(self.correct.values()) / max(1, len(KINDS) * self.dialogues)
 
     def as_dict(self) -> dict[str, float]:
         return {**{k: round(self.rate(k), 4) for k in self.correct}, "overall": round(self.overall(), 4)}
+
+
+@dataclass
+class Scores:
+    """What one evaluation run counted: recall of the latest values; for the questions on an updated
+    fact, how often the reply is the new value's answer and how often it says the old value; and in
+    chat mode, how often an acknowledgement says back the value the user just stated."""
+
+    recall: Recall = field(default_factory=Recall)
+    updated: int = 0
+    new_value: int = 0
+    old_value: int = 0
+    acknowledgements: int = 0
+    echoed: int = 0
+
+    def as_dict(self) -> dict:
+        out: dict = {"recall": self.recall.as_dict()}
+        if self.updated:
+            out["update"] = {"questions": self.updated, "new_value": round(self.new_value / self.updated, 4),
+                             "old_value": round(self.old_value / self.updated, 4)}
+        if self.acknowledgements:
+            out["acknowledged"] = {"statements": self.acknowledgements,
+                                   "echoed": round(self.echoed / self.acknowledgements, 4)}
+        return out
 
 
 class GreedyChat:
@@ -47,6 +80,12 @@ class GreedyChat:
         self.session = session
         self.shape = (num_layers, 1, hidden_size)
         self.reset()
+
+    @classmethod
+    def load(cls, model_path: Path) -> GreedyChat:
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        return cls(session, int(meta["cellstream.num_layers"]), int(meta["cellstream.hidden_size"]))
 
     def reset(self) -> None:
         self.h = np.zeros(self.shape, np.float32)
@@ -69,31 +108,75 @@ class GreedyChat:
             out.append(token)
         return tokenizer.decode(out)
 
+    def ask(self, user: str) -> str:
+        """Feed a user line and the bot's prompt, and return the greedy reply."""
+        self.feed(tokenizer.encode(corpus.line("user", user) + "bot: "))
+        return self.reply()
 
-def evaluate_recall(model_path: Path, count: int, *, reset: bool, seed: int = EVAL_SEED) -> Recall:
-    """Greedy recall on `count` held-out-filler dialogues asked the exact questions."""
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    chat = GreedyChat(session, int(meta["cellstream.num_layers"]), int(meta["cellstream.hidden_size"]))
-    rng = random.Random(seed)
-    recall = Recall()
-    for _ in range(count):
-        dialogue = corpus.make_dialogue(rng, heldout=True, exact_questions=True)
-        chat.reset()
+
+def says(reply: str, value: str) -> bool:
+    """Whether `value` occurs in `reply` as a whole word (ugo is not said by "hugo")."""
+    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", reply) is not None
+
+
+def converse(chat: GreedyChat, dialogue: corpus.Dialogue, scores: Scores, *, mode: Mode, reset: bool) -> None:
+    """Hold one dialogue and count its outcomes into `scores`."""
+    chat.reset()
+    if mode == "fed":
         chat.feed(tokenizer.encode(dialogue.context))
-        for qa in dialogue.questions:
-            if reset:
-                chat.reset()
-            chat.feed(tokenizer.encode(f"user: {qa.question}\nbot: "))
-            recall.correct[qa.kind] += chat.reply() == qa.answer
-        recall.dialogues += 1
-    return recall
+    else:
+        for turn in dialogue.turns:
+            reply = chat.ask(turn.user)
+            if turn.role in ("fact", "update"):
+                scores.acknowledgements += 1
+                scores.echoed += says(reply, turn.value)
+    for qa in dialogue.questions:
+        if reset:
+            chat.reset()
+        reply = chat.ask(qa.question)
+        scores.recall.correct[qa.kind] += reply == qa.answer
+        if qa.kind in dialogue.previous:
+            scores.updated += 1
+            scores.new_value += reply == qa.answer
+            scores.old_value += says(reply, dialogue.previous[qa.kind])
+    scores.recall.dialogues += 1
+
+
+def evaluate(model_path: Path, count: int, *, language: str = "en", mode: Mode = "fed", reset: bool = False,
+             updates: bool = False, seed: int = EVAL_SEED) -> Scores:
+    """Greedy scores on `count` held-out-filler dialogues in `language` asked the exact questions; with
+    `updates`, every dialogue changes one fact after some small talk."""
+    chat = GreedyChat.load(model_path)
+    rng = random.Random(f"{seed}-{language}-{'updates' if updates else 'facts'}")
+    scores = Scores()
+    for _ in range(count):
+        dialogue = corpus.make_dialogue(rng, heldout=True, exact_questions=True, language=language,
+                                        update_rate=float(updates))
+        converse(chat, dialogue, scores, mode=mode, reset=reset)
+    return scores
+
+
+def evaluate_recall(model_path: Path, count: int, *, reset: bool, seed: int = EVAL_SEED,
+                    language: str = "en") -> Recall:
+    """Greedy recall, context fed, on `count` dialogues without updates."""
+    return evaluate(model_path, count, language=language, reset=reset, seed=seed).recall
+
+
+def language_report(model_path: Path, count: int, language: str) -> dict:
+    """Every figure of one language (the README's quality table)."""
+    report = {}
+    for mode in ("fed", "chat"):
+        facts = evaluate(model_path, count, language=language, mode=mode)
+        moved = evaluate(model_path, count, language=language, mode=mode, updates=True)
+        report[mode] = {"facts": facts.as_dict(), "updates": moved.as_dict()}
+    report["fed"]["facts_state_reset"] = evaluate(model_path, count, language=language, reset=True).as_dict()
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cellstream evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="exported .onnx model")
-    parser.add_argument("--dialogues", type=int, default=300)
+    parser.add_argument("--dialogues", type=int, default=300, help="per language and measure")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args(argv)
     if not args.model.is_file():
@@ -103,13 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dialogues": args.dialogues,
         "filler": "held-out",
         "decoding": "greedy, replies fed back",
-        "recall_with_state": evaluate_recall(args.model, args.dialogues, reset=False).as_dict(),
-        "recall_state_reset_before_question": evaluate_recall(args.model, args.dialogues, reset=True).as_dict(),
+        "modes": {"fed": "context fed as written, then the questions",
+                  "chat": "every bot line generated by the model and fed back, one turn at a time"},
+        "languages": {language: language_report(args.model, args.dialogues, language) for language in LANGUAGES},
     }
-    text = json.dumps(report, indent=2)
+    text = json.dumps(report, indent=2, ensure_ascii=False)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        args.out.write_text(text + "\n", encoding="utf-8")
     return 0
 
 

@@ -1,15 +1,26 @@
-"""How far apart two float32 computations of the same thing are.
+"""How far apart two computations of the same thing are, and when an export is judged faithful.
 
 Logits and h are O(1), but the cell state C is unbounded (it reaches |C| ~ 30 in a trained LSTM),
 and one float32 ulp at 32 is 3.8e-6: an absolute 1e-5 bound there only measures rounding order.
 So differences are scaled by max(1, |reference|): absolute below 1, relative above.
+
+Two float32 runs of the same graph (onnxruntime against itself: split, batched, replicated,
+restarted) must agree within TOLERANCE. An export is judged against float64 instead: torch float32
+and onnxruntime float32 round differently, and a trained memory amplifies rounding, so on trained
+weights the two float32 runs can be further apart than 1e-5 while both are as close to the exact
+result as float32 allows. The export passes when onnxruntime is at most EXPORT_FACTOR times as far
+from float64 as torch float32 is (never held below TOLERANCE), and within EXPORT_TO_TORCH of torch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 TOLERANCE = 1e-5
+EXPORT_FACTOR = 4.0
+EXPORT_TO_TORCH = 1e-4
 
 
 def scaled_max_diff(got: np.ndarray, want: np.ndarray) -> float:
@@ -20,3 +31,32 @@ def scaled_max_diff(got: np.ndarray, want: np.ndarray) -> float:
     if got.size == 0:
         return 0.0
     return float((np.abs(got - want) / np.maximum(1.0, np.abs(want))).max())
+
+
+@dataclass(frozen=True)
+class ExportErrors:
+    """Scaled errors of one output on one set of inputs: onnxruntime and torch float32 against float64,
+    and onnxruntime against torch float32."""
+
+    onnxruntime_to_float64: float
+    torch_to_float64: float
+    onnxruntime_to_torch: float
+
+    @classmethod
+    def measure(cls, onnxruntime: np.ndarray, torch32: np.ndarray, float64: np.ndarray) -> ExportErrors:
+        return cls(scaled_max_diff(onnxruntime, float64), scaled_max_diff(torch32, float64),
+                   scaled_max_diff(onnxruntime, torch32))
+
+    @property
+    def allowed_to_float64(self) -> float:
+        return max(EXPORT_FACTOR * self.torch_to_float64, TOLERANCE)
+
+    def problem(self) -> str | None:
+        """Why the export is not faithful on these inputs, or None when it is."""
+        if not self.onnxruntime_to_float64 <= self.allowed_to_float64:
+            return (f"onnxruntime is {self.onnxruntime_to_float64:.3g} from float64, more than "
+                    f"{EXPORT_FACTOR:g} x torch float32's {self.torch_to_float64:.3g} (allowed "
+                    f"{self.allowed_to_float64:.3g})")
+        if not self.onnxruntime_to_torch <= EXPORT_TO_TORCH:
+            return f"onnxruntime and torch float32 differ by {self.onnxruntime_to_torch:.3g} > {EXPORT_TO_TORCH:g}"
+        return None

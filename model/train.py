@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corpus", type=Path, help="plain UTF-8 text file (default: synthetic dialogues)")
     parser.add_argument("--out", type=Path, default=Path("runs/model.pt"), help="final checkpoint path")
     parser.add_argument("--resume", type=Path, help="checkpoint to continue training from")
-    parser.add_argument("--steps", type=_positive_int, default=1500, help="optimiser steps in total")
+    parser.add_argument("--steps", type=_positive_int, default=4500, help="optimiser steps in total")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per batch")
     parser.add_argument("--bptt", type=_positive_int, default=1024, help="truncated-BPTT window (steps)")
     parser.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam peak learning rate (one-cycle)")
@@ -71,10 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="loss weight of the bytes where the bot says a stated fact back")
     parser.add_argument("--user-weight", type=_non_negative_float, default=0.1,
                         help="loss weight of the user's lines (the bot never writes them)")
-    parser.add_argument("--fact-weight", type=_non_negative_float, default=1.0,
+    parser.add_argument("--fact-weight", type=_non_negative_float, default=2.0,
                         help="weight of the fact probe's loss (model/probe.py; 0: off)")
-    parser.add_argument("--quiz-rate", type=_probability, default=0.5,
+    parser.add_argument("--quiz-rate", type=_probability, default=1.0,
                         help="chance of a recall question after each small-talk turn (training dialogues)")
+    parser.add_argument("--update-rate", type=_probability, default=0.5,
+                        help="chance that a training dialogue changes one fact after some small talk")
+    parser.add_argument("--french-rate", type=_probability, default=0.5,
+                        help="share of training dialogues in French")
     parser.add_argument("--curriculum-steps", type=_non_negative_int, default=500,
                         help="steps over which the most filler turns grows from 0 to 8 (0: always 8)")
     parser.add_argument("--embed-dim", type=_positive_int, default=64)
@@ -100,7 +104,7 @@ def describe_corpus(args: argparse.Namespace) -> str:
     if args.corpus is None:
         return (f"synthetic memory dialogues (seed {args.seed}, filler 1-8 turns, "
                 f"curriculum over {args.curriculum_steps} steps, quiz rate {args.quiz_rate}, "
-                f"fact probe weight {args.fact_weight})")
+                f"update rate {args.update_rate}, French {args.french_rate}, fact probe weight {args.fact_weight})")
     return f"text file {args.corpus.name}"
 
 
@@ -124,10 +128,12 @@ def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
 
 @torch.no_grad()
 def evaluate_dialogues(model: LSTMLanguageModel, probe: FactProbe, seed: int, count: int) -> Evaluation:
-    """Held-out-filler dialogues: mean loss, how often every answer byte is predicted exactly, and
-    how often the probe names the stated facts from the state."""
+    """Held-out-filler dialogues, half of them French, half with an update: mean loss, how often every
+    answer byte is predicted exactly, and how often the probe names the stated facts from the state."""
     rng = random.Random(seed + EVAL_SEED_OFFSET)
-    dialogues = [corpus.make_dialogue(rng, heldout=True, exact_questions=True) for _ in range(count)]
+    dialogues = [corpus.make_dialogue(rng, heldout=True, exact_questions=True, language=("en", "fr")[k % 2],
+                                      update_rate=float(k % 4 >= 2))
+                 for k in range(count)]
     batch = pad_batch([encode_dialogue(d, LossWeights()) for d in dialogues])
     hidden, _, _ = model.hidden_states(batch.inputs, *model.zero_state(len(dialogues)))
     logits = model.head(hidden)
@@ -196,7 +202,8 @@ def train(args: argparse.Namespace) -> dict:
         weights = LossWeights(value=args.answer_weight, user=args.user_weight)
         batches = dialogue_batches(args.seed + start_step, args.batch_size, weights,
                                    first_batch=start_step, ramp_batches=args.curriculum_steps,
-                                   quiz_rate=args.quiz_rate)
+                                   quiz_rate=args.quiz_rate, update_rate=args.update_rate,
+                                   french_rate=args.french_rate)
     else:
         batches = text_batches(train_text, args.batch_size, args.bptt)
     state = model.zero_state(args.batch_size)

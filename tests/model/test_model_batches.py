@@ -1,4 +1,5 @@
 import random
+import re
 from itertools import islice, pairwise
 
 import pytest
@@ -18,6 +19,7 @@ from model.batches import (
     pad_batch,
     text_batches,
 )
+from model.languages import LANGUAGES
 from model.network import SLOW_FORGET_BIAS
 from model.parity import TOLERANCE, scaled_max_diff
 from model.probe import FactProbe
@@ -26,7 +28,8 @@ from model.train import run_batch, weighted_loss
 
 def test_dialogue_weights_single_out_values_the_bot_says_back():
     qa = corpus.QuestionAnswer("name", "what is my name?", "your name is léa.")
-    dialogue = corpus.Dialogue("user: my name is léa.\nbot: hé\n", (qa,), {"name": "léa"})
+    fact = corpus.Turn("fact", "my name is léa.", "hé", "name", "léa")
+    dialogue = corpus.Dialogue((fact,), (qa,), {"name": "léa"})
     weights = dialogue_weights(dialogue, LossWeights(value=3.0, user=0.5))
     assert len(weights) == len(dialogue.text.encode("utf-8"))
     user_fact = [0.5] * len("user: my name is léa.\n".encode())
@@ -36,17 +39,43 @@ def test_dialogue_weights_single_out_values_the_bot_says_back():
     assert weights == user_fact + ack + question + answer
 
 
-def test_fact_labels_start_at_the_last_byte_of_each_stated_value():
-    dialogue = corpus.make_dialogue(random.Random(11), min_filler=0, max_filler=0)
+def test_dialogue_weights_single_out_old_and_new_values_of_an_update():
+    turns = (corpus.Turn("fact", "i live in rome.", "noted, rome.", "city", "rome"),
+             corpus.Turn("update", "i moved to oslo.", "noted, oslo now.", "city", "oslo"))
+    dialogue = corpus.Dialogue(turns, (), {"city": "oslo"}, previous={"city": "rome"})
+    weights = dialogue_weights(dialogue, LossWeights(value=3.0, user=0.5))
+    text = dialogue.text.encode()
+    heavy = [k for k, w in enumerate(weights) if w == 3.0]
+    assert bytes(text[k] for k in heavy) == b"romeoslo"
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+def test_fact_labels_start_at_the_last_byte_of_each_stated_value(language):
+    dialogue = corpus.make_dialogue(random.Random(11), min_filler=0, max_filler=0, language=language)
     text = dialogue.text.encode()
     labels = fact_labels(dialogue, len(text) + 1)
+    ends = {s.kind: s.end for s in dialogue.statements}
     for column, (kind, values) in enumerate(FACT_VALUES.items()):
         value = dialogue.facts[kind].encode()
-        end = dialogue.stated_at[kind]
+        end = ends[kind]
         assert text[end - len(value) : end] == value
         assert text[:end - len(value)].count(b"\n") % 2 == 0  # stated in a user line, not echoed by the bot
         assert (labels[: end - 1, column] == UNKNOWN).all()
         assert (labels[end - 1 :, column] == values.index(dialogue.facts[kind])).all()
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+def test_fact_labels_follow_an_update_from_its_last_byte_on(language):
+    rng = random.Random(12)
+    dialogue = corpus.make_dialogue(rng, language=language, update_rate=1.0)
+    (kind, old), = dialogue.previous.items()
+    column = list(FACT_VALUES).index(kind)
+    first, update = [s for s in dialogue.statements if s.kind == kind]
+    labels = fact_labels(dialogue, len(dialogue.text.encode()) + 1)
+    assert (labels[: first.end - 1, column] == UNKNOWN).all()
+    assert (labels[first.end - 1 : update.end - 1, column] == FACT_VALUES[kind].index(old)).all()
+    assert (labels[update.end - 1 :, column] == FACT_VALUES[kind].index(dialogue.facts[kind])).all()
+    assert old != dialogue.facts[kind]
 
 
 def test_fact_probe_learns_only_from_known_facts():
@@ -56,10 +85,17 @@ def test_fact_probe_learns_only_from_known_facts():
     assert probe.loss(hidden, facts).item() == 0.0
     facts[0, 2, 0] = 7
     loss = probe.loss(hidden, facts)
-    names = probe.linear(hidden[0, 2])[: len(corpus.NAMES)]
+    names = probe.linear(hidden[0, 2])[: len(FACT_VALUES["name"])]
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(names[None], torch.tensor([7])).item(),
                                         rel=1e-5)
-    assert 0.0 <= probe.accuracy(hidden, facts) <= 1.0
+    # accuracy counts the known labels only: a probe that names index 7 from anything is right on all.
+    with torch.no_grad():
+        probe.linear.weight.zero_()
+        probe.linear.bias.zero_()
+        probe.linear.bias[7] = 1.0
+    assert probe.accuracy(hidden, facts) == 1.0
+    facts[1, 0, 0] = 3  # one known label it misses
+    assert probe.accuracy(hidden, facts) == 0.5
 
 
 def test_pad_batch_shifts_targets_and_masks_padding():
@@ -78,6 +114,23 @@ def test_encode_dialogue_ends_with_eos():
     assert row.ids[-1] == tokenizer.EOS and tokenizer.decode(row.ids) == dialogue.text
     assert len(row.ids) == len(row.weights) == len(row.facts)
     assert set(row.weights) == {0.5, 1.0, 2.0}
+
+
+def test_dialogue_batches_mix_languages_and_updates_by_their_rates():
+    def texts(**rates):
+        batches = islice(dialogue_batches(5, 8, LossWeights(), bucket=2, **rates), 4)
+        return [tokenizer.decode(row.tolist()) for batch in batches for row in batch.inputs]
+
+    assert not any("user: je " in text or "user: j'" in text for text in texts())
+    french = texts(french_rate=1.0)
+    assert all("user: je " in text or "user: j'" in text for text in french)
+    assert not any("user: i " in text or "user: my " in text for text in french)
+    update_lines = re.compile("|".join(
+        "user: " + re.escape(phrase).replace(re.escape("{v}"), r"\w+") + "\n"
+        for language in LANGUAGES.values() for phrases in language.updates.values() for phrase in phrases))
+    assert not any(update_lines.search(text) for text in texts(french_rate=0.5))
+    moves = texts(update_rate=1.0, french_rate=0.5)
+    assert all(update_lines.search(text) for text in moves)
 
 
 def test_dialogue_batches_are_seed_deterministic():

@@ -1,6 +1,7 @@
 """The train/export command lines, run as real subprocesses (`python -m model.train` / `model.export`)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_train_writes_checkpoint_with_history(trained):
     assert [h["step"] for h in checkpoint["history"]] == [3, 6]
     for evaluation in checkpoint["history"]:
         assert math.isfinite(evaluation["loss"]) and evaluation["loss"] > 0
-        assert 0.0 <= evaluation["answer_accuracy"] <= 1.0
+        assert evaluation["answer_accuracy"] == 0.0  # six steps say no answer right (counting: test_model_train)
     assert checkpoint["config"] == {"vocab_size": 260, "embed_dim": 8, "hidden_size": 32, "num_layers": 1}
     assert checkpoint["seed"] == 1234 and "synthetic" in checkpoint["corpus"]
     assert {"model", "optimizer", "tokenizer"} <= set(checkpoint)
@@ -55,9 +56,11 @@ def test_export_of_trained_checkpoint(run_module, trained, tmp_path):
     result = run_module("-m", "model.export", str(trained), "--out", str(onnx_path))
     assert result.returncode == 0, result.stderr
     assert f"wrote {onnx_path}" in result.stdout
-    assert "parity max |diff| =" in result.stdout
-    worst = float(result.stdout.rsplit("=", 1)[1])
-    assert 0.0 <= worst <= 1e-5
+    found = re.search(r"onnxruntime to float64 (\S+) \(torch float32 (\S+)\), onnxruntime to torch float32 (\S+)",
+                      result.stdout)
+    assert found, result.stdout
+    to_float64, torch_to_float64, to_torch = map(float, found.groups())
+    assert 0.0 < to_float64 <= max(4 * torch_to_float64, 1e-5) and 0.0 < to_torch <= 1e-4
     assert onnx_path.stat().st_size > 1000
 
 

@@ -5,11 +5,13 @@ from itertools import islice
 import pytest
 
 from model import corpus
-from model.corpus import CITIES, JOBS, NAMES, CorpusError, FillerGenerator, make_dialogue, read_text_corpus
+from model.corpus import CorpusError, FillerGenerator, make_dialogue, read_text_corpus
+from model.languages import CITIES, ENGLISH, FRENCH, JOBS, JOBS_FR, LANGUAGES, NAMES
 
 KINDS = ("noun", "adj", "verb", "feeling", "time")
-SHAPES = corpus._USER_SHAPES + corpus._BOT_SHAPES
-FACT_WORDS = set(NAMES) | set(CITIES) | set(JOBS)
+SHAPES = ENGLISH.small_talk.user_shapes + ENGLISH.small_talk.bot_shapes
+FACT_WORDS = set(NAMES) | set(CITIES) | set(JOBS) | set(JOBS_FR)
+WORD = r"[a-zà-ÿœ'-]+"
 
 
 def texts(seed, count=40, **kwargs):
@@ -22,6 +24,7 @@ def filler_turns(dialogue):
     greeting = 2 if lines[0] == "user: hello!" else 0
     filler_lines = len(lines) - greeting - 2 * len(dialogue.facts)
     assert filler_lines % 2 == 0
+    assert filler_lines // 2 == sum(turn.role == "small talk" for turn in dialogue.turns)
     return filler_lines // 2
 
 
@@ -54,7 +57,7 @@ def test_canonical_fact_phrasings_occur():
     assert seen["name"] > 60 and seen["city"] > 60 and seen["job"] > 60, seen
     for d in dialogues:
         for kind, value in d.facts.items():
-            stated = [p.format(v=value) for p in corpus.FACT_PHRASES[kind]]
+            stated = [p.format(v=value) for p in ENGLISH.facts[kind]]
             assert any(f"user: {s}\n" in d.context for s in stated), (kind, d.context)
 
 
@@ -81,16 +84,19 @@ def test_exact_questions_and_answers():
 def test_question_variants_without_exact_questions():
     rng = random.Random(4)
     questions = {qa.question for _ in range(300) for qa in make_dialogue(rng).questions}
-    assert questions == {q for variants in corpus.QUESTION_VARIANTS.values() for q in variants}
+    assert questions == {q for variants in ENGLISH.question_variants.values() for q in variants}
 
 
 def test_fact_lists():
-    for values, minimum in ((NAMES, 50), (CITIES, 30), (JOBS, 20)):
+    for values, minimum in ((NAMES, 50), (CITIES, 30), (JOBS, 20), (JOBS_FR, 20)):
         assert len(values) >= minimum
         assert len(set(values)) == len(values)
         for value in values:
-            assert re.fullmatch(r"[a-z]+", value), value
-    assert not (set(NAMES) & set(CITIES) or set(NAMES) & set(JOBS) or set(CITIES) & set(JOBS))
+            assert re.fullmatch(r"[a-zàâçéèêëîïôûùüÿœ]+", value), value
+    lists = (set(NAMES), set(CITIES), set(JOBS), set(JOBS_FR))
+    assert sum(map(len, lists)) == len(set().union(*lists)), "a value belongs to two lists"
+    assert {"infirmière", "boulanger"} <= set(JOBS_FR)
+    assert sum(not value.isascii() for value in JOBS_FR) >= 8
 
 
 def test_filler_turn_count_between_1_and_8():
@@ -128,16 +134,33 @@ def test_heldout_filler_shares_no_shape_or_word_with_training():
     assert any("{verb}" in shape for shape in heldout._shapes(SHAPES))
 
 
+@pytest.mark.parametrize("language", list(LANGUAGES))
 @pytest.mark.parametrize("heldout", [False, True])
-def test_filler_never_mentions_a_fact_word(heldout):
-    filler = FillerGenerator(heldout=heldout)
+def test_filler_never_mentions_a_fact_word(heldout, language):
+    filler = FillerGenerator(heldout=heldout, language=LANGUAGES[language])
     rng = random.Random(1)
     words = set()
     for _ in range(3000):
         for line in filler.turn(rng):
-            words.update(re.findall(r"[a-z]+", line))
+            words.update(re.findall(r"\w+", line))
     assert len(words) > 30
     assert not words & FACT_WORDS, words & FACT_WORDS
+
+
+def test_french_heldout_filler_shares_no_shape_or_entry_with_training():
+    train, heldout = FillerGenerator(False, FRENCH), FillerGenerator(True, FRENCH)
+    talk = FRENCH.small_talk
+    shapes = talk.user_shapes + talk.bot_shapes
+    assert set(train._shapes(shapes)).isdisjoint(heldout._shapes(shapes))
+    assert any("{verb}" in shape for shape in heldout._shapes(shapes))
+    for kind in KINDS:
+        assert heldout._pool(kind) and train._pool(kind)
+        assert set(train._pool(kind)).isdisjoint(heldout._pool(kind)), kind
+    rng = random.Random(0)
+    train_lines = {text for _ in range(3000) for text in train.turn(rng)}
+    heldout_lines = {text for _ in range(3000) for text in heldout.turn(rng)}
+    assert train_lines.isdisjoint(heldout_lines)
+    assert any(not line.isascii() for line in heldout_lines)
 
 
 def test_read_text_corpus_accepts_utf8(tmp_path):
@@ -184,3 +207,103 @@ def test_quiz_questions_ask_stated_facts_during_small_talk():
     assert len(answers) == 8
     assert all(any(value in answer for value in dialogue.facts.values()) for answer in answers)
     assert make_dialogue(random.Random(5), min_filler=8, max_filler=8).context.count("\n") == 6 + 16
+
+
+def test_french_dialogues_use_the_fixed_phrasings_and_questions():
+    rng = random.Random(12)
+    dialogues = [make_dialogue(rng, language="fr", exact_questions=True, heldout=True) for _ in range(300)]
+    seen = {"name": 0, "city": 0, "job": 0}
+    for d in dialogues:
+        name, city, job = d.facts["name"], d.facts["city"], d.facts["job"]
+        assert d.language == "fr" and job in JOBS_FR
+        seen["name"] += f"user: je m'appelle {name}.\n" in d.context
+        seen["city"] += f"user: j'habite à {city}.\n" in d.context
+        seen["job"] += f"user: je travaille comme {job}.\n" in d.context
+        expected = {
+            "name": ("comment je m'appelle ?", f"tu t'appelles {name}."),
+            "city": ("où est-ce que j'habite ?", f"tu habites à {city}."),
+            "job": ("quel est mon métier ?", f"tu travailles comme {job}."),
+        }
+        assert sorted(qa.kind for qa in d.questions) == ["city", "job", "name"]
+        for qa in d.questions:
+            assert (qa.question, qa.answer) == expected[qa.kind]
+        assert not re.search(r"\b(the|my|you|is)\b", d.text), d.text  # one language per dialogue
+    assert min(seen.values()) > 100, seen
+    assert any("infirmière" in d.text or "bibliothécaire" in d.text for d in dialogues)
+
+
+def test_english_dialogues_stay_english():
+    rng = random.Random(13)
+    for _ in range(200):
+        d = make_dialogue(rng, language="en", quiz_rate=0.5, update_rate=0.5)
+        assert d.text.isascii() and d.facts["job"] in JOBS
+        assert not re.search(r"\b(je|tu|est|le|la)\b", d.text), d.text
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_an_update_changes_one_fact_after_small_talk_and_questions_expect_the_new_value(language):
+    rng = random.Random(21)
+    lang = LANGUAGES[language]
+    kinds_updated = set()
+    for _ in range(200):
+        d = make_dialogue(rng, language=language, update_rate=1.0, exact_questions=True)
+        assert len(d.previous) == 1
+        (kind, old), = d.previous.items()
+        kinds_updated.add(kind)
+        new = d.facts[kind]
+        assert new != old and new in lang.values(kind)
+        roles = [turn.role for turn in d.turns]
+        update = roles.index("update")
+        assert "small talk" in roles[:update], roles  # the move comes after some small talk
+        turn = d.turns[update]
+        assert (turn.kind, turn.value) == (kind, new)
+        assert turn.user in {p.format(v=new) for p in lang.updates[kind]}
+        assert re.search(rf"(?<!\w){new}(?!\w)", turn.bot), turn.bot  # the bot acknowledges the new value
+        answers = {qa.kind: qa.answer for qa in d.questions}
+        assert answers[kind] == lang.questions[kind][1].format(v=new)
+        assert old not in answers[kind]
+    assert kinds_updated == {"name", "city", "job"}
+
+
+def test_updates_use_the_required_english_phrasings():
+    rng = random.Random(22)
+    lines = {turn.user for _ in range(600)
+             for turn in make_dialogue(rng, update_rate=1.0).turns if turn.role == "update"}
+    for pattern in (r"i moved to [a-z]+\.", r"i work as a [a-z]+ now\.", r"actually, my name is [a-z]+\."):
+        assert any(re.fullmatch(pattern, text) for text in lines), pattern
+    french = {turn.user for _ in range(600)
+              for turn in make_dialogue(rng, language="fr", update_rate=1.0).turns if turn.role == "update"}
+    assert any(re.fullmatch(r"j'ai déménagé à [a-z]+\.", text) for text in french)
+
+
+def test_update_rate_zero_never_updates_and_quizzes_after_an_update_expect_the_new_value():
+    rng = random.Random(23)
+    assert not any(make_dialogue(rng).previous for _ in range(200))
+    checked = 0
+    for _ in range(200):
+        d = make_dialogue(rng, update_rate=1.0, quiz_rate=1.0, min_filler=4, max_filler=8)
+        (kind, old), = d.previous.items()
+        update = next(k for k, turn in enumerate(d.turns) if turn.role == "update")
+        for k, turn in enumerate(d.turns):
+            if turn.role == "quiz" and turn.kind == kind:
+                assert turn.value == (old if k < update else d.facts[kind])
+                assert turn.value in turn.bot
+                checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_statements_end_just_past_each_stated_value(language):
+    rng = random.Random(24)
+    for _ in range(100):
+        d = make_dialogue(rng, language=language, update_rate=1.0, quiz_rate=0.5)
+        text = d.text.encode("utf-8")
+        statements = d.statements
+        assert [s.kind for s in statements][:3] == [t.kind for t in d.turns if t.role == "fact"]
+        assert len(statements) == 4
+        for statement in statements:
+            value = statement.value.encode("utf-8")
+            assert text[statement.end - len(value) : statement.end] == value
+            line_start = text.rindex(b"\n", 0, statement.end) + 1 if b"\n" in text[: statement.end] else 0
+            assert text[line_start:].startswith(b"user: ")
+        assert statements[-1].value == d.facts[statements[-1].kind]

@@ -1,10 +1,22 @@
+import random
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-from model import tokenizer
-from model.evaluate import MAX_REPLY_TOKENS, NEWLINE, GreedyChat, Recall, evaluate_recall
+from model import corpus, tokenizer
+from model.evaluate import (
+    MAX_REPLY_TOKENS,
+    NEWLINE,
+    GreedyChat,
+    Recall,
+    Scores,
+    converse,
+    evaluate,
+    evaluate_recall,
+    says,
+)
 from model.parity import TOLERANCE, scaled_max_diff
 
 # Exporting with torch's TorchScript exporter is noisy by design; model/export.py chose it on purpose.
@@ -96,16 +108,73 @@ def test_reply_stops_at_max_reply_tokens(make_model, export_model):
     assert_same_state(chat, twin)
 
 
-@pytest.mark.parametrize("reset", [False, True])
-def test_evaluate_recall_on_random_model(exported, reset):
+class ScriptedChat:
+    """A stand-in for GreedyChat that answers from a script: what `converse` counts can be known."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.fed, self.resets = [], 0
+
+    def reset(self):
+        self.resets += 1
+
+    def feed(self, ids):
+        self.fed.append(tokenizer.decode(ids))
+
+    def ask(self, user):
+        self.fed.append(user)
+        return self.replies.pop(0)
+
+
+def dialogue_with_update(seed=3, language="en"):
+    return corpus.make_dialogue(random.Random(seed), language=language, exact_questions=True, update_rate=1.0)
+
+
+@pytest.mark.parametrize("language", ["en", "fr"])
+def test_converse_counts_right_answers_new_values_and_echoed_acknowledgements(language):
+    dialogue = dialogue_with_update(language=language)
+    assert len(dialogue.previous) == 1
+    acks = [turn.bot for turn in dialogue.turns]  # the corpus's own bot lines say every value back
+    chat = ScriptedChat([*acks, *(qa.answer for qa in dialogue.questions)])
+    scores = Scores()
+    converse(chat, dialogue, scores, mode="chat", reset=False)
+    assert scores.recall.as_dict() == {"name": 1.0, "city": 1.0, "job": 1.0, "overall": 1.0}
+    assert (scores.updated, scores.new_value, scores.old_value) == (1, 1, 0)
+    assert (scores.acknowledgements, scores.echoed) == (4, 4)
+    assert scores.as_dict()["update"] == {"questions": 1, "new_value": 1.0, "old_value": 0.0}
+    assert chat.fed == [turn.user for turn in dialogue.turns] + [qa.question for qa in dialogue.questions]
+
+
+def test_converse_counts_an_old_value_a_wrong_ack_and_feeds_the_context_when_fed():
+    dialogue = dialogue_with_update(seed=4)
+    (kind, old), = dialogue.previous.items()
+    stale = {qa.kind: qa.answer.replace(dialogue.facts[qa.kind], old) if qa.kind == kind else qa.answer
+             for qa in dialogue.questions}
+    chat = ScriptedChat(stale[qa.kind] for qa in dialogue.questions)
+    scores = Scores()
+    converse(chat, dialogue, scores, mode="fed", reset=True)
+    assert chat.fed[0] == dialogue.context and chat.resets == 1 + len(dialogue.questions)
+    assert scores.recall.correct[kind] == 0 and scores.recall.overall() == pytest.approx(2 / 3)
+    assert (scores.updated, scores.new_value, scores.old_value) == (1, 0, 1)
+    assert scores.acknowledgements == 0 and "acknowledged" not in scores.as_dict()
+    muddled = ScriptedChat(["nice to meet you, hugox.", *["ok."] * 30])
+    converse(muddled, dialogue, scores := Scores(), mode="chat", reset=False)
+    assert scores.echoed == 0 and scores.acknowledgements == 4
+
+
+def test_says_matches_whole_words_only():
+    assert says("your name is ugo.", "ugo") and says("tu habites à zurich.", "zurich")
+    assert not says("your name is hugo.", "ugo") and not says("boulangerie", "boulanger")
+    assert says("infirmière, c'est noté.", "infirmière")
+
+
+@pytest.mark.parametrize("mode", ["fed", "chat"])
+def test_evaluate_runs_a_real_model_in_each_language(exported, mode):
     _, path = exported
-    recall = evaluate_recall(path, 3, reset=reset, seed=7)
-    assert recall.dialogues == 3
-    for kind in ("name", "city", "job"):
-        assert 0.0 <= recall.rate(kind) <= 1.0
-        assert 0 <= recall.correct[kind] <= 3
-    assert 0.0 <= recall.overall() <= 1.0
-    assert set(recall.as_dict()) == {"name", "city", "job", "overall"}
+    for language in ("en", "fr"):
+        scores = evaluate(path, 2, language=language, mode=mode, updates=True, seed=7)
+        assert scores.recall.dialogues == 2 and scores.updated == 2
+        assert scores.acknowledgements == (8 if mode == "chat" else 0)
 
 
 def test_evaluate_recall_counts_wrong_answers_as_zero(make_model, export_model):

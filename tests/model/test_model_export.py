@@ -7,10 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
 
 from model import tokenizer
-from model.export import OPSET, ExportError, check_parity, export_onnx, metadata_for
-from model.parity import TOLERANCE, scaled_max_diff
+from model.export import OPSET, ExportError, check_parity, export_onnx, measure_parity, metadata_for, parity_inputs
+from model.network import ModelConfig
+from model.parity import EXPORT_FACTOR, EXPORT_TO_TORCH, TOLERANCE, scaled_max_diff
 
 # Exporting with torch's TorchScript exporter is noisy by design; model/export.py chose it on purpose.
 pytestmark = [
@@ -19,6 +21,7 @@ pytestmark = [
 ]
 
 LAYERS, HIDDEN, VOCAB = 2, 16, 260
+SMALL_CONFIG = ModelConfig(vocab_size=VOCAB, embed_dim=8, hidden_size=HIDDEN, num_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +154,60 @@ def test_split_invariance_property(session, cuts, seed):
 
 def test_check_parity_passes_on_the_exported_model(exported):
     model, path = exported
-    assert 0.0 <= check_parity(model, path, seed=3) <= TOLERANCE
+    worst = check_parity(model, path, seed=3)
+    assert 0.0 < worst.onnxruntime_to_float64 <= max(EXPORT_FACTOR * worst.torch_to_float64, TOLERANCE)
+    assert 0.0 < worst.onnxruntime_to_torch <= EXPORT_TO_TORCH
+    assert worst.torch_to_float64 > 0.0  # float64 really is another computation
+
+
+def test_parity_inputs_cover_random_states_and_real_dialogues_of_each_language():
+    seen = [what for what, *_ in parity_inputs(SMALL_CONFIG, 0)]
+    assert sum("random" in what for what in seen) == 5
+    assert any(" en dialogues from a zero state" in what for what in seen)
+    assert any(" fr dialogues from a zero state" in what for what in seen)
+    dialogues = [(tokens, h0) for what, tokens, h0, _ in parity_inputs(SMALL_CONFIG, 0) if "dialogues" in what]
+    for tokens, h0 in dialogues:
+        assert not h0.any() and tokens.shape[1] > 100 and tokens.max() < 256
 
 
 def test_check_parity_rejects_a_different_model(make_model, tmp_path):
     model_a, model_b = make_model(1), make_model(2)
     path = tmp_path / "a.onnx"
     export_onnx(model_a, metadata_for(model_a, {"seed": 1}), path)
-    assert check_parity(model_a, path) <= TOLERANCE
-    with pytest.raises(ExportError, match="onnxruntime and torch differ"):
+    check_parity(model_a, path)
+    with pytest.raises(ExportError, match="not the model's computation: logits on random tokens"):
         check_parity(model_b, path)
+
+
+def lstm_weights(graph):
+    """The initializers of every ONNX LSTM node: W, R and B ([1, 4H, *], gate order i, o, f, c)."""
+    by_name = {init.name: init for init in graph.graph.initializer}
+    return [[by_name[name] for name in node.input[1:4]] for node in graph.graph.node if node.op_type == "LSTM"]
+
+
+def swap_input_and_forget_gates(array):
+    """Swap gate blocks i and f along axis 1 (W, R: one set of four blocks; B: two sets, Wb then Rb)."""
+    blocks = np.split(array, array.shape[1] // HIDDEN, axis=1)
+    for first in range(0, len(blocks), 4):
+        blocks[first], blocks[first + 2] = blocks[first + 2], blocks[first]
+    return np.concatenate(blocks, axis=1)
+
+
+@pytest.mark.parametrize("defect", ["gates swapped", "bias dropped"])
+def test_a_wrong_export_fails_the_float64_judgement_by_orders_of_magnitude(exported, tmp_path, defect):
+    model, path = exported
+    graph = onnx.load(str(path))
+    layers = lstm_weights(graph)
+    assert len(layers) == 1 or len(layers) == LAYERS
+    W, R, B = layers[-1]
+    for init in (W, R, B) if defect == "gates swapped" else (B,):
+        array = numpy_helper.to_array(init)
+        changed = swap_input_and_forget_gates(array) if defect == "gates swapped" else np.zeros_like(array)
+        init.CopyFrom(numpy_helper.from_array(changed, init.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(graph, str(broken))
+    worst = max(errors.onnxruntime_to_float64 / errors.allowed_to_float64
+                for _, errors in measure_parity(model, broken))
+    assert worst > 100, worst
+    with pytest.raises(ExportError, match="from float64, more than 4 x torch float32's"):
+        check_parity(model, broken)
