@@ -1,4 +1,4 @@
-"""`cellstream serve|chat|health|bench|train|export|evaluate`."""
+"""`cellstream serve|chat|health|check-model|bench|train|export|evaluate`."""
 
 from __future__ import annotations
 
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "the target's host (e.g. a probe dialling 127.0.0.1)")
     _add_connection_arguments(health)
     health.set_defaults(func=_health)
+    commands.add_parser("check-model", help="can the server serve this .onnx file? its spec, or what to change "
+                        "(see `cellstream check-model --help`)", add_help=False)
     commands.add_parser("bench", help="benchmark a server this command starts itself (see `cellstream bench --help`)",
                         add_help=False)
     for name, module in TRAINING_COMMANDS.items():
@@ -162,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _training(argv[0], argv[1:])
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "check-model":
+        from service.check_model import main as check_model
+
+        return check_model(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

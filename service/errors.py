@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 
@@ -45,4 +47,9 @@ class Unavailable(CellstreamError):
 
 
 class ModelLoadError(Exception):
-    """A model file cannot be served; raised at start-up with the reason."""
+    """A model file cannot be served; raised at start-up with the reason. `problems` lists each one
+    (a graph can break the contract in several ways); the message joins them."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
