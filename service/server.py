@@ -6,6 +6,8 @@ import asyncio
 import gc
 import logging
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -105,8 +107,11 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-async def start_server(settings: Settings, metrics: Metrics | None = None) -> RunningServer:
-    """Bind and start reporting NOT_SERVING, load the models, then report SERVING."""
+async def start_server(
+    settings: Settings, metrics: Metrics | None = None, *, clock: Callable[[], float] = time.monotonic
+) -> RunningServer:
+    """Bind and start reporting NOT_SERVING, load the models, then report SERVING. `clock`: the memory
+    session store's clock for idle TTLs (tests pass one they advance by hand)."""
     metrics = metrics or Metrics()
     options = grpc_options(settings)
     # Authentication first: a call refused for its credentials takes no in-flight slot.
@@ -131,7 +136,7 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
     await server.start()
     running = RunningServer(server, health_servicer, None, metrics, port, metrics_port, settings, kserve)
     try:
-        running.dataplane = await _load(settings, metrics)
+        running.dataplane = await _load(settings, metrics, clock)
     except BaseException:
         await server.stop(0)
         metrics.stop_http()
@@ -150,12 +155,13 @@ async def start_server(settings: Settings, metrics: Metrics | None = None) -> Ru
     return running
 
 
-async def _load(settings: Settings, metrics: Metrics) -> DataPlane:
+async def _load(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> DataPlane:
     registry = await asyncio.get_running_loop().run_in_executor(
         None, lambda: ModelRegistry.from_directory(
             settings.model_dir, default=settings.default_model, intra_op_threads=settings.ort_intra_op_threads)
     )
-    store = await open_store(settings, metrics, {name: engine.spec for name, engine in registry.engines.items()})
+    specs = {name: engine.spec for name, engine in registry.engines.items()}
+    store = await open_store(settings, metrics, specs, clock=clock)
     dataplane = DataPlane(settings, registry, store, metrics)
     await dataplane.start()
     return dataplane

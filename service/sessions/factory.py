@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from service.config import MEMORY, Settings
@@ -20,8 +20,12 @@ from service.sessions.redis import RedisStore
 log = logging.getLogger(__name__)
 
 
-async def open_store(settings: Settings, metrics: Metrics, specs: Mapping[str, ModelSpec]) -> SessionStore:
-    """The store, ready to serve; SnapshotError when its snapshot is unusable and the settings refuse it."""
+async def open_store(
+    settings: Settings, metrics: Metrics, specs: Mapping[str, ModelSpec], *,
+    clock: Callable[[], float] = time.monotonic,
+) -> SessionStore:
+    """The store, ready to serve; SnapshotError when its snapshot is unusable and the settings refuse it.
+    `clock` measures the memory store's idle TTLs (tests advance one by hand); Redis keeps its own time."""
     evict = settings.when_full == "evict"
     per_principal = settings.max_sessions_per_principal
     if settings.state_store != MEMORY:
@@ -30,7 +34,7 @@ async def open_store(settings: Settings, metrics: Metrics, specs: Mapping[str, M
                           max_sessions_per_principal=per_principal,
                           timeout_seconds=settings.state_store_timeout_seconds)
     store = MemoryStore(metrics, max_sessions=settings.max_sessions, evict_when_full=evict,
-                        max_sessions_per_principal=per_principal, snapshot_path=settings.snapshot_path)
+                        max_sessions_per_principal=per_principal, snapshot_path=settings.snapshot_path, clock=clock)
     path = settings.snapshot_path
     if path is not None and path.exists():
         await _restore(store, path, settings, specs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -58,12 +59,33 @@ def arrays():
     return state_arrays
 
 
+class ManualClock:
+    """A monotonic clock that moves only when the test says: idle TTLs pass in one call, however busy
+    the machine is, and never pass by accident while the test runs slowly."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """A ManualClock: start(clock=clock) gives the server's memory store that clock for its idle TTLs."""
+    return ManualClock()
+
+
 @pytest.fixture
 async def start(tiny_model_dir: Path) -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
-    """start(**settings) -> a RunningServer on 127.0.0.1 with free ports; all stopped after the test."""
+    """start(clock=time.monotonic, **settings) -> a RunningServer on 127.0.0.1 with free ports, its memory
+    store's idle TTLs on `clock`; all stopped after the test."""
     servers: list[RunningServer] = []
 
-    async def _start(**overrides: object) -> RunningServer:
+    async def _start(clock: Callable[[], float] = time.monotonic, **overrides: object) -> RunningServer:
         settings = dict(
             host="127.0.0.1",
             port=0,
@@ -74,7 +96,7 @@ async def start(tiny_model_dir: Path) -> AsyncIterator[Callable[..., Awaitable[R
             ort_intra_op_threads=1,
         )
         settings.update(overrides)
-        running = await asyncio.wait_for(start_server(load_settings(**settings)), 60)
+        running = await asyncio.wait_for(start_server(load_settings(**settings), clock=clock), 60)
         servers.append(running)
         return running
 

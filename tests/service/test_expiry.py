@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 STATE_BYTES_PER_SESSION = 2 * 2 * 16 * 4  # h and c, 2 layers x 16 units, float32
 
 
-async def test_ttl_expiry_by_the_sweeper(start, connect, scrape, rpc_error):
-    server = await start(sweep_interval_seconds=0.2)
+async def test_ttl_expiry_by_the_sweeper(start, connect, scrape, rpc_error, clock, eventually):
+    server = await start(sweep_interval_seconds=0.05, clock=clock)
     client = connect(server)
     short = await client.open_session(ttl_seconds=1)
     long = await client.open_session(ttl_seconds=60)
     await client.step(short.session_id, tokens=[1, 2, 3])
-    await asyncio.sleep(0.5)
-    # Activity refreshes the idle TTL: 0.5 s + 0.5 s idle is past 1 s in total but not since the last use.
-    assert (await client.get_state(short.session_id)).position == 3
-    await asyncio.sleep(0.5)
-    assert (await client.get_state(short.session_id)).position == 3
-    await asyncio.sleep(1.8)
-    # The sweeper removed it before anyone touched it again.
+    # Activity refreshes the idle TTL: 0.9 s + 0.9 s idle is past 1 s in total but not since the last use.
+    for _ in range(2):
+        clock.advance(0.9)
+        assert (await client.get_state(short.session_id)).position == 3
+    clock.advance(1.1)
+
+    # The sweeper removes it before anyone touches it again (a scrape reads the store, it does not use it).
+    async def swept() -> bool:
+        return (await scrape(server)).get("cellstream_sessions_expired_total") == 1
+
+    await eventually(swept, "the sweeper removes the idle session")
     samples = await scrape(server)
-    assert samples.get("cellstream_sessions_expired_total") == 1
     assert samples.get("cellstream_sessions_active") == 1
     assert samples.get("cellstream_state_bytes") == STATE_BYTES_PER_SESSION
     for call in (client.step(short.session_id, tokens=[1]), client.get_state(short.session_id)):
@@ -32,13 +33,14 @@ async def test_ttl_expiry_by_the_sweeper(start, connect, scrape, rpc_error):
         assert error.code() == NOT_FOUND
         assert short.session_id in error.details()
     assert (await client.get_state(long.session_id)).position == 0
+    assert (await scrape(server)).get("cellstream_sessions_expired_total") == 1
 
 
-async def test_expired_session_is_refused_before_any_sweep(start, connect, scrape, rpc_error):
-    server = await start(sweep_interval_seconds=3600)
+async def test_expired_session_is_refused_before_any_sweep(start, connect, scrape, rpc_error, clock):
+    server = await start(sweep_interval_seconds=3600, clock=clock)
     client = connect(server)
     session = await client.open_session(ttl_seconds=1)
-    await asyncio.sleep(1.3)
+    clock.advance(1.3)
     error = await rpc_error(client.step(session.session_id, tokens=[1]))
     assert error.code() == NOT_FOUND
     samples = await scrape(server)

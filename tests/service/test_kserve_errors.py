@@ -192,8 +192,8 @@ async def test_refused_requests_change_nothing(server, client, triton, stub, ref
         close(result.as_numpy("logits")[0], ref.run(CHAT, np.array(ids + more))[0][len(ids):], f"sequence {sid!r}")
 
 
-async def test_ended_and_expired_sequences_need_start_again(start, ref, close, scrape):
-    running = await start(session_ttl_seconds=0.5)
+async def test_ended_and_expired_sequences_need_start_again(start, ref, close, scrape, clock):
+    running = await start(session_ttl_seconds=0.5, clock=clock)
     async with triton_aio.InferenceServerClient(f"127.0.0.1:{running.port}") as triton:
         await triton.infer(CHAT, [tokens(1, 2)], sequence_id="done", sequence_start=True)
         await triton.infer(CHAT, [tokens(3)], sequence_id="done", sequence_end=True)
@@ -203,7 +203,7 @@ async def test_ended_and_expired_sequences_need_start_again(start, ref, close, s
         assert "sequence 'done'" in info.value.message() and "must carry the START flag" in info.value.message()
 
         await triton.infer(CHAT, [tokens(1, 2)], sequence_id=9, sequence_start=True)
-        await asyncio.sleep(0.8)  # idle past the TTL
+        clock.advance(0.8)  # idle past the TTL
         with pytest.raises(InferenceServerException) as info:
             await triton.infer(CHAT, [tokens(3)], sequence_id=9)
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
