@@ -46,17 +46,38 @@ async def test_calls_past_the_inflight_bound_are_refused_at_once(start, connect,
     assert samples.get("cellstream_calls_refused_total", reason="overloaded") == 1
 
 
-async def test_a_deadline_is_honoured_while_steps_queue(start, connect, rpc_error):
+async def test_a_deadline_is_honoured_while_steps_queue(start, connect, gate, scrape, rpc_error, eventually):
     server = await start()
     client = connect(server)
-    session = await client.open_session()
-    # A 1 ms deadline cannot be met by a 4096-token step: the server drops it unrun, or the client
-    # gives up first; either way the session is untouched.
-    error = await rpc_error(client.stub.Step(Client.step_request(session.session_id, tokens=[5] * 4096),
-                                             timeout=0.001))
-    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await asyncio.sleep(0.2)
-    assert (await client.get_state(session.session_id)).position == 0
+    held = gate(server)
+    blocker, waiting = await client.open_session(), await client.open_session()
+    first = asyncio.ensure_future(client.step(blocker.session_id, tokens=[1]))
+    await asyncio.to_thread(held.running.wait, 30)  # the model is busy: the next step queues behind it
+    late = asyncio.ensure_future(rpc_error(
+        client.stub.Step(Client.step_request(waiting.session_id, tokens=[2]), timeout=1.0)))
+    batcher = server.dataplane.batchers["tiny-chat"]
+    # Queued on the server, not lost on the way: the queue only empties once the gate opens.
+    await eventually(lambda: batcher.queued == 1, "the step reaches the server and queues")
+
+    # The deadline ends the call while the model is still held: the server does not wait for its turn.
+    assert (await late).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def counted() -> bool:
+        samples = await scrape(server)
+        return samples.get("cellstream_requests_total", 0.0, method="Step", code="DEADLINE_EXCEEDED") == 1
+
+    await eventually(counted, "the server counts the queued Step DEADLINE_EXCEEDED")
+    assert not first.done() and batcher.queued == 1
+    held.open.set()
+    assert (await asyncio.wait_for(first, 30)).position == 1
+
+    # Its turn came after its caller had gone: dropped unrun, the session untouched and usable.
+    await eventually(lambda: batcher.queued == 0, "the batcher takes up the late step")
+    samples = await scrape(server)
+    assert sum(samples.get("cellstream_steps_dropped_total", 0.0, model="tiny-chat", reason=reason)
+               for reason in ("deadline", "cancelled")) == 1
+    assert (await client.get_state(waiting.session_id)).position == 0
+    assert (await client.step(waiting.session_id, tokens=[2])).position == 1
 
 
 async def test_a_burst_past_grpc_cores_pending_bound_is_served_not_cancelled(start, connect):
