@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -17,6 +18,7 @@ FEATURES_STATE_BYTES = 2 * 2 * 12 * 4
 
 
 async def test_metrics_after_a_workload(server, client, scrape, rpc_error):
+    began = time.monotonic()
     chat = await client.open_session()
     features = await client.open_session(model="tiny-features")
     doomed = await client.open_session()
@@ -49,6 +51,7 @@ async def test_metrics_after_a_workload(server, client, scrape, rpc_error):
     await client.close_session(doomed.session_id)
 
     samples = await scrape(server)
+    elapsed = time.monotonic() - began
     get = samples.get
     # Requests by method and code.
     assert get("cellstream_requests_total", method="Step", code="OK") == 7
@@ -71,7 +74,8 @@ async def test_metrics_after_a_workload(server, client, scrape, rpc_error):
     # Batcher series: sequential calls, so each step ran alone.
     for model, steps in (("tiny-chat", chat_steps), ("tiny-features", 2)):
         assert get("cellstream_queue_wait_seconds_count", model=model) == steps
-        assert get("cellstream_queue_wait_seconds_sum", model=model) >= 0
+        # Waits are durations inside this workload (test_queue_wait_is_how_long_steps_waited bounds them below).
+        assert 0 <= get("cellstream_queue_wait_seconds_sum", model=model) <= elapsed
         assert get("cellstream_batch_size_count", model=model) == steps
         assert get("cellstream_batch_size_sum", model=model) == steps
         assert get("cellstream_batch_size_bucket", model=model, le="1.0") == steps
@@ -103,7 +107,9 @@ async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(ser
     late = await rpc_error(client.stub.Step(Client.step_request(waiting[0].session_id, tokens=[2]), timeout=0.2))
     assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     abandoned = client.stub.Step(Client.step_request(waiting[1].session_id, tokens=[3]), timeout=30)
-    await asyncio.sleep(0.2)
+    batcher = server.dataplane.batchers["tiny-chat"]
+    # Both wait in the queue (the late one is dropped only when its turn comes): the server has the call.
+    await eventually(lambda: batcher.queued == 2, "the abandoned Step reaches the server's queue")
     abandoned.cancel()
     # The server learns of the cancellation a moment after the client; a step it has not yet heard of
     # may still run, so the model stays held until the server has counted the call CANCELLED.
@@ -120,6 +126,34 @@ async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(ser
     assert get("cellstream_requests_total", method="Step", code="OK") == 1
     for session in waiting:
         assert (await client.get_state(session.session_id)).position == 0
+
+
+async def test_queue_wait_is_how_long_steps_waited(server, client, gate, scrape, eventually):
+    held = gate(server)
+    blocker, *behind = [await client.open_session() for _ in range(3)]
+    began = time.monotonic()
+    first = asyncio.ensure_future(client.step(blocker.session_id, tokens=[1]))
+    await asyncio.to_thread(held.running.wait, 30)
+    queued = [asyncio.ensure_future(client.step(s.session_id, tokens=[2])) for s in behind]
+    batcher = server.dataplane.batchers["tiny-chat"]
+    await eventually(lambda: batcher.queued == 2, "both steps queue behind the held batch")
+    queued_by = time.monotonic()
+    await asyncio.sleep(0.3)
+    opened = time.monotonic()
+    held.open.set()
+    assert [r.position for r in await asyncio.wait_for(asyncio.gather(first, *queued), 30)] == [1, 1, 1]
+    ended = time.monotonic()
+
+    get = (await scrape(server)).get
+    assert get("cellstream_queue_wait_seconds_count", model="tiny-chat") == 3
+    assert get("cellstream_batch_size_count", model="tiny-chat") == 2  # the blocker alone, then both behind it
+    # Each step behind the gate waited at least from when both were queued until it opened (the server's
+    # loop.time() is this process's monotonic clock); all three waits lie within the test. A compute time
+    # in place of the wait would sum to one held period, not two.
+    waited = get("cellstream_queue_wait_seconds_sum", model="tiny-chat")
+    assert 2 * (opened - queued_by) <= waited <= 3 * (ended - began)
+    # Per step, not per batch: at least two observations past 0.25 s (a busy machine only lengthens them).
+    assert get("cellstream_queue_wait_seconds_bucket", model="tiny-chat", le="0.25") <= 1
 
 
 def histogram_samples(registry: CollectorRegistry, name: str) -> dict[tuple, float]:
