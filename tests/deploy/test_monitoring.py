@@ -95,15 +95,29 @@ def all_selectors() -> list[tuple[str, promql_parser.VectorSelector]]:
 
 @pytest.fixture
 async def exposition(tiny_model_dir: Path) -> str:
-    """/metrics of a live server on 127.0.0.1 after a session's open, step and close."""
+    """/metrics of a live server on 127.0.0.1 after a workload that gives every labelled series a sample
+    (a labelled metric shows its labels only then): sessions opened, stepped and closed, a call refused
+    for overload, and a step dropped for a full queue."""
     settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
-                             model_dir=tiny_model_dir, default_model="tiny-chat", ort_intra_op_threads=1)
+                             model_dir=tiny_model_dir, default_model="tiny-chat", ort_intra_op_threads=1,
+                             max_inflight_requests=1, max_queue_size=1)
     running = await asyncio.wait_for(start_server(settings), 60)
     try:
         async with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
-            session = await client.open_session()
-            await client.step(session.session_id, tokens=[1, 2, 3])
-            await client.close_session(session.session_id)
+            sessions = [(await client.open_session()).session_id for _ in range(2)]
+            await client.step(sessions[0], tokens=[1, 2, 3])
+            stream = client.stream_steps()  # an open stream holds the one in-flight slot
+            await stream.write(Client.step_request(sessions[0], tokens=[4]))
+            await stream.read()
+            with pytest.raises(grpc.aio.AioRpcError, match="max_inflight_requests"):
+                await client.list_models()
+            await stream.done_writing()
+            assert await stream.code() == grpc.StatusCode.OK
+            # Two steps in one message, room in the queue for one: the other is dropped (queue_full).
+            result = await client.step_many([Client.step_request(sid, tokens=[5]) for sid in sessions])
+            assert sorted(item.WhichOneof("outcome") for item in result.items) == ["error", "response"]
+            for session_id in sessions:
+                await client.close_session(session_id)
 
         def fetch() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as response:
@@ -140,18 +154,18 @@ async def test_every_metric_the_dashboard_and_alerts_read_is_exported(exposition
             labels.setdefault(sample.name, set()).update(sample.labels)
     for where, selector in all_selectors():
         assert selector.name in exported, f"{where}: {selector.name} is not exported by the server"
+        # The workload gave every series a sample, so its labels are known: none is checked by default.
+        assert selector.name in labels, f"{where}: {selector.name} has no sample after the workload"
         used = {m.name for m in selector.matchers.matchers} - TARGET_LABELS
-        if selector.name in labels:  # a labelled metric shows its labels once it has a sample
-            assert used <= labels[selector.name], f"{where}: {selector.name} lacks {used - labels[selector.name]}"
+        assert used <= labels[selector.name], f"{where}: {selector.name} lacks {used - labels[selector.name]}"
     for where, expression in all_expressions():
         for aggregation in nodes(parse(expression), promql_parser.AggregateExpr):
             if aggregation.modifier is None:
                 continue
             below = {s.name for s in nodes(aggregation.expr, promql_parser.VectorSelector)}
-            available = set().union(*(labels.get(name, set()) for name in below))
-            if below <= labels.keys():
-                grouped = set(aggregation.modifier.labels) - TARGET_LABELS
-                assert grouped <= available, f"{where}: grouped by {grouped - available}, which {below} lack"
+            available = set().union(*(labels[name] for name in below))
+            grouped = set(aggregation.modifier.labels) - TARGET_LABELS
+            assert grouped <= available, f"{where}: grouped by {grouped - available}, which {below} lack"
 
 
 def test_label_values_are_real_rpc_methods_and_status_codes():
