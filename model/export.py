@@ -147,7 +147,13 @@ def export_checkpoint(checkpoint_path: Path, out: Path) -> ExportErrors:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cellstream export", description="Export a checkpoint to ONNX.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg == "--module" or arg.startswith("--module=") for arg in argv):
+        from model.user_export import main as export_user_module  # your own LSTM: docs/MODELS.md
+
+        return export_user_module(argv)
+    parser = argparse.ArgumentParser(prog="cellstream export", description="Export a checkpoint to ONNX "
+                                     "(or your own LSTM module: `cellstream export --module pkg.mod:factory --help`).")
     parser.add_argument("checkpoint", type=Path, help="checkpoint written by `cellstream train`")
     parser.add_argument("--out", type=Path, default=Path("model/artifacts/cellstream-chat.onnx"))
     args = parser.parse_args(argv)
