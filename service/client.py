@@ -22,6 +22,7 @@ class StepOutput:
     logits: np.ndarray | None  # (V,) last step, or (T, V) with all_steps
     top: list[tuple[int, float, str]]
     state: pb.State | None
+    outputs: np.ndarray | None = None  # the same for a model whose output is not logits (e.g. a forecast)
 
 
 def _pem(path: Path | None) -> bytes | None:
@@ -101,14 +102,15 @@ class Client:
 
     @staticmethod
     def step_output(response: pb.StepResponse, vocab_size: int | None = None) -> StepOutput:
-        logits = None
-        if response.logits:
-            logits = np.asarray(response.logits, dtype=np.float32)
-            if vocab_size and logits.size > vocab_size:
-                logits = logits.reshape(-1, vocab_size)
+        def array(values: Sequence[float]) -> np.ndarray | None:
+            if not values:
+                return None
+            values = np.asarray(values, dtype=np.float32)
+            return values.reshape(-1, vocab_size) if vocab_size and values.size > vocab_size else values
+
         top = [(t.token, t.prob, t.text) for t in response.top]
         state = response.state if response.HasField("state") else None
-        return StepOutput(response.position, logits, top, state)
+        return StepOutput(response.position, array(response.logits), top, state, array(response.outputs))
 
     async def step(self, session_id: str, **kwargs: object) -> pb.StepResponse:
         return await self.stub.Step(self.step_request(session_id, **kwargs), timeout=self.timeout,

@@ -137,7 +137,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
                   results: list[StepResult]) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse(model_name=spec.name, model_version=MODEL_VERSION, id=request.id)
         arrays = {
-            "logits": np.stack([r.logits for r in results]),  # (B, T, V)
+            spec.output_name: np.stack([r.logits for r in results]),  # (B, T, V): logits, forecast, ...
             "hn": np.stack([r.h for r in results], axis=1),  # (L, B, H)
             "cn": np.stack([r.c for r in results], axis=1),
         }

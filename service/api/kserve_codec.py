@@ -3,7 +3,8 @@ requested outputs and parameters (validated, every message naming the tensor or 
 the response tensors.
 
 Tensors follow the ONNX graph: tokens (B, T) INT64 or features (B, T, F) FP32, optional client-held
-state h0, c0 (L, B, H) FP32; outputs logits (B, T, V), hn, cn (L, B, H) FP32.
+state h0, c0 (L, B, H) FP32; outputs the model's own (B, T, V) FP32 (`logits`, or what a features model
+names it, e.g. `forecast`), hn, cn (L, B, H) FP32.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from service.sequences import SequenceId
 # Datatypes our models use: the little-endian numpy type of raw data and the typed `contents` field.
 DATATYPES = {"INT64": (np.dtype("<i8"), "int64_contents"), "FP32": (np.dtype("<f4"), "fp32_contents")}
 STATE_INPUTS = ("h0", "c0")
-DEFAULT_OUTPUTS = ("logits",)  # the state outputs only on request: they are large, and useless unless carried
 MAX_SEQUENCE_ID_CHARS = 256  # a string id is a store key: keep it small
 # Tensor parameters that would change what the data means, from extensions cellstream does not have.
 UNSUPPORTED_TENSOR_PARAMETERS = {
@@ -59,7 +59,7 @@ def signature(spec: ModelSpec) -> Signature:
         main = Tensor("features", "FP32", (-1, -1, spec.feature_size), "(batch, time, features)")
     state = [Tensor(name, "FP32", (layers, -1, hidden), "(layers, batch, hidden)") for name in STATE_INPUTS]
     outputs = [
-        Tensor("logits", "FP32", (-1, -1, spec.vocab_size), "(batch, time, vocabulary)"),
+        Tensor(spec.output_name, "FP32", (-1, -1, spec.vocab_size), "(batch, time, outputs)"),
         *(Tensor(name, "FP32", (layers, -1, hidden), "(layers, batch, hidden)") for name in ("hn", "cn")),
     ]
     return Signature(main.name, {t.name: t for t in (main, *state)}, {t.name: t for t in outputs})
@@ -265,7 +265,8 @@ def read_inputs(request: pb.ModelInferRequest, spec: ModelSpec, dataplane: DataP
 
 
 def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[str]:
-    """Names of the outputs to send back, in request order; the default ones when none is named."""
+    """Names of the outputs to send back, in request order; when none is named, the model's own output (the
+    state only on request: it is large, and useless unless carried)."""
     sig = signature(spec)
     names: list[str] = []
     for output in request.outputs:
@@ -276,7 +277,7 @@ def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[st
             raise InvalidArgument(f"output {output.name!r} is requested twice")
         _check_parameters(f"output {output.name!r}", output.parameters)
         names.append(output.name)
-    return names or list(DEFAULT_OUTPUTS)
+    return names or [spec.output_name]
 
 
 def write_outputs(response: pb.ModelInferResponse, names: list[str], arrays: Mapping[str, np.ndarray]) -> None:

@@ -113,7 +113,7 @@ class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
         models = [
             pb.ModelInfo(name=name, input_kind=spec.input_kind, vocab_size=spec.vocab_size,
                          feature_size=spec.feature_size, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-                         metadata=spec.metadata, is_default=name == registry.default)
+                         metadata=spec.metadata, is_default=name == registry.default, output_name=spec.output_name)
             for name, spec in ((n, e.spec) for n, e in sorted(registry.engines.items()))
         ]
         return pb.ListModelsResponse(models=models, default_model=registry.default)

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from service._proto.cellstream.v1 import inference_pb2 as pb
 from service.batcher import StepInputs, StepResult
 from service.dataplane import DataPlane, GeneratedChunk
-from service.engine import ModelSpec
+from service.engine import LOGITS, ModelSpec
 from service.errors import CellstreamError, InvalidArgument
 from service.sessions.base import SessionRecord
 from service.textcodec import token_text
@@ -74,10 +74,11 @@ def fill_response(response: pb.StepResponse, session_id: str, spec: ModelSpec, w
     response.position = result.position
     if want is None:
         return response
+    values = response.logits if spec.output_name == LOGITS else response.outputs  # named for what they are
     if want.all_steps:
-        response.logits.extend(result.logits.ravel().tolist())
+        values.extend(result.logits.ravel().tolist())
     elif want.logits:
-        response.logits.extend(result.logits[-1].tolist())
+        values.extend(result.logits[-1].tolist())
     if want.top_k:
         response.top.extend(top_tokens(result.logits[-1], want.top_k))
     if want.state:

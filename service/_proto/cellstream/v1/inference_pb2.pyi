@@ -108,18 +108,20 @@ class TokenProb(_message.Message):
     def __init__(self, token: _Optional[int] = ..., prob: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "position", "logits", "top", "state")
+    __slots__ = ("session_id", "position", "logits", "top", "state", "outputs")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     logits: _containers.RepeatedScalarFieldContainer[float]
     top: _containers.RepeatedCompositeFieldContainer[TokenProb]
     state: State
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[TokenProb, _Mapping]]] = ..., state: _Optional[_Union[State, _Mapping]] = ...) -> None: ...
+    outputs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[TokenProb, _Mapping]]] = ..., state: _Optional[_Union[State, _Mapping]] = ..., outputs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "seed", "stop", "tag")
@@ -228,7 +230,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input_kind", "vocab_size", "feature_size", "num_layers", "hidden_size", "metadata", "is_default")
+    __slots__ = ("name", "input_kind", "vocab_size", "feature_size", "num_layers", "hidden_size", "metadata", "is_default", "output_name")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +246,7 @@ class ModelInfo(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     input_kind: str
     vocab_size: int
@@ -252,7 +255,8 @@ class ModelInfo(_message.Message):
     hidden_size: int
     metadata: _containers.ScalarMap[str, str]
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    output_name: str
+    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., is_default: _Optional[bool] = ..., output_name: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")
