@@ -63,6 +63,8 @@ model: $(VENV)/.dev
 	$(BIN)/python -m model.train --out runs/default/model.pt --quiet
 	$(BIN)/python -m model.export runs/default/model.pt --out $(MODEL)
 	$(BIN)/python -m model.evaluate $(MODEL) --out model/artifacts/cellstream-chat.quality.json
+	$(BIN)/python -m model.forecaster --out model/artifacts/cellstream-sensor.onnx \
+		--quality model/artifacts/cellstream-sensor.quality.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
