@@ -6,6 +6,8 @@ fresh one given the same readings from then on (a reset loses what the readings 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,6 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 
 from model.signal import make_streams
-from service._proto.cellstream.v1 import inference_pb2 as pb
 from service.engine import Engine
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "model" / "artifacts"
@@ -35,7 +36,7 @@ def rmse(got: np.ndarray, want: np.ndarray) -> float:
 @pytest.mark.timeout(60)
 async def test_served_beside_the_chat_model_which_stays_the_default(shipped, connect):
     client = connect(shipped)
-    listed = await client.stub.ListModels(pb.ListModelsRequest())
+    listed = await client.list_models()
     models = {m.name: m for m in listed.models}
     assert listed.default_model == CHAT and models[CHAT].is_default and models[CHAT].output_name == "logits"
     sensor = models[SENSOR]
@@ -97,3 +98,18 @@ async def test_kserve_sequence_of_fp32_readings_gives_the_native_forecasts(shipp
     finally:
         await triton.close()
     close(np.array(served), np.array(native), "KServe forecasts")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("api", ["native", "kserve"])
+async def test_the_example_client_streams_readings_and_prints_forecasts(shipped, api):
+    example = Path(__file__).resolve().parents[2] / "examples" / "sensor_client.py"
+    env = {**os.environ, "PYTHONPATH": str(example.parents[1])}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(example), "--target", f"127.0.0.1:{shipped.port}", "--api", api, "--readings", "120",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), 100)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("reading    0: ") and "forecast of the next: " in lines[0]
+    assert len(lines) == 13 and lines[-1].startswith("RMSE to the noise-free next value, by 25 readings")
