@@ -24,7 +24,8 @@ def describe(spec: ModelSpec) -> list[str]:
     lines = [
         f"model    {spec.name}",
         f"input    {main}{text}",
-        f"state    h0, c0 -> hn, cn float32 ({layers}, batch, {hidden}): {layers} layers x {hidden} units",
+        f"state    h0, c0 -> hn, cn float32 ({layers}, batch, {hidden}): {layers} layer{'s' * (layers > 1)} x "
+        f"{hidden} units",
         f"output   {spec.output_name} float32 (batch, time, {spec.vocab_size})",
     ]
     if spec.special_tokens:
