@@ -108,6 +108,10 @@ def serve(module: nn.Module, input_kind: str | None = None) -> Served:
     if y.dim() != 3 or tuple(y.shape[:2]) != (2, 3):
         raise UnservableModule(f"the module returned {tuple(y.shape)} for 2 sequences of 3 steps; it must return "
                                "one output vector per step: (2, 3, V) batch-first or (3, 2, V) time-first")
+    if served.shape.input_kind == TOKENS and y.shape[2] != served.shape.input_size:
+        raise UnservableModule(f"the embedding has {served.shape.input_size} tokens but the output {y.shape[2]} "
+                               "values per step; a tokens model's logits cover its vocabulary (the server checks "
+                               "token ids against the output size): export it as a features model instead")
     want = (served.shape.num_layers, 2, served.shape.hidden_size)
     if tuple(hn.shape) != want or tuple(cn.shape) != want:
         raise UnservableModule(f"the module returned hn {tuple(hn.shape)}, cn {tuple(cn.shape)}; expected the "

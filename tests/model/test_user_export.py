@@ -102,6 +102,10 @@ def test_a_tokens_model_output_is_logits(tmp_path):
 
     with pytest.raises(UnservableModule, match="a tokens model's output is its logits"):
         export_module(Tokens(), tmp_path / "t.onnx", output_name="scores")
+    classifier = Tokens()
+    classifier.head = nn.Linear(8, 3)
+    with pytest.raises(UnservableModule, match="the embedding has 10 tokens but the output 3 values per step"):
+        export_module(classifier, tmp_path / "t.onnx")
 
 
 USER_PACKAGE = '''
