@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 def inspect_session(name: str, path: Path, session: ort.InferenceSession) -> ModelSpec:
     """Check the graph honours the stateful LSTM contract (service.contract) and describe it, or
     ModelLoadError naming every violation."""
-    ports = [[Port(p.name, p.type, p.shape) for p in ports] for ports in (session.get_inputs(), session.get_outputs())]
+    inputs, outputs = ([Port(p.name, p.type, p.shape or []) for p in args]
+                       for args in (session.get_inputs(), session.get_outputs()))
     try:
-        return contract.check(name, *ports, dict(session.get_modelmeta().custom_metadata_map))
+        return contract.check(name, inputs, outputs, dict(session.get_modelmeta().custom_metadata_map))
     except ContractViolation as exc:
         raise ModelLoadError(f"{path.name}: {exc}", exc.violations) from None
 
