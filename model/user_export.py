@@ -171,7 +171,7 @@ def _metadata_pair(text: str) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="cellstream export --module",
+        prog="cellstream export",
         description="Export your own LSTM module (called as module(x, (h0, c0)) -> (y, (hn, cn))) for serving; "
                     "see docs/MODELS.md.")
     parser.add_argument("--module", required=True, help="package.module:factory, a callable returning the module")
@@ -180,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--input", choices=("tokens", "features"), help="default: tokens if it has an nn.Embedding")
     parser.add_argument("--output-name", help="what the output means: logits (tokens models), forecast, ...")
+    parser.add_argument("--samples", type=Path, help="a .npy array of your own inputs (batch, time[, features]) "
+                                                     "to check the export on, besides random ones")
     parser.add_argument("--meta", type=_metadata_pair, action="append", default=[], metavar="KEY=VALUE",
                         help="extra metadata, e.g. tokenizer=bytes-v1 (the cellstream. prefix is added)")
     args = parser.parse_args(argv)
@@ -188,9 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = load_factory(args.module)
         if args.checkpoint is not None:
             load_weights(module, args.checkpoint)
+        samples = [np.load(args.samples)] if args.samples is not None else []
         worst = export_module(module, args.out, input_kind=args.input, output_name=args.output_name,
-                              metadata=dict(args.meta))
-    except (FileNotFoundError, ImportError, UnservableModule, ExportError, RuntimeError) as exc:
+                              metadata=dict(args.meta), samples=samples)
+    except (OSError, ImportError, UnservableModule, ExportError, RuntimeError, ValueError) as exc:
         print(f"cellstream export: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); worst scaled error: onnxruntime to float64 "

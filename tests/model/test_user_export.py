@@ -140,10 +140,11 @@ def test_cli_exports_a_user_module_with_its_checkpoint(tmp_path):
     torch.manual_seed(7)
     trained = Spotter().eval()
     torch.save({"state_dict": trained.state_dict()}, tmp_path / "spotter.pt")
+    np.save(tmp_path / "samples.npy", np.random.default_rng(1).normal(size=(3, 50, 4)).astype(np.float32))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "export", "--module", "userpkg.spotter:Spotter",
-         "--checkpoint", "spotter.pt", "--out", "spotter.onnx", "--output-name", "scores"],
+         "--checkpoint", "spotter.pt", "--out", "spotter.onnx", "--output-name", "scores", "--samples", "samples.npy"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote spotter.onnx" in result.stdout and "check-model spotter.onnx" in result.stdout
