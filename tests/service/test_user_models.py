@@ -5,6 +5,7 @@ within 1e-5 of onnxruntime on the whole sequence, and by the float64 rule agains
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,12 +114,12 @@ async def test_user_module_served_matches_torch_for_any_split(case, exported, st
     served = serve(user_module(case, CASES.index(case)))
     exact = serve(user_module(case, CASES.index(case)).double())
     rng = np.random.default_rng(CASES.index(case))
-    for _ in range(3):
-        steps = int(rng.integers(8, 40))
-        x = sequence(case, rng, steps)
+
+    async def stream(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x fed in random pieces; (outputs (T, V), h, c) as the server returned them."""
         session = await client.open_session(model=name)
         outputs, start_at = [], 0
-        for piece in split(rng, steps):
+        for piece in split(rng, len(x)):
             chunk = x[start_at : start_at + piece]
             start_at += piece
             kwargs = {"tokens": chunk.tolist()} if case.input_kind == "tokens" else {"features": chunk}
@@ -127,7 +128,11 @@ async def test_user_module_served_matches_torch_for_any_split(case, exported, st
                              else (response.outputs, response.logits))
             assert not other, "the output comes back under its own name only"
             outputs.append(np.asarray(values, np.float32).reshape(piece, -1))
-        got, (h, c) = np.concatenate(outputs), arrays(response.state)
+        return np.concatenate(outputs), *arrays(response.state)
+
+    sequences = [sequence(case, rng, int(rng.integers(8, 40))) for _ in range(4)]
+    # Streamed concurrently: pieces of equal length from different sessions share batches.
+    for x, (got, h, c) in zip(sequences, await asyncio.gather(*map(stream, sequences)), strict=True):
         # onnxruntime against itself: the whole sequence in one call, in-process.
         zeros = np.zeros((case.layers, 1, HIDDEN), np.float32)
         want, hn, cn = engine.run(x[None], zeros, zeros)
