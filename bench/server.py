@@ -130,9 +130,9 @@ class ServerProcess(ServedProcess):
 
     def __init__(self, model_dir: Path, model: str, settings: dict[str, object], extra_args: tuple[str, ...],
                  log_path: Path) -> None:
-        port, metrics_port = free_ports(2)
+        port, metrics_port, self.http_port = free_ports(3)
         flags = {"host": HOST, "port": port, "metrics_host": HOST, "metrics_port": metrics_port,
-                 "model_dir": model_dir, "default_model": model, "log_level": "WARNING",
+                 "http_port": self.http_port, "model_dir": model_dir, "default_model": model, "log_level": "WARNING",
                  "shutdown_grace_seconds": SHUTDOWN_GRACE_SECONDS, **settings}
         argv = [sys.executable, "-m", "service.cli", "serve"]
         for name, value in flags.items():

@@ -7,11 +7,12 @@ calls costs (tasks, decoded requests, store round trips) before any of it is spe
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
 from service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
+from service.errors import ResourceExhausted
 from service.metrics import Metrics
 
 
@@ -37,6 +38,18 @@ class AdmissionInterceptor(ApiInterceptor):
         if self.inflight >= self.max_inflight:
             self._metrics.calls_refused.labels("overloaded").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal())
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """An in-flight slot for a call of the HTTP face, under the same bound: ResourceExhausted past it."""
+        if self.inflight >= self.max_inflight:
+            self._metrics.calls_refused.labels("overloaded").inc()
+            raise ResourceExhausted(self._refusal())
         self.inflight += 1
         try:
             yield

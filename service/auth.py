@@ -114,16 +114,33 @@ class TokenFile:
         return self._tokens.get(_digest(token))
 
 
-def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str | None, str]:
-    """(token, "") from the call's metadata, or (None, why not)."""
-    values = [v for k, v in metadata or () if k == "authorization"]
+def _bearer(values: Sequence[str | bytes], where: str) -> tuple[str | None, str]:
+    """(token, "") from the values of a call's `authorization` metadata (or HTTP header), or (None, why not)."""
     if not values:
-        return None, "missing credentials: send the metadata `authorization: Bearer <token>`"
+        return None, f"missing credentials: send the {where} `authorization: Bearer <token>`"
     value = values[0] if isinstance(values[0], str) else ""
     scheme, _, token = value.partition(" ")
     if len(values) > 1 or scheme.lower() != "bearer" or not token.strip():
-        return None, "malformed credentials: send exactly one metadata `authorization: Bearer <token>`"
+        return None, f"malformed credentials: send exactly one {where} `authorization: Bearer <token>`"
     return token.strip(), ""
+
+
+def authenticate(tokens: TokenFile, values: Sequence[str | bytes], where: str = "metadata") -> tuple[str | None, str]:
+    """(principal, "") for the values of a call's `authorization` metadata or header, or (None, why not)."""
+    token, problem = _bearer(values, where)
+    principal = None if token is None else tokens.principal(token)
+    return principal, problem or ("" if principal is not None else "unknown or revoked bearer token")
+
+
+def act_as(principal: str) -> None:
+    """Make `principal` the caller of the current call. Set, never reset: each call runs in a task of its
+    own, whose context ends with it."""
+    _principal.set(principal)
+
+
+def token_file(settings: Settings) -> TokenFile | None:
+    """The tokens of auth_token_file, when set (SecurityConfigError if it is unusable)."""
+    return None if settings.auth_token_file is None else TokenFile(settings.auth_token_file)
 
 
 class TokenAuthInterceptor(ApiInterceptor):
@@ -135,27 +152,23 @@ class TokenAuthInterceptor(ApiInterceptor):
 
     def intercept_api(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
                       ) -> grpc.RpcMethodHandler:
-        token, problem = _bearer(details.invocation_metadata)
-        principal = None if token is None else self._tokens.principal(token)
+        values = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        principal, problem = authenticate(self._tokens, values)
         if principal is None:
             self._metrics.calls_refused.labels("unauthenticated").inc()
-            return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                    problem or "unknown or revoked bearer token")
+            return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
 
         @contextlib.asynccontextmanager
         async def as_principal(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-            # Set, never reset: each call runs in a task of its own, whose context ends with it.
-            _principal.set(principal)
+            act_as(principal)
             yield
 
         return wrap_handler(handler, as_principal)
 
 
-def interceptors(settings: Settings, metrics: Metrics) -> list[grpc.aio.ServerInterceptor]:
-    """The token check, when the settings name a token file (SecurityConfigError if it is unusable)."""
-    if settings.auth_token_file is None:
-        return []
-    return [TokenAuthInterceptor(TokenFile(settings.auth_token_file), metrics)]
+def interceptors(tokens: TokenFile | None, metrics: Metrics) -> list[grpc.aio.ServerInterceptor]:
+    """The token check, when there are tokens (see token_file)."""
+    return [] if tokens is None else [TokenAuthInterceptor(tokens, metrics)]
 
 
 def _read_pem(path: Path, what: str) -> bytes:

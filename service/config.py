@@ -29,11 +29,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CELLSTREAM_", extra="forbid", use_attribute_docstrings=True)
 
     host: str = "0.0.0.0"
-    """Address the gRPC server binds."""
+    """Address the gRPC and HTTP servers bind."""
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port (both APIs and health); 0 picks a free port."""
+    http_port: int = Field(8080, ge=0, le=65535)
+    """HTTP port (KServe v2 REST, sessions as JSON with streamed replies, /openapi.json); 0: no HTTP server."""
+    http_request_timeout_seconds: float = Field(0.0, ge=0)
+    """Deadline of an HTTP request that sends no `Request-Timeout-Ms` header (a streamed reply: until its last
+    event); 0: none."""
     tls_cert_path: Path | None = None
-    """PEM certificate chain the gRPC port presents; with tls_key_path the port speaks TLS only."""
+    """PEM certificate chain the gRPC and HTTP ports present; with tls_key_path both speak TLS only."""
     tls_key_path: Path | None = None
     """PEM private key of tls_cert_path."""
     tls_client_ca_path: Path | None = None

@@ -46,6 +46,10 @@ class Unavailable(CellstreamError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(CellstreamError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class ModelLoadError(Exception):
     """A model file cannot be served; raised at start-up with the reason. `problems` lists each one
     (a graph can break the contract in several ways); the message joins them."""

@@ -34,6 +34,15 @@ class Metrics:
             "cellstream_request_duration_seconds", "Wall time of an RPC (streams: per message).",
             ["method"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.http_requests = Counter(
+            "cellstream_http_requests", "HTTP requests handled, by route (its template, e.g. "
+            "/v2/models/{model}/infer) and HTTP status code; 499: the client went away first.",
+            ["route", "code"], registry=r,
+        )
+        self.http_latency = Histogram(
+            "cellstream_http_request_duration_seconds", "Wall time of an HTTP request (a streamed reply: until "
+            "its last event).", ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.queue_wait = Histogram(
             "cellstream_queue_wait_seconds", "Time a step waited in the batcher before its batch ran.",
             ["model"], buckets=LATENCY_BUCKETS, registry=r,

@@ -1,4 +1,4 @@
-"""Wiring: gRPC server, both APIs' servicers, health, reflection, metrics, graceful shutdown."""
+"""Wiring: gRPC server, both APIs' servicers, the HTTP face, health, reflection, metrics, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from service._proto.cellstream.v1 import inference_pb2, inference_pb2_grpc
 from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service.admission import AdmissionInterceptor
 from service.api.decoding import DecodeGuardInterceptor
+from service.api.http.app import HttpServer, build_app
+from service.api.http.endpoint import Guards
 from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.config import Settings, redacted_url
@@ -53,14 +55,19 @@ class RunningServer:
     metrics_port: int
     settings: Settings
     kserve: KServeServicer
+    http: HttpServer | None = None  # None: http_port 0
+
+    @property
+    def http_port(self) -> int:
+        return 0 if self.http is None else self.http.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Flip health (and KServe readiness) to NOT_SERVING first, let in-flight calls finish within
-        `grace`, then stop."""
+        """Flip health (and KServe readiness, on both transports) to NOT_SERVING first, let in-flight calls of
+        both transports finish within `grace`, then stop."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         self.kserve.drain()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http else []))
         if self.dataplane is not None:
             await self.dataplane.close()
         self.metrics.stop_http()
@@ -115,8 +122,10 @@ async def start_server(
     metrics = metrics or Metrics()
     options = grpc_options(settings)
     # Authentication first: a call refused for its credentials takes no in-flight slot.
-    interceptors = [*auth.interceptors(settings, metrics),
-                    AdmissionInterceptor(settings.max_inflight_requests, metrics), DecodeGuardInterceptor(metrics)]
+    tokens = auth.token_file(settings)
+    admission = AdmissionInterceptor(settings.max_inflight_requests, metrics)
+    interceptors = [*auth.interceptors(tokens, metrics),
+                    admission, DecodeGuardInterceptor(metrics)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -132,13 +141,20 @@ async def start_server(
     port = auth.bind(server, settings)
     if port == 0:
         raise OSError(f"cannot bind gRPC port {settings.host}:{settings.port}")
+    http = None
+    if settings.http_port:
+        http = HttpServer(build_app(Guards(settings, metrics, tokens, admission), kserve, native), settings)
     metrics_port = metrics.serve_http(settings.metrics_host, settings.metrics_port)
     await server.start()
-    running = RunningServer(server, health_servicer, None, metrics, port, metrics_port, settings, kserve)
+    running = RunningServer(server, health_servicer, None, metrics, port, metrics_port, settings, kserve, http)
+    if http is not None:
+        await http.start()  # health and readiness answer while the models load, as on gRPC
     try:
         running.dataplane = await _load(settings, metrics, clock)
     except BaseException:
         await server.stop(0)
+        if http is not None:
+            await http.stop(0)
         metrics.stop_http()
         raise
     native.attach(running.dataplane)
@@ -150,8 +166,9 @@ async def start_server(
         await _set_health(health_servicer, SERVING if up else NOT_SERVING)
 
     await running.dataplane.watch_store(store_changed)
-    log.info("serving %s on %s:%d (metrics on :%d, sessions in %s)", sorted(running.dataplane.registry.engines),
-             settings.host, port, metrics_port, redacted_url(settings.state_store))
+    log.info("serving %s on %s:%d (HTTP on :%s, metrics on :%d, sessions in %s)",
+             sorted(running.dataplane.registry.engines), settings.host, port, running.http_port or "off", metrics_port,
+             redacted_url(settings.state_store))
     return running
 
 

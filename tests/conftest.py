@@ -7,6 +7,7 @@ The models have random weights on purpose: the service tests check plumbing and 
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,10 @@ import onnxruntime as ort
 import pytest
 
 from model.parity import TOLERANCE, scaled_max_diff
+
+# Test servers serve no HTTP unless a test asks (http_port=...): the default port, 8080, would be shared by
+# every server the tests start, in-process or as a subprocess, and by anything else on the machine.
+os.environ.setdefault("CELLSTREAM_HTTP_PORT", "0")
 
 TINY_CHAT = "tiny-chat"  # tokens model: vocab 260 (byte tokenizer), 2 layers x 16 units
 TINY_FEATURES = "tiny-features"  # features model: 5 floats per step, 2 layers x 12 units, 7 logits

@@ -63,7 +63,8 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
     def ready(self) -> bool:
         return self._dataplane is not None and not self._draining and self._store_up
 
-    def _spec(self, name: str, version: str) -> ModelSpec:
+    def model_spec(self, name: str, version: str) -> ModelSpec:
+        """The spec of a requested model and version ("" = default model, any version); NotFound otherwise."""
         spec = self.dataplane.spec(name)
         if version not in ("", MODEL_VERSION):
             raise NotFound(f"model {spec.name!r} has no version {version!r}; it is served as version "
@@ -88,7 +89,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
         if not self.ready:
             return pb.ModelReadyResponse(ready=False)
         try:
-            self._spec(request.name, request.version)
+            self.model_spec(request.name, request.version)
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -101,7 +102,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ModelMetadataResponse:
-        spec = self._spec(request.name, request.version)
+        spec = self.model_spec(request.name, request.version)
         sig = signature(spec)
         return pb.ModelMetadataResponse(
             name=spec.name, versions=[MODEL_VERSION], platform=PLATFORM,
@@ -110,9 +111,10 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference ----------------------------------------------------------------------------
 
-    async def _infer(self, request: pb.ModelInferRequest, remaining: float | None) -> pb.ModelInferResponse:
-        """Validate everything, then run: a refused request changes no state."""
-        spec = self._spec(request.model_name, request.model_version)
+    async def infer(self, request: pb.ModelInferRequest, remaining: float | None) -> pb.ModelInferResponse:
+        """Validate everything, then run: a refused request changes no state. Shared by the gRPC and HTTP faces;
+        `remaining`: seconds until the call's deadline, if it has one."""
+        spec = self.model_spec(request.model_name, request.model_version)
         options = read_options(request)
         inputs = read_inputs(request, spec, self.dataplane)
         outputs = requested_outputs(request, spec)
@@ -147,7 +149,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        return await self.infer(request, context.time_remaining())
 
     @rpc
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
@@ -208,7 +210,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
             await asyncio.wait([after])
         # A failed request is reported in its own response; the stream serves the next requests.
         try:
-            response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context.time_remaining()))
+            response = pb.ModelStreamInferResponse(infer_response=await self.infer(request, context.time_remaining()))
         except CellstreamError as exc:
             response = _error_response(request, exc.code, exc.message)
         except Exception:  # a bug: logged once, reported as INTERNAL like a failed unary call

@@ -11,46 +11,23 @@ from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 from service.api.generate_many import Turns
 from service.api.handling import DataPlaneServicer, rpc
 from service.api.multiplex import StepItems
-from service.api.native_codec import (
-    expected_position,
-    fill_chunk,
-    fill_response,
-    fill_state,
-    generate,
-    session_info,
-    step_inputs,
-    wanted,
-)
+from service.api.native_codec import fill_chunk, fill_state, generate, initial_state, list_models, session_info, step
 from service.api.outbox import relay
-from service.dataplane import InitialState
 from service.errors import InvalidArgument
 
 
 class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
     """The native API's RPCs; each converts its request, calls the DataPlane and converts the result."""
 
-    async def _step(self, request: pb.StepRequest, session_id: str, context: grpc.aio.ServicerContext
-                    ) -> pb.StepResponse:
-        record = await self.dataplane.session(session_id)
-        spec = self.dataplane.spec(record.model)
-        inputs = step_inputs(self.dataplane, spec, request)
-        result = await self.dataplane.step(record, inputs, expected_position=expected_position(request),
-                                           timeout=context.time_remaining())
-        return fill_response(pb.StepResponse(), session_id, spec, wanted(request), result)
-
     @rpc
     async def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
                           ) -> pb.SessionInfo:
-        initial = None
-        if request.HasField("initial_state"):
-            s = request.initial_state
-            initial = InitialState(s.model, s.num_layers, s.hidden_size, s.h, s.c, s.position)
-        record = await self.dataplane.open_session(request.model, request.ttl_seconds, initial)
+        record = await self.dataplane.open_session(request.model, request.ttl_seconds, initial_state(request))
         return session_info(record)
 
     @rpc
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
-        return await self._step(request, request.session_id, context)
+        return await step(self.dataplane, request, request.session_id, context.time_remaining())
 
     @rpc
     async def StreamSteps(self, request_iterator: AsyncIterator[pb.StepRequest],
@@ -65,7 +42,7 @@ class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
                 # Cut: a client's id of any length must not become an error message of that length.
                 raise InvalidArgument(f"this stream is bound to session {session_id!r}; "
                                       f"request names {request.session_id[:80]!r} (open another stream)")
-            yield await self._step(request, session_id, context)
+            yield await step(self.dataplane, request, session_id, context.time_remaining())
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -109,11 +86,4 @@ class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
     @rpc
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
-        registry = self.dataplane.registry
-        models = [
-            pb.ModelInfo(name=name, input_kind=spec.input_kind, vocab_size=spec.vocab_size,
-                         feature_size=spec.feature_size, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-                         metadata=spec.metadata, is_default=name == registry.default, output_name=spec.output_name)
-            for name, spec in ((n, e.spec) for n, e in sorted(registry.engines.items()))
-        ]
-        return pb.ListModelsResponse(models=models, default_model=registry.default)
+        return list_models(self.dataplane.registry)

@@ -13,8 +13,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
 from service.batcher import StepInputs, StepResult
-from service.dataplane import DataPlane, GeneratedChunk
-from service.engine import LOGITS, ModelSpec
+from service.dataplane import DataPlane, GeneratedChunk, InitialState
+from service.engine import LOGITS, ModelRegistry, ModelSpec
 from service.errors import CellstreamError, InvalidArgument
 from service.sessions.base import SessionRecord
 from service.textcodec import token_text
@@ -84,6 +84,33 @@ def fill_response(response: pb.StepResponse, session_id: str, spec: ModelSpec, w
     if want.state:
         fill_state(response.state, spec.name, result.h, result.c, result.position)
     return response
+
+
+async def step(dataplane: DataPlane, request: pb.StepRequest, session_id: str, timeout: float | None
+               ) -> pb.StepResponse:
+    """One Step (or one message of StreamSteps) of `session_id`: find the session, validate, run, reply."""
+    record = await dataplane.session(session_id)
+    spec = dataplane.spec(record.model)
+    inputs = step_inputs(dataplane, spec, request)
+    result = await dataplane.step(record, inputs, expected_position=expected_position(request), timeout=timeout)
+    return fill_response(pb.StepResponse(), session_id, spec, wanted(request), result)
+
+
+def initial_state(request: pb.OpenSessionRequest) -> InitialState | None:
+    if not request.HasField("initial_state"):
+        return None
+    s = request.initial_state
+    return InitialState(s.model, s.num_layers, s.hidden_size, s.h, s.c, s.position)
+
+
+def list_models(registry: ModelRegistry) -> pb.ListModelsResponse:
+    models = [
+        pb.ModelInfo(name=name, input_kind=spec.input_kind, vocab_size=spec.vocab_size,
+                     feature_size=spec.feature_size, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+                     metadata=spec.metadata, is_default=name == registry.default, output_name=spec.output_name)
+        for name, spec in ((n, e.spec) for n, e in sorted(registry.engines.items()))
+    ]
+    return pb.ListModelsResponse(models=models, default_model=registry.default)
 
 
 def fill_status(status: pb.Status, error: CellstreamError) -> None:

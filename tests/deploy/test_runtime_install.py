@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import dockerfile
@@ -82,13 +83,14 @@ def test_the_runtime_install_serves_the_shipped_model_without_torch(tmp_path):
     models.mkdir()
     for model in (REPO / "model" / "artifacts").glob("*.onnx"):
         shutil.copy2(model, models)
-    port, metrics_port = free_ports(2)
+    port, metrics_port, http_port = free_ports(3)
     env = runtime_env(CELLSTREAM_MODEL_DIR=str(models), CELLSTREAM_PORT=str(port))
     before = sorted(p for p in tmp_path.rglob("*") if venv in p.parents or models in p.parents)
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         server = subprocess.Popen([venv / "bin" / "cellstream", "serve", "--host", "127.0.0.1", "--metrics-host",
-                                   "127.0.0.1", "--metrics-port", str(metrics_port), "--ort-intra-op-threads", "1"],
+                                   "127.0.0.1", "--metrics-port", str(metrics_port), "--http-port", str(http_port),
+                                   "--ort-intra-op-threads", "1"],
                                   cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         # No --target: the image's HEALTHCHECK finds the port through CELLSTREAM_PORT.
@@ -97,6 +99,8 @@ def test_the_runtime_install_serves_the_shipped_model_without_torch(tmp_path):
         served = run(venv / "bin" / "cellstream", "health", "--target", f"127.0.0.1:{port}",
                      "--service", "cellstream.v1.Inference", cwd=tmp_path, env=env)
         assert "SERVING" in served.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=10) as ready:
+            assert ready.status == 200  # the HTTP face comes with the runtime install
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0, log.read_text()
     finally:

@@ -1,0 +1,112 @@
+"""The native API's per-request RPCs over JSON: bodies and replies are the cellstream.v1 messages in the
+protobuf JSON mapping (field names as in the .proto; camelCase accepted too; 64-bit integers as strings in
+replies), so docs/API.md describes both faces. Generate streams its chunks as server-sent events (sse.py).
+
+The multiplexed RPCs (StepMany, StreamMany, GenerateMany) and StreamSteps stay gRPC-only: they exist to
+save per-call overhead on long-lived channels, which one HTTP request per step does not have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from starlette.responses import Response
+
+from service._proto.cellstream.v1 import inference_pb2 as pb
+from service.api import native_codec
+from service.api.handling import DataPlaneServicer
+from service.api.http.endpoint import Api, Call, json_response
+from service.api.http.errors import HttpError
+from service.api.http.sse import stream_turn
+from service.dataplane import GeneratedChunk
+
+M = TypeVar("M", bound=Message)
+SESSION = "/v1/sessions/{session_id}"
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def reply(message: Message) -> Response:
+    return json_response(to_json(message))
+
+
+def parse(document: dict[str, Any], message: M) -> M:
+    try:
+        return json_format.ParseDict(document, message)
+    except json_format.ParseError as exc:
+        raise HttpError(400, f"request body is not a {message.DESCRIPTOR.name}: {exc}") from None
+
+
+def chunk_json(chunk: GeneratedChunk) -> dict[str, Any]:
+    return to_json(native_codec.fill_chunk(pb.GenerateChunk(), chunk))
+
+
+class SessionRoutes:
+    def __init__(self, native: DataPlaneServicer) -> None:
+        self.native = native  # for its data plane, attached once the models are loaded
+
+    def apis(self) -> list[Api]:
+        v1 = "cellstream.v1."
+        return [
+            Api("/v1/models", "GET", self.list_models, "The models served (ListModels)",
+                reply=v1 + "ListModelsResponse"),
+            Api("/v1/sessions", "POST", self.open_session, "A new session (OpenSession); the body may be empty",
+                request=v1 + "OpenSessionRequest", reply=v1 + "SessionInfo"),
+            Api(f"{SESSION}/step", "POST", self.step, "Feed tokens, text or features (Step)",
+                request=v1 + "StepRequest", reply=v1 + "StepResponse"),
+            Api(f"{SESSION}/generate", "POST", self.generate, "A chat turn, its reply streamed as server-sent "
+                "events: `chunk`, then `done` (with finish_reason), or `error` (Generate)",
+                request=v1 + "GenerateRequest", reply=v1 + "GenerateChunk", events=True),
+            Api(f"{SESSION}/state", "GET", self.state, "The session's h, C and position (GetState)",
+                reply=v1 + "State"),
+            Api(f"{SESSION}/fork", "POST", self.fork, "A copy of the session (ForkSession); the body may be empty",
+                request=v1 + "ForkSessionRequest", reply=v1 + "SessionInfo"),
+            Api(SESSION, "DELETE", self.close, "Free the session (CloseSession)", reply=v1 + "CloseSessionResponse"),
+        ]
+
+    @staticmethod
+    def _session_id(call: Call, named: str = "") -> str:
+        """The path's session id; a body that names one must name the same."""
+        session_id = call.path["session_id"]
+        if named and named != session_id:
+            raise HttpError(400, f"the path names session {session_id[:80]!r} but the body's session_id is "
+                                 f"{named[:80]!r}; leave session_id out of the body")
+        return session_id
+
+    async def list_models(self, call: Call) -> Response:
+        return reply(native_codec.list_models(self.native.dataplane.registry))
+
+    async def open_session(self, call: Call) -> Response:
+        request = parse(await call.json(empty_is={}), pb.OpenSessionRequest())
+        record = await self.native.dataplane.open_session(request.model, request.ttl_seconds,
+                                                          native_codec.initial_state(request))
+        return reply(native_codec.session_info(record))
+
+    async def step(self, call: Call) -> Response:
+        request = parse(await call.json(), pb.StepRequest())
+        session_id = self._session_id(call, request.session_id)
+        return reply(await native_codec.step(self.native.dataplane, request, session_id, call.remaining()))
+
+    async def generate(self, call: Call) -> Response:
+        request = parse(await call.json(), pb.GenerateRequest())
+        request.session_id = self._session_id(call, request.session_id)
+        chunks = native_codec.generate(self.native.dataplane, request, call.remaining())
+        return await stream_turn(call, chunks, chunk_json)
+
+    async def state(self, call: Call) -> Response:
+        record = await self.native.dataplane.session(self._session_id(call))
+        return reply(native_codec.fill_state(pb.State(), record.model, record.h, record.c, record.position))
+
+    async def fork(self, call: Call) -> Response:
+        request = parse(await call.json(empty_is={}), pb.ForkSessionRequest())
+        session_id = self._session_id(call, request.session_id)
+        return reply(native_codec.session_info(await self.native.dataplane.fork(session_id, request.ttl_seconds)))
+
+    async def close(self, call: Call) -> Response:
+        record = await self.native.dataplane.close_session(self._session_id(call))
+        return reply(pb.CloseSessionResponse(position=record.position))
