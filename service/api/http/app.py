@@ -34,6 +34,9 @@ from service.config import Settings
 log = logging.getLogger(__name__)
 
 UNMATCHED = "(unmatched)"  # the route label of requests no route takes
+# uvicorn's wait for requests in flight is asyncio.wait_for: with 0 it gives up before even looking, and logs
+# an error on every stop, idle or not. This little lets an idle server stop cleanly.
+MIN_GRACE_SECONDS = 0.05
 
 
 def build_app(guards: Guards, kserve: KServeServicer, native: DataPlaneServicer) -> Starlette:
@@ -110,5 +113,5 @@ class HttpServer:
         if self._ticks is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticks
-        self._config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
+        self._config.timeout_graceful_shutdown = max(grace, MIN_GRACE_SECONDS)  # type: ignore[assignment]
         await self._server.shutdown(sockets=[self._socket])

@@ -91,7 +91,12 @@ def parse_object(data: bytes, what: str, empty_is: dict[str, Any] | None = None)
 
 
 def json_response(value: object, status: int = 200) -> Response:
-    return Response(json.dumps(value, separators=(",", ":")), status, media_type=JSON)
+    return Response(json_text(value), status, media_type=JSON)
+
+
+def json_text(value: object) -> bytes:
+    """Compact JSON and a newline, so replies printed by curl one after another stay on lines of their own."""
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
 
 Handler = Callable[[Call], Awaitable[Response]]

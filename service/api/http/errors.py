@@ -54,7 +54,7 @@ def from_cellstream(exc: CellstreamError) -> HttpError:
 
 
 def error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+    return json.dumps({"error": message}).encode() + b"\n"
 
 
 def error_response(error: HttpError) -> Response:

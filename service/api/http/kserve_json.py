@@ -238,5 +238,5 @@ def write_response(response: pb.ModelInferResponse, fmt: OutputFormat) -> tuple[
     document["outputs"] = outputs
     header = json.dumps(document, separators=(",", ":")).encode()
     if not parts:
-        return header, {}, JSON
+        return header + b"\n", {}, JSON
     return header + b"".join(parts), {"Inference-Header-Content-Length": str(len(header))}, OCTETS
