@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +20,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from bench.server import free_ports
 from service._proto.cellstream.v1 import inference_pb2 as pb
 from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service.auth import SecurityConfigError
@@ -270,3 +273,49 @@ async def test_chat_cli_with_token_and_tls(start, pki, tmp_path, token_file):
     out, err = await asyncio.wait_for(process.communicate(b"hello\n\n"), 60)
     assert process.returncode == 0, err.decode()
     assert out.decode().count("bot> ") == 1
+
+
+async def test_the_http_face_has_the_same_tls_tokens_and_ownership(start, pki, token_file):
+    """The HTTP port under the gRPC port's settings: mutual TLS, bearer tokens (health open), and sessions and
+    KServe sequences that belong to their principal (another's is not found, word for word)."""
+    [port] = free_ports(1)
+    server = await start(http_port=port, tls_cert_path=pki / "server.pem", tls_key_path=pki / "server.key",
+                         tls_client_ca_path=pki / "ca.pem", auth_token_file=token_file)
+    context = ssl.create_default_context(cafile=pki / "ca.pem")
+    context.load_cert_chain(pki / "client.pem", pki / "client.key")
+    alice, bob = ({"Authorization": f"Bearer {token}"} for token in (ALICE, BOB))
+    async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{server.http_port}", verify=context, timeout=10) as http:
+        assert (await http.get("/v2/health/ready")).status_code == 200
+        missing = await http.get("/v1/models")
+        assert (missing.status_code, missing.headers["www-authenticate"]) == (401, "Bearer")
+        assert "missing credentials: send the header `authorization: Bearer <token>`" in missing.json()["error"]
+        wrong = await http.get("/v1/models", headers={"Authorization": "Bearer wrong-token-0123456789"})
+        assert wrong.status_code == 401 and "unknown or revoked bearer token" in wrong.json()["error"]
+        assert all(secret not in wrong.text for secret in (ALICE, BOB, "wrong-token"))
+
+        sid = (await http.post("/v1/sessions", headers=alice)).json()["session_id"]
+        assert (await http.post(f"/v1/sessions/{sid}/step", headers=alice, json={"text": "hi"})).status_code == 200
+        unknown = await http.get("/v1/sessions/feedfeedfeedfeed/state", headers=bob)
+        for method, path, body in (("POST", f"/v1/sessions/{sid}/step", {"text": "x"}),
+                                   ("GET", f"/v1/sessions/{sid}/state", None), ("DELETE", f"/v1/sessions/{sid}", None),
+                                   ("POST", f"/v1/sessions/{sid}/fork", {})):
+            refused = await http.request(method, path, headers=bob, json=body)
+            assert refused.status_code == 404, (method, path)
+            assert refused.json()["error"] == unknown.json()["error"].replace("feedfeedfeedfeed", sid)
+        assert (await http.get(f"/v1/sessions/{sid}/state", headers=alice)).json()["position"] == "2"
+
+        infer = {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 1], "data": [3]}],
+                 "parameters": {"sequence_id": 7, "sequence_start": True}}
+        assert (await http.post("/v2/models/tiny-chat/infer", headers=alice, json=infer)).status_code == 200
+        del infer["parameters"]["sequence_start"]
+        others = await http.post("/v2/models/tiny-chat/infer", headers=bob, json=infer)
+        assert others.status_code == 400 and "START flag" in others.json()["error"]
+        assert (await http.post("/v2/models/tiny-chat/infer", headers=alice, json=infer)).status_code == 200
+
+    no_certificate = ssl.create_default_context(cafile=pki / "ca.pem")
+    async with httpx.AsyncClient(verify=no_certificate, timeout=5) as http:
+        with pytest.raises(httpx.TransportError):
+            await http.get(f"https://127.0.0.1:{server.http_port}/v2/health/live")
+    async with httpx.AsyncClient(timeout=5) as http:
+        with pytest.raises(httpx.TransportError):
+            await http.get(f"http://127.0.0.1:{server.http_port}/v2/health/live")
