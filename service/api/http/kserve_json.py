@@ -125,7 +125,7 @@ def _shape(value: object, name: str) -> list[int]:
 
 
 def _binary_part(binary: memoryview, offset: int, size: object, name: str) -> bytes:
-    count = _int(size, f"input {name!r} parameter 'binary_data_size'", 0, len(binary))
+    count = _int(size, f"input {name!r} parameter 'binary_data_size'", 0, INT64[1])
     if offset + count > len(binary):
         raise HttpError(400, f"input {name!r} declares {count} bytes of binary data but only {len(binary) - offset} "
                              "are left after the JSON header (Inference-Header-Content-Length)")
