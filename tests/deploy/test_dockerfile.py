@@ -70,7 +70,7 @@ def test_it_runs_as_a_numeric_non_root_user():
 def test_ports_entrypoint_and_healthcheck_match_the_code():
     defaults = {name: field.default for name, field in Settings.model_fields.items()}
     exposed = {int(port) for i in RUNTIME.all("EXPOSE") for port in i.words()}
-    assert exposed == {defaults["port"], defaults["metrics_port"]}
+    assert exposed == {defaults["port"], defaults["http_port"], defaults["metrics_port"]}
     entrypoint = RUNTIME.one("ENTRYPOINT").exec_form()
     assert entrypoint == ["cellstream", "serve"]
     build_parser().parse_args(entrypoint[1:])

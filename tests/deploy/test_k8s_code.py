@@ -31,7 +31,7 @@ VARIANT_NAMES = ("single", "ha", "ha+tls")
 PREFIX = "CELLSTREAM_"
 # Settings no deployment should leave to chance: where it listens, what it serves, who may call, where
 # sessions live, how long it drains, and its capacity.
-IMPORTANT = {"port", "metrics_port", "model_dir", "auth_token_file", "state_store", "shutdown_grace_seconds",
+IMPORTANT = {"port", "http_port", "metrics_port", "model_dir", "auth_token_file", "state_store", "shutdown_grace_seconds",
              "max_sessions"}
 HANDLERS = {"exec", "grpc", "httpGet", "tcpSocket", "sleep"}
 DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
@@ -67,8 +67,9 @@ def test_ports_and_probes_match_the_settings(rendered, variant, monkeypatch):
     container = server_container(resources)
     settings = settings_of(resources, monkeypatch)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": DEFAULTS["port"], "metrics": DEFAULTS["metrics_port"]}
-    assert (settings.port, settings.metrics_port) == (ports["grpc"], ports["metrics"])
+    assert ports == {"grpc": DEFAULTS["port"], "http": DEFAULTS["http_port"], "metrics": DEFAULTS["metrics_port"]}
+    assert (settings.port, settings.http_port, settings.metrics_port) == (ports["grpc"], ports["http"],
+                                                                          ports["metrics"])
     for kind, probe in probes(container).items():
         [handler] = set(probe) & HANDLERS  # the API server refuses a probe with two
         if handler in ("grpc", "tcpSocket"):
@@ -220,13 +221,14 @@ def test_ha_runs_three_or_more_spread_replicas_that_clients_balance_over(rendere
 
 
 @pytest.mark.parametrize("variant", VARIANT_NAMES)
-def test_network_policy_admits_clients_to_grpc_and_monitoring_to_metrics(rendered, variant):
+def test_network_policy_admits_clients_to_grpc_and_http_and_monitoring_to_metrics(rendered, variant):
     resources = rendered[variant]
     policy = find(resources, "NetworkPolicy", "cellstream")
     labels = find(resources, "Deployment", "cellstream")["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-    rules = {rule["ports"][0]["port"]: rule["from"] for rule in policy["spec"]["ingress"]}
-    assert set(rules) == {"grpc", "metrics"}
+    rules = {port["port"]: rule["from"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+    assert set(rules) == {"grpc", "http", "metrics"}
+    assert rules["http"] == rules["grpc"], "the HTTP face admits the clients the gRPC port admits"
     assert rules["metrics"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert rules["grpc"][0]["podSelector"]["matchLabels"] == {"cellstream/client": "true"}
 

@@ -10,6 +10,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINING_ONLY = ("torch", "onnx", "tqdm")
+# Every runtime dependency reaches the image and every install: adding one is a decision, taken here and in
+# the README's list. starlette and uvicorn serve the HTTP port.
+RUNTIME = {"numpy", "onnxruntime", "grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf",
+           "prometheus-client", "pydantic-settings", "redis", "uvloop", "starlette", "uvicorn"}
 
 
 def package_names(requirements: list[str]) -> set[str]:
@@ -20,6 +24,11 @@ def test_runtime_dependencies_exclude_training_packages():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert package_names(project["dependencies"]).isdisjoint(TRAINING_ONLY)
     assert {"torch", "onnx"} <= package_names(project["optional-dependencies"]["train"])
+
+
+def test_the_runtime_dependencies_are_the_chosen_few():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert package_names(project["dependencies"]) == RUNTIME
 
 
 def test_importing_the_server_loads_no_training_package():
