@@ -31,8 +31,8 @@ VARIANT_NAMES = ("single", "ha", "ha+tls")
 PREFIX = "CELLSTREAM_"
 # Settings no deployment should leave to chance: where it listens, what it serves, who may call, where
 # sessions live, how long it drains, and its capacity.
-IMPORTANT = {"port", "http_port", "metrics_port", "model_dir", "auth_token_file", "state_store", "shutdown_grace_seconds",
-             "max_sessions"}
+IMPORTANT = {"port", "http_port", "metrics_port", "model_dir", "auth_token_file", "state_store",
+             "shutdown_grace_seconds", "max_sessions"}
 HANDLERS = {"exec", "grpc", "httpGet", "tcpSocket", "sleep"}
 DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
 
