@@ -21,13 +21,18 @@ class AdmissionInterceptor(ApiInterceptor):
         self.max_inflight = max_inflight
         self.inflight = 0
         self._metrics = metrics
+        # Built once per method: rebuilding a handler per call cost more than the admission check itself.
+        self._admitting: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_api(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
                       ) -> grpc.RpcMethodHandler:
         if self.inflight >= self.max_inflight:  # refused before its request is even decoded
             self._metrics.calls_refused.labels("overloaded").inc()
             return refusing_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal())
-        return wrap_handler(handler, self._admitted)
+        admitting = self._admitting.get(details.method)
+        if admitting is None:
+            admitting = self._admitting[details.method] = wrap_handler(handler, self._admitted)
+        return admitting
 
     def _refusal(self) -> str:
         return f"server overloaded: {self.inflight} calls in progress (max_inflight_requests); retry with backoff"

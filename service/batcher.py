@@ -12,9 +12,15 @@ Rules, each needed for exact state carry:
     max_queue_wait, refuses new steps at once, and a step that waited longer is refused unrun;
   - new state is committed with compare-and-set on the position the step was computed from;
     a step that carries its own state (client-held) starts from it and commits nothing.
-onnxruntime runs in a worker thread (it releases the GIL) so the event loop keeps serving, except
-for batches of at most INLINE_MAX_TOKENS tokens: those take ~20-40 us, less than handing them to the
-thread and waking the loop afterwards costs, so the event loop runs them itself.
+Per-request load (a unary call or a stream message per step) reaches the batcher one step at a
+time: gRPC hands the event loop about one new call per turn. A batch taken at once would hold one
+step, so the batcher waits for the steps it expects: sessions that stepped within ACTIVE_SECONDS and
+have no step queued will send their next one as soon as their reply is out. It waits while they keep
+coming, at most twice the usual gap between steps each time (no fixed window): a lone session is
+never waited for, and 64 sessions of unary calls share one batch.
+onnxruntime runs in a worker thread (it releases the GIL) so the event loop keeps reading the next
+batch's requests meanwhile, on the other core. A lone small batch (at most INLINE_MAX_TOKENS tokens,
+nothing else waiting) runs on the event loop itself: ~20-40 us, less than the handoff to the thread.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ from service.sessions.base import SessionRecord, SessionStore, StateUpdates, sta
 log = logging.getLogger(__name__)
 
 INLINE_MAX_TOKENS = 4
+ACTIVE_SECONDS = 0.25  # a session that queued a step this recently is expected to queue another
+# How long a batch waits for the next expected step: twice the recent mean gap between steps, within these.
+PATIENCE_MIN_SECONDS, PATIENCE_MAX_SECONDS = 0.0001, 0.002
+GAP_SMOOTHING = 0.05  # weight of the newest gap in that mean
 
 
 class StepResult(NamedTuple):  # a tuple: built once per step, in the hot path
@@ -160,6 +170,10 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.max_queue_wait = max_queue_wait  # seconds
         self.inline_max_tokens = inline_max_tokens  # 0: every batch runs on the worker thread
+        self._active: dict[str, float] = {}  # session id -> loop time of its last queued step (per-request steps)
+        self._pruned = 0.0
+        self._last_queued = 0.0
+        self._gap = PATIENCE_MAX_SECONDS  # recent mean time between queued entries
         self._queue: deque[QueueEntry] = deque()
         self._queued_steps = 0
         self._wakeup = asyncio.Event()
@@ -219,6 +233,10 @@ class Batcher:
                                             f"waited {now - queue[0].enqueued:.3f}s (max_queue_wait_ms); retry later")
             queued = min(room, steps)
             entry.enqueued = now
+            self._gap += GAP_SMOOTHING * (min(now - self._last_queued, PATIENCE_MAX_SECONDS) - self._gap)
+            self._last_queued = now
+            if isinstance(entry, StepJob) and entry.state is None:  # a session's step, not a multiplexed group's
+                self._active[entry.session_id] = now
             queue.append(entry)
             self._queued_steps += queued
             self._wakeup.set()
@@ -234,6 +252,7 @@ class Batcher:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            await self._gather()
             batch = self._take_batch()
             if batch:
                 try:
@@ -249,6 +268,28 @@ class Batcher:
                     log.exception("batch of %d entries on model %s failed", len(batch), self.model)
                     for entry in batch:
                         entry.fail(CellstreamError(f"internal error running model {self.model!r}"))
+
+    async def _gather(self) -> None:
+        """Wait for the steps this batch can expect (the module's docstring says which), each time at most
+        twice the recent gap between steps, until none is expected or the batch is full."""
+        loop = asyncio.get_running_loop()
+        while self._queued_steps < self.max_batch_size and self._expected(loop.time()) > 0:
+            patience = min(max(2 * self._gap, PATIENCE_MIN_SECONDS), PATIENCE_MAX_SECONDS)
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(patience):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
+
+    def _expected(self, now: float) -> int:
+        """Sessions that stepped within ACTIVE_SECONDS and have no step queued (queued steps of multiplexed
+        groups count too: they make the batch as wide without being waited for)."""
+        if now - self._pruned > ACTIVE_SECONDS / 4:
+            self._pruned = now
+            horizon = now - ACTIVE_SECONDS
+            self._active = {sid: t for sid, t in self._active.items() if t > horizon}
+        return len(self._active) - self._queued_steps
 
     def _overdue(self, entry: QueueEntry, now: float) -> bool:
         return self.max_queue_wait is not None and now - entry.enqueued > self.max_queue_wait
@@ -319,7 +360,8 @@ class Batcher:
         held = any(isinstance(entry, StepJob) and entry.state is not None for entry, _ in taken)
         h0, c0 = stack_states(ready) if held else self.store.stack(ready)  # (L, B, H)
         positions = [record.position for record in ready]
-        if inputs.shape[0] * inputs.shape[1] <= self.inline_max_tokens:
+        alone = not self._queue and self._expected(started) <= 0  # nothing for the loop to read meanwhile
+        if inputs.shape[0] * inputs.shape[1] <= self.inline_max_tokens and alone:
             logits, hn, cn = self.engine.run(inputs, h0, c0)
         else:
             logits, hn, cn = await loop.run_in_executor(self._executor, self.engine.run, inputs, h0, c0)

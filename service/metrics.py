@@ -82,6 +82,15 @@ class Metrics:
                                         registry=r)
         self.sessions_evicted = Counter("cellstream_sessions_evicted",
                                         "Least recently used sessions evicted at max_sessions.", registry=r)
+        self._call_series: dict[str, CallSeries] = {}
+
+    def call_series(self, method: str) -> CallSeries:
+        """The request counter and duration histogram of one RPC method, bound once (labels() per call cost
+        a lock and a dict lookup on every call of the hot path)."""
+        series = self._call_series.get(method)
+        if series is None:
+            series = self._call_series[method] = CallSeries(self, method)
+        return series
 
     def watch_store(self, count: Callable[[], int], state_bytes: Callable[[], int]) -> None:
         """Read the store's size at scrape time rather than tracking every change."""
@@ -124,3 +133,19 @@ def observe_many(histogram: Histogram, observations: Sequence[tuple[float, int]]
         if count:
             bucket.inc(int(count))
     histogram._sum.inc(float(np.dot(values, times)))
+
+
+class CallSeries:
+    """One method's series of `cellstream_requests_total` (by code) and its duration histogram."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self._requests = metrics.requests
+        self._codes: dict[str, Counter] = {}
+        self.method = method
+        self.duration = metrics.request_latency.labels(method)
+
+    def count(self, code: str) -> None:
+        counter = self._codes.get(code)
+        if counter is None:
+            counter = self._codes[code] = self._requests.labels(self.method, code)
+        counter.inc()

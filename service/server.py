@@ -125,7 +125,8 @@ async def start_server(
     tokens = auth.token_file(settings)
     admission = AdmissionInterceptor(settings.max_inflight_requests, metrics)
     interceptors = [*auth.interceptors(tokens, metrics),
-                    admission, DecodeGuardInterceptor(metrics)]
+                    admission,
+                    DecodeGuardInterceptor(metrics)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -40,17 +40,23 @@ def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # built once per method, not per call
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        guarded = self._guarded.get(handler_call_details.method)
+        if guarded is not None:
+            return guarded
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
         guard = self._guard_stream if handler.request_streaming else self._guard_unary
-        return rebuild(handler, guard, request_deserializer=_lenient(handler.request_deserializer))
+        guarded = rebuild(handler, guard, request_deserializer=_lenient(handler.request_deserializer))
+        self._guarded[handler_call_details.method] = guarded
+        return guarded
 
     async def _refuse(self, marker: _Undecodable, context: grpc.aio.ServicerContext) -> None:
         self._metrics.calls_refused.labels("undecodable").inc()

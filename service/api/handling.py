@@ -14,7 +14,7 @@ import grpc
 
 from service.dataplane import DataPlane
 from service.errors import CellstreamError, Unavailable
-from service.metrics import Metrics
+from service.metrics import CallSeries, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,17 @@ class DataPlaneServicer(HasMetrics):
 class _CallRecord:
     """Counts and times one RPC when gRPC reports it complete: only then is a cancellation known."""
 
-    def __init__(self, metrics: Metrics, method: str, context: grpc.aio.ServicerContext) -> None:
-        self.metrics = metrics
-        self.method = method
+    def __init__(self, series: CallSeries, context: grpc.aio.ServicerContext) -> None:
+        self.series = series
+        self.method = series.method
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
         context.add_done_callback(self._done)
 
     def _done(self, context: grpc.aio.ServicerContext) -> None:
         code = grpc.StatusCode.CANCELLED if context.cancelled() else self.code
-        self.metrics.requests.labels(self.method, code.name).inc()
-        self.metrics.request_latency.labels(self.method).observe(time.perf_counter() - self.started)
+        self.series.count(code.name)
+        self.series.duration.observe(time.perf_counter() - self.started)
 
     def interrupted(self, context: grpc.aio.ServicerContext) -> None:
         """gRPC cancelled the handler: the client went away or its deadline passed. context.cancelled() says
@@ -89,7 +89,7 @@ def rpc(func: Callable[..., Any]) -> Callable[..., Any]:
 
         @functools.wraps(func)
         async def stream_wrapper(self: HasMetrics, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-            record = _CallRecord(self.metrics, method, context)
+            record = _CallRecord(self.metrics.call_series(method), context)
             try:
                 async for reply in func(self, request, context):
                     yield reply
@@ -104,7 +104,7 @@ def rpc(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     async def unary_wrapper(self: HasMetrics, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        record = _CallRecord(self.metrics, method, context)
+        record = _CallRecord(self.metrics.call_series(method), context)
         try:
             return await func(self, request, context)
         except asyncio.CancelledError:
