@@ -63,7 +63,19 @@ class Conversation:
     timeout_seconds: float
 
 
-Job = StepLoad | EchoLoad | ManyLoad | GenerateLoad | OpenIdle | Conversation
+@dataclass(frozen=True)
+class HttpLoad:
+    """`sessions` KServe sequences of `model`, each stepping 1 token back to back with tritonclient.http's
+    aio client on the HTTP port at `url` (host:port); every reply carries `output` only, as binary data."""
+
+    url: str
+    sessions: int
+    model: str
+    output: str
+    timeout_seconds: float
+
+
+Job = StepLoad | EchoLoad | ManyLoad | GenerateLoad | OpenIdle | Conversation | HttpLoad
 
 
 @dataclass(frozen=True)

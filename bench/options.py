@@ -11,7 +11,9 @@ API_STREAM, API_UNARY = "stream", "unary"
 # Many sessions' steps per message: StreamMany streams, StepMany calls.
 API_STREAM_MANY, API_STEP_MANY = "stream-many", "step-many"
 MULTIPLEXED = (API_STREAM_MANY, API_STEP_MANY)
-APIS = (API_STREAM, API_UNARY, *MULTIPLEXED)
+# KServe v2 REST on the HTTP port, driven by tritonclient.http: unary infer requests.
+API_KSERVE_HTTP = "kserve-http"
+APIS = (API_STREAM, API_UNARY, *MULTIPLEXED, API_KSERVE_HTTP)
 
 
 def shipped_model_dir() -> Path:
@@ -36,11 +38,14 @@ class Options:
     levels: tuple[int, ...] = field(default=(1, 8, 64, 256, 1024),
                                     metadata=_help("concurrent sessions of the service runs"))
     apis: tuple[str, ...] = field(default=APIS, metadata=_help(
-        "how steps are sent: stream (StreamSteps), unary (Step), stream-many (StreamMany), step-many (StepMany)"))
+        "how steps are sent: stream (StreamSteps), unary (Step), stream-many (StreamMany), step-many (StepMany), "
+        "kserve-http (KServe v2 REST, HTTP)"))
     many_levels: tuple[int, ...] = field(default=(256, 1024),
                                          metadata=_help("concurrent sessions of the stream-many and step-many runs"))
     many_calls: tuple[int, ...] = field(default=(1, 4), metadata=_help(
         "StreamMany streams (StepMany calls in flight) those sessions are spread over, one run each"))
+    http_levels: tuple[int, ...] = field(default=(1, 64), metadata=_help(
+        "concurrent sequences of the kserve-http runs (tritonclient.http)"))
     warmup_seconds: float = field(default=1.0, metadata=_help("load before each measured window"))
     duration_seconds: float = field(default=5.0, metadata=_help("measured window of each service and generate run"))
     limit_batches: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 64, 128, 256),

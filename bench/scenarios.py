@@ -12,13 +12,27 @@ from bench import wire
 from bench.echo import STREAM as ECHO_STREAM
 from bench.echo import UNARY as ECHO_UNARY
 from bench.gate import Gate
-from bench.jobs import Conversation, EchoLoad, Events, GenerateLoad, Job, ManyLoad, OpenIdle, StepLoad, TurnLatencies
+from bench.http_load import http_load
+from bench.jobs import (
+    Conversation,
+    EchoLoad,
+    Events,
+    GenerateLoad,
+    HttpLoad,
+    Job,
+    ManyLoad,
+    OpenIdle,
+    StepLoad,
+    TurnLatencies,
+)
 from bench.multiplexed import many_load
 from bench.options import API_STREAM
 from bench.stats import split_evenly
 
 
 async def run_job(target: str, job: Job, gate: Gate) -> Events | TurnLatencies | int:
+    if isinstance(job, HttpLoad):  # the HTTP port, through tritonclient.http's own client
+        return await http_load(job, gate)
     async with grpc.aio.insecure_channel(target) as channel:
         match job:
             case StepLoad():

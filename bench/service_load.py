@@ -3,11 +3,11 @@ the multiplexed StreamMany and StepMany (many sessions per message) spread over 
 
 from __future__ import annotations
 
-from bench.jobs import ManyLoad, StepLoad
-from bench.options import MULTIPLEXED, Options
+from bench.jobs import HttpLoad, ManyLoad, StepLoad
+from bench.options import API_KSERVE_HTTP, MULTIPLEXED, Options
 from bench.pool import WorkerPool
 from bench.progress import say
-from bench.server import ServerProcess
+from bench.server import HOST, ServerProcess
 from bench.stats import split_evenly
 from bench.window import measure_window
 
@@ -24,6 +24,15 @@ def measure_steps(pool: WorkerPool, server: ServerProcess, api: str, sessions: i
     jobs = [StepLoad(api, n, call_timeout(options)) if n else None for n in pool.spread(sessions)]
     window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
     return {"api": api, "sessions": sessions, "calls": sessions, **window.summary("step")}
+
+
+def measure_http(pool: WorkerPool, server: ServerProcess, sessions: int, options: Options) -> dict[str, object]:
+    """`sessions` KServe sequences stepped over the HTTP port by tritonclient.http, a request in flight each."""
+    url = f"{HOST}:{server.http_port}"
+    jobs = [HttpLoad(url, n, options.model, "logits", call_timeout(options)) if n else None
+            for n in pool.spread(sessions)]
+    window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
+    return {"api": API_KSERVE_HTTP, "sessions": sessions, "calls": sessions, **window.summary("step")}
 
 
 def many_jobs(api: str, sessions: int, calls: int, per_process: list[int], timeout: float) -> list[ManyLoad | None]:
@@ -48,6 +57,11 @@ def measure_service(pool: WorkerPool, server: ServerProcess, options: Options, l
                 for sessions in (n for n in options.many_levels if n >= calls):  # every call has a session
                     say(f"  {label}: {api}, {sessions} sessions over {calls} call(s)")
                     runs.append(measure_many(pool, server, api, sessions, calls, options))
+            continue
+        if api == API_KSERVE_HTTP:
+            for sessions in options.http_levels:
+                say(f"  {label}: {api}, {sessions} sequences over HTTP")
+                runs.append(measure_http(pool, server, sessions, options))
             continue
         for sessions in options.levels:
             say(f"  {label}: {api}, {sessions} sessions")

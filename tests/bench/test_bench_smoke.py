@@ -27,6 +27,8 @@ def expected_runs(options: dict) -> set[tuple[str, int, int]]:
     for api in options["apis"]:
         if api in MULTIPLEXED:
             runs |= {(api, n, c) for c in options["many_calls"] for n in options["many_levels"] if n >= c}
+        elif api == "kserve-http":
+            runs |= {(api, n, n) for n in options["http_levels"]}
         else:
             runs |= {(api, n, n) for n in options["levels"]}
     return runs

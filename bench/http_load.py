@@ -1,0 +1,61 @@
+"""The HTTP figure's client side: the real `tritonclient.http.aio` (aiohttp), as a Triton user drives a
+sequence model over KServe v2 REST.
+
+Every session is a sequence (`sequence_id`, started by its first request) stepping one token back to back
+with unary POST .../infer requests, its reply holding the model's output as binary tensor data: the same
+load as the gRPC KServe figure's unary runs, over the HTTP port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+from tritonclient.http import InferInput, InferRequestedOutput
+from tritonclient.http.aio import InferenceServerClient
+
+from bench.gate import Gate
+from bench.jobs import Events, HttpLoad
+
+TOKEN = np.ones((1, 1), np.int64)
+
+
+def _inputs() -> list[InferInput]:
+    tokens = InferInput("tokens", [1, 1], "INT64")
+    tokens.set_data_from_numpy(TOKEN)
+    return [tokens]
+
+
+def _sequence_ids(count: int) -> list[int]:
+    """Ids no other client process uses."""
+    base = (os.getpid() % 100_000) * 100_000 + 1
+    return [base + k for k in range(count)]
+
+
+async def http_load(job: HttpLoad, gate: Gate) -> Events:
+    # One connection per sequence: a sequence waits for its reply before its next step, as HTTP/1.1 does.
+    client = InferenceServerClient(job.url, conn_limit=job.sessions, conn_timeout=job.timeout_seconds)
+    outputs = [InferRequestedOutput(job.output, binary_data=True)]
+    events = Events()
+
+    async def step(sequence_id: int, start: bool = False, end: bool = False) -> None:
+        await client.infer(job.model, _inputs(), outputs=outputs, sequence_id=sequence_id, sequence_start=start,
+                           sequence_end=end)
+
+    async def drive(sequence_id: int) -> None:
+        while not gate.stopping:
+            began = time.monotonic()
+            await step(sequence_id)
+            events.add(began, time.monotonic())
+        await step(sequence_id, end=True)
+
+    try:
+        ids = _sequence_ids(job.sessions)
+        await asyncio.gather(*(step(sequence_id, start=True) for sequence_id in ids))
+        await gate.ready()
+        await asyncio.gather(*(drive(sequence_id) for sequence_id in ids))
+    finally:
+        await client.close()
+    return events
