@@ -225,3 +225,25 @@ async def test_the_readme_curl_block_runs_as_it_stands(start, tmp_path):
     assert f'"{position}"' in lines, "the state's position is the end of the turn"
     assert json.loads(next(line for line in lines if line.startswith('{"position"'))) == {"position": str(position)}
     assert lines[-1] == "[1,3,260]"
+
+
+async def test_the_openapi_document_describes_every_route(server, http):
+    document = await ok(await http.get("/openapi.json"))
+    assert document["openapi"].startswith("3.")
+    paths = document["paths"]
+    for path, method in (("/v1/sessions/{session_id}/step", "post"), ("/v1/sessions/{session_id}/generate", "post"),
+                         ("/v1/sessions/{session_id}", "delete"), ("/v2/models/{model}/infer", "post"),
+                         ("/v2/models/{model}/versions/{version}/infer", "post"), ("/v2/health/ready", "get")):
+        assert method in paths[path], (path, method)
+    schemas = document["components"]["schemas"]
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert refs <= set(schemas), f"dangling references: {refs - set(schemas)}"
+    step = schemas["cellstream.v1.StepRequest"]["properties"]
+    assert {"session_id", "tokens", "text", "features", "expected_position", "want"} <= set(step)
+    assert step["tokens"] == {"$ref": "#/components/schemas/cellstream.v1.TokenSequence",
+                              "description": "one of tokens, text, features"}
+    assert schemas["cellstream.v1.SessionInfo"]["properties"]["expires_at"]["format"] == "date-time"
+    generate = paths["/v1/sessions/{session_id}/generate"]["post"]["responses"]["200"]["content"]
+    assert list(generate) == ["text/event-stream"]
+    assert paths["/v1/models"]["get"]["security"] == [{"bearer": []}]
+    assert "security" not in paths["/v2/health/ready"]["get"]

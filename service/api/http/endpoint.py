@@ -158,14 +158,16 @@ class Endpoint:
                 call.deadline = self._deadline(call.request)
             async with asyncio.timeout_at(call.deadline):
                 return await self.handler(call)
-        except TimeoutError:
-            return error_response(HttpError(504, f"deadline exceeded: {self._timeout_words(call)}; "
-                                                 "retry with a longer deadline"))
         except HttpError as exc:
             return error_response(exc)
         except CellstreamError as exc:
             return error_response(from_cellstream(exc))
-        except Exception:  # a bug: logged once, answered like gRPC's INTERNAL
+        except Exception as exc:
+            remaining = call.remaining()
+            if isinstance(exc, TimeoutError) and remaining is not None and remaining <= 0:
+                return error_response(HttpError(504, f"deadline exceeded: {self._timeout_words(call)}; "
+                                                     "retry with a longer deadline"))
+            # A bug: logged once, answered like gRPC's INTERNAL.
             log.exception("unexpected error in %s", self.route)
             return error_response(HttpError(INTERNAL, INTERNAL_MESSAGE))
 
