@@ -71,6 +71,7 @@ def bad_requests(sid: str) -> list[tuple[str, str, object, dict, int, str]]:
                                      "parameters": {"binary_data_size": 16}}]}).encode()
     return [
         ("POST", INFER, b"{bad", {}, 400, "is not JSON"),
+        ("POST", INFER, b"[" * 100_000 + b"]" * 100_000, {}, 400, "nests arrays or objects too deeply"),
         ("POST", INFER, [], {}, 400, "must be a JSON object"),
         ("POST", INFER, {"inputs": []}, {}, 400, '"inputs"'),
         ("POST", INFER, {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 2], "data": [1, 2, 3]}]},

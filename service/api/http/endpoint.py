@@ -85,6 +85,8 @@ def parse_object(data: bytes, what: str, empty_is: dict[str, Any] | None = None)
         value = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HttpError(400, f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise HttpError(400, f"{what} nests arrays or objects too deeply to read") from None
     if not isinstance(value, dict):
         raise HttpError(400, f"{what} must be a JSON object, not {type(value).__name__}")
     return value
