@@ -11,9 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TRAINING_ONLY = ("torch", "onnx", "tqdm")
 # Every runtime dependency reaches the image and every install: adding one is a decision, taken here and in
-# the README's list. starlette and uvicorn serve the HTTP port.
+# the README's list. starlette, uvicorn and httptools serve the HTTP port.
 RUNTIME = {"numpy", "onnxruntime", "grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf",
-           "prometheus-client", "pydantic-settings", "redis", "uvloop", "starlette", "uvicorn"}
+           "prometheus-client", "pydantic-settings", "redis", "uvloop", "starlette", "uvicorn",
+           "httptools"}
 
 
 def package_names(requirements: list[str]) -> set[str]:

@@ -80,8 +80,10 @@ def _config(app: Starlette, settings: Settings) -> uvicorn.Config:
         tls = {"ssl_certfile": settings.tls_cert_path, "ssl_keyfile": settings.tls_key_path}
         if settings.tls_client_ca_path is not None:
             tls |= {"ssl_ca_certs": settings.tls_client_ca_path, "ssl_cert_reqs": ssl.CERT_REQUIRED}
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False,
-                            timeout_graceful_shutdown=settings.shutdown_grace_seconds, **tls)  # type: ignore[arg-type]
+    # httptools named, not left to "auto": the server must not parse HTTP differently by what is installed.
+    config = uvicorn.Config(app, http="httptools", log_config=None, access_log=False, lifespan="off",
+                            server_header=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+                            **tls)  # type: ignore[arg-type]
     try:
         config.load()
     except (OSError, ssl.SSLError) as exc:
