@@ -247,3 +247,28 @@ async def test_the_openapi_document_describes_every_route(server, http):
     assert list(generate) == ["text/event-stream"]
     assert paths["/v1/models"]["get"]["security"] == [{"bearer": []}]
     assert "security" not in paths["/v2/health/ready"]["get"]
+
+
+async def test_a_turn_past_its_deadline_ends_with_an_error_event(server, http, client, scrape):
+    """The reply has begun (200, first chunk) when the held model makes the turn outlive Request-Timeout-Ms:
+    it ends with `event: error` carrying 504, and is counted 504, not 200."""
+    batcher = server.dataplane.batchers[CHAT]
+    batcher.inline_max_tokens = 0  # the held engine blocks: never on the event loop
+    engine = batcher.engine
+    hold = batcher.engine = HoldRun(engine, 4)
+    sid = (await client.open_session()).session_id
+    body = {"prompt": "user: hi\nbot: ", "max_tokens": 50}
+    async with http.stream("POST", f"/v1/sessions/{sid}/generate", json=body,
+                           headers={"Request-Timeout-Ms": "1500"}) as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        first = await anext(lines)
+        assert first.startswith("event: chunk")
+        await asyncio.to_thread(hold.running.wait, 20)
+        rest = [line async for line in lines]
+    hold.open.set()
+    batcher.engine = engine
+    [(name, data)] = [e for e in events("\n".join([first, *rest])) if e[0] != "chunk"]
+    assert name == "error" and data["status"] == 504 and "deadline exceeded" in data["error"]
+    samples = await scrape(server)
+    assert samples.get("cellstream_http_requests_total", route=GENERATE_ROUTE, code="504") == 1

@@ -48,7 +48,9 @@ class Call:
     def __init__(self, request: Request, max_body_bytes: int) -> None:
         self.request = request
         self.deadline: float | None = None  # the event loop's clock
-        self.client_gone = False  # set by a streamed reply whose client disconnected
+        # A streamed reply's real end, counted instead of the 200 it began with: CLIENT_GONE if its client
+        # disconnected, or the status of the error event it ended with.
+        self.outcome: int | None = None
         self._max_body_bytes = max_body_bytes
 
     @property
@@ -149,7 +151,7 @@ class Endpoint:
             raise
         finally:
             metrics = self.guards.metrics
-            metrics.http_requests.labels(self.route, str(CLIENT_GONE if call.client_gone else status)).inc()
+            metrics.http_requests.labels(self.route, str(call.outcome or status)).inc()
             metrics.http_latency.labels(self.route).observe(time.perf_counter() - started)
 
     async def _respond(self, call: Call, held: contextlib.ExitStack) -> Response:

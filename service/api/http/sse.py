@@ -17,8 +17,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from starlette.responses import Response, StreamingResponse
 
 from service.api.handling import INTERNAL_MESSAGE
-from service.api.http.endpoint import Call
-from service.api.http.errors import from_cellstream
+from service.api.http.endpoint import CLIENT_GONE, Call
+from service.api.http.errors import INTERNAL, HttpError, from_cellstream
 from service.dataplane import GeneratedChunk
 from service.errors import CellstreamError
 
@@ -51,17 +51,20 @@ async def _events(call: Call, first: GeneratedChunk, chunks: AsyncGenerator[Gene
             async with asyncio.timeout_at(call.deadline):
                 chunk = await anext(chunks, None)
     except TimeoutError:
-        yield event("error", {"error": "deadline exceeded: the turn took longer than its deadline "
-                                       "(Request-Timeout-Ms or http_request_timeout_seconds)", "status": 504})
+        yield _failed(call, HttpError(504, "deadline exceeded: the turn took longer than its deadline "
+                                           "(Request-Timeout-Ms or http_request_timeout_seconds)"))
     except CellstreamError as exc:
-        error = from_cellstream(exc)
-        yield event("error", {"error": error.message, "status": error.status})
+        yield _failed(call, from_cellstream(exc))
     except asyncio.CancelledError:
-        call.client_gone = True
+        call.outcome = CLIENT_GONE
         raise
     except Exception:  # a bug: logged once, reported like gRPC's INTERNAL
         log.exception("unexpected error in a streamed turn")
-        yield event("error", {"error": INTERNAL_MESSAGE, "status": 500})
+        yield _failed(call, HttpError(INTERNAL, INTERNAL_MESSAGE))
     finally:
         await chunks.aclose()
 
+
+def _failed(call: Call, error: HttpError) -> bytes:
+    call.outcome = error.status
+    return event("error", {"error": error.message, "status": error.status})
