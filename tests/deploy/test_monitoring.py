@@ -17,6 +17,7 @@ from kustomize_subset import load_documents
 from manifests import DEPLOY, REPO, find
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.server import free_ports
 from service._proto.cellstream.v1 import inference_pb2
 from service._proto.inference import grpc_service_pb2
 from service.client import Client
@@ -31,8 +32,10 @@ GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$namespace": ".*"}
 TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "endpoint", "container"}
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 # What the dashboard must show (issue 7): calls and errors by code, latency, batch size, queue wait,
-# onnxruntime compute, active sessions, expirations and evictions, session store errors.
+# onnxruntime compute, active sessions, expirations and evictions, session store errors; (issue 16) the
+# HTTP port's requests and latency by route.
 DASHBOARD_METRICS = {"cellstream_requests_total", "cellstream_request_duration_seconds_bucket",
+                     "cellstream_http_requests_total", "cellstream_http_request_duration_seconds_bucket",
                      "cellstream_batch_size_bucket", "cellstream_queue_wait_seconds_bucket",
                      "cellstream_compute_seconds_bucket", "cellstream_sessions_active",
                      "cellstream_sessions_expired_total", "cellstream_sessions_evicted_total"}
@@ -97,8 +100,9 @@ def all_selectors() -> list[tuple[str, promql_parser.VectorSelector]]:
 async def exposition(tiny_model_dir: Path) -> str:
     """/metrics of a live server on 127.0.0.1 after a workload that gives every labelled series a sample
     (a labelled metric shows its labels only then): sessions opened, stepped and closed, a call refused
-    for overload, and a step dropped for a full queue."""
-    settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
+    for overload, a step dropped for a full queue, and an HTTP request."""
+    [http_port] = free_ports(1)
+    settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0, http_port=http_port,
                              model_dir=tiny_model_dir, default_model="tiny-chat", ort_intra_op_threads=1,
                              max_inflight_requests=1, max_queue_size=1)
     running = await asyncio.wait_for(start_server(settings), 60)
@@ -118,6 +122,12 @@ async def exposition(tiny_model_dir: Path) -> str:
             assert sorted(item.WhichOneof("outcome") for item in result.items) == ["error", "response"]
             for session_id in sessions:
                 await client.close_session(session_id)
+
+        def fetch_models() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{running.http_port}/v1/models", timeout=10) as response:
+                return response.status
+
+        assert await asyncio.to_thread(fetch_models) == 200
 
         def fetch() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as response:
