@@ -1,4 +1,4 @@
-"""Figure 0: the floor. The streamed and unary runs of figure 2, against an empty gRPC server.
+"""Figure 0: the floor. The streamed and unary runs of figure 2 (native and KServe), against an empty gRPC server.
 
 An empty grpc.aio server on the same event loop, fed the same bytes by the same client processes at the
 same concurrency, costs what gRPC in Python costs on this machine before any work: no service built on
@@ -8,7 +8,7 @@ it can answer faster, or step more often, than this.
 from __future__ import annotations
 
 from bench.jobs import EchoLoad
-from bench.options import MULTIPLEXED, Options
+from bench.options import KSERVE, TRANSPORT, Options
 from bench.pool import WorkerPool
 from bench.progress import say
 from bench.server import ServedProcess
@@ -18,8 +18,10 @@ from bench.window import measure_window
 
 def measure_floor(pool: WorkerPool, server: ServedProcess, options: Options) -> list[dict[str, object]]:
     runs = []
-    for api in (api for api in options.apis if api not in MULTIPLEXED):
-        for calls in options.levels:
+    transports = dict.fromkeys(TRANSPORT[api] for api in options.apis if api in TRANSPORT)
+    levels = sorted({*options.levels, *(options.kserve_levels if set(KSERVE) & set(options.apis) else ())})
+    for api in transports:
+        for calls in levels:
             say(f"  floor: {api}, {calls} calls")
             jobs = [EchoLoad(api, n, call_timeout(options)) if n else None for n in pool.spread(calls)]
             window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)

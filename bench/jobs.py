@@ -35,6 +35,18 @@ class ManyLoad:
 
 
 @dataclass(frozen=True)
+class KServeLoad:
+    """`sessions` KServe sequences of `model`, each stepping 1 token back to back with tritonclient: unary
+    ModelInfer calls, or (`stream`) a ModelStreamInfer stream each; every reply carries `output` only."""
+
+    sessions: int
+    stream: bool
+    model: str
+    output: str
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
 class GenerateLoad:
     """`sessions` sessions, each asking for chat replies back to back until told to stop."""
 
@@ -75,7 +87,7 @@ class HttpLoad:
     timeout_seconds: float
 
 
-Job = StepLoad | EchoLoad | ManyLoad | GenerateLoad | OpenIdle | Conversation | HttpLoad
+Job = StepLoad | EchoLoad | ManyLoad | KServeLoad | GenerateLoad | OpenIdle | Conversation | HttpLoad
 
 
 @dataclass(frozen=True)

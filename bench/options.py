@@ -11,9 +11,15 @@ API_STREAM, API_UNARY = "stream", "unary"
 # Many sessions' steps per message: StreamMany streams, StepMany calls.
 API_STREAM_MANY, API_STEP_MANY = "stream-many", "step-many"
 MULTIPLEXED = (API_STREAM_MANY, API_STEP_MANY)
+# KServe sequences driven by tritonclient: unary ModelInfer, or a ModelStreamInfer stream per sequence.
+API_KSERVE_UNARY, API_KSERVE_STREAM = "kserve-unary", "kserve-stream"
+KSERVE = (API_KSERVE_UNARY, API_KSERVE_STREAM)
 # KServe v2 REST on the HTTP port, driven by tritonclient.http: unary infer requests.
 API_KSERVE_HTTP = "kserve-http"
-APIS = (API_STREAM, API_UNARY, *MULTIPLEXED, API_KSERVE_HTTP)
+NATIVE_APIS = (API_STREAM, API_UNARY, *MULTIPLEXED)
+APIS = (*NATIVE_APIS, *KSERVE, API_KSERVE_HTTP)
+TRANSPORT = {API_STREAM: API_STREAM, API_UNARY: API_UNARY, API_KSERVE_STREAM: API_STREAM, API_KSERVE_UNARY: API_UNARY}
+"""The empty server's run that bounds each per-session api: its streams or its unary calls."""
 
 
 def shipped_model_dir() -> Path:
@@ -39,11 +45,14 @@ class Options:
                                     metadata=_help("concurrent sessions of the service runs"))
     apis: tuple[str, ...] = field(default=APIS, metadata=_help(
         "how steps are sent: stream (StreamSteps), unary (Step), stream-many (StreamMany), step-many (StepMany), "
+        "kserve-unary (ModelInfer), kserve-stream (ModelStreamInfer), "
         "kserve-http (KServe v2 REST, HTTP)"))
     many_levels: tuple[int, ...] = field(default=(256, 1024),
                                          metadata=_help("concurrent sessions of the stream-many and step-many runs"))
     many_calls: tuple[int, ...] = field(default=(1, 4), metadata=_help(
         "StreamMany streams (StepMany calls in flight) those sessions are spread over, one run each"))
+    kserve_levels: tuple[int, ...] = field(default=(1, 64, 256),
+                                           metadata=_help("concurrent sequences of the kserve runs (tritonclient)"))
     http_levels: tuple[int, ...] = field(default=(1, 64), metadata=_help(
         "concurrent sequences of the kserve-http runs (tritonclient.http)"))
     warmup_seconds: float = field(default=1.0, metadata=_help("load before each measured window"))
@@ -78,6 +87,7 @@ def flag_fields() -> list[dataclasses.Field]:
 QUICK = {
     "levels": (1, 256),
     "many_levels": (256,),
+    "kserve_levels": (64,),
     "warmup_seconds": 0.2,
     "duration_seconds": 0.4,
     "limit_batches": (1, 16, 256),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.targets import Check
+from bench.targets import Check, floor_run
 
 TURNS_SHOWN = 6  # turns of the conversation printed (first, last, evenly between)
 
@@ -62,12 +62,16 @@ def _service(results: dict) -> str:
     for config, measured in results["service"].items():
         for run in measured["runs"]:
             key = (config, run["api"], run["sessions"], run["calls"])
+            floor = floor_run(results, run["api"], run["calls"])
             rows.append((*key, run["steps_per_s"], run["p50_ms"], run["p99_ms"], run["mean_batch"],
-                         run["server_cpu_us_per_step"], efficiency[key]))
+                         run["server_cpu_us_per_step"], efficiency[key],
+                         "" if floor is None else floor["messages_per_s"],
+                         "" if floor is None else floor["server_cpu_us_per_message"]))
     headers = ("config", "api", "sessions", "calls", "steps/s", "p50 ms", "p99 ms", "mean batch", "server us/step",
-               "efficiency")
+               "efficiency", "floor msgs/s", "floor us/msg")
     return ("2-3. Service: 1-token steps (calls: streams or unary calls in flight; p50/p99: per message); "
-            "efficiency = steps/s / limit at the mean batch\n" + _table(headers, rows))
+            "efficiency = steps/s / limit at the mean batch; floor: the empty server's streams or unary calls "
+            "at as many calls (figure 0)\n" + _table(headers, rows))
 
 
 def _conversation(results: dict) -> str:
@@ -101,7 +105,7 @@ def _targets(checks: Sequence[Check]) -> str:
         verdict = "-" if check.passed is None else ("pass" if check.passed else "FAIL")
         floor = "" if check.floor is None else f"{_cell(check.floor)} {check.unit}".strip()
         rows.append((check.name, f"{check.requirement} {check.unit}".strip(), measured, verdict, floor))
-    return ("Targets (issues 4 and 8); floor: the best the empty gRPC server of figure 0 allows\n"
+    return ("Targets (issues 4, 8 and 15); floor: the best the empty gRPC server of figure 0 allows\n"
             + _table(("target", "required", "measured", "pass", "floor"), rows))
 
 

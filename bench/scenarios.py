@@ -20,17 +20,21 @@ from bench.jobs import (
     GenerateLoad,
     HttpLoad,
     Job,
+    KServeLoad,
     ManyLoad,
     OpenIdle,
     StepLoad,
     TurnLatencies,
 )
+from bench.kserve_load import kserve_load
 from bench.multiplexed import many_load
 from bench.options import API_STREAM
 from bench.stats import split_evenly
 
 
 async def run_job(target: str, job: Job, gate: Gate) -> Events | TurnLatencies | int:
+    if isinstance(job, KServeLoad):  # tritonclient makes its own channel
+        return await kserve_load(target, job, gate)
     if isinstance(job, HttpLoad):  # the HTTP port, through tritonclient.http's own client
         return await http_load(job, gate)
     async with grpc.aio.insecure_channel(target) as channel:

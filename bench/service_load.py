@@ -3,8 +3,8 @@ the multiplexed StreamMany and StepMany (many sessions per message) spread over 
 
 from __future__ import annotations
 
-from bench.jobs import HttpLoad, ManyLoad, StepLoad
-from bench.options import API_KSERVE_HTTP, MULTIPLEXED, Options
+from bench.jobs import HttpLoad, KServeLoad, ManyLoad, StepLoad
+from bench.options import API_KSERVE_HTTP, API_KSERVE_STREAM, KSERVE, MULTIPLEXED, Options
 from bench.pool import WorkerPool
 from bench.progress import say
 from bench.server import HOST, ServerProcess
@@ -22,6 +22,15 @@ def measure_steps(pool: WorkerPool, server: ServerProcess, api: str, sessions: i
                   options: Options) -> dict[str, object]:
     """One stream (or unary call in flight) per session."""
     jobs = [StepLoad(api, n, call_timeout(options)) if n else None for n in pool.spread(sessions)]
+    window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
+    return {"api": api, "sessions": sessions, "calls": sessions, **window.summary("step")}
+
+
+def measure_kserve(pool: WorkerPool, server: ServerProcess, api: str, sessions: int,
+                   options: Options) -> dict[str, object]:
+    """`sessions` KServe sequences stepped by tritonclient, unary or one stream each."""
+    jobs = [KServeLoad(n, api == API_KSERVE_STREAM, options.model, "logits", call_timeout(options)) if n else None
+            for n in pool.spread(sessions)]
     window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
     return {"api": api, "sessions": sessions, "calls": sessions, **window.summary("step")}
 
@@ -57,6 +66,11 @@ def measure_service(pool: WorkerPool, server: ServerProcess, options: Options, l
                 for sessions in (n for n in options.many_levels if n >= calls):  # every call has a session
                     say(f"  {label}: {api}, {sessions} sessions over {calls} call(s)")
                     runs.append(measure_many(pool, server, api, sessions, calls, options))
+            continue
+        if api in KSERVE:
+            for sessions in options.kserve_levels:
+                say(f"  {label}: {api}, {sessions} sequences")
+                runs.append(measure_kserve(pool, server, api, sessions, options))
             continue
         if api == API_KSERVE_HTTP:
             for sessions in options.http_levels:

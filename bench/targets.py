@@ -6,10 +6,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from bench.memory import session_bound_bytes
-from bench.options import API_STREAM, API_STREAM_MANY, API_UNARY
+from bench.options import API_KSERVE_STREAM, API_KSERVE_UNARY, API_STREAM, API_STREAM_MANY, API_UNARY, TRANSPORT
 
 BATCHING, UNBATCHED = "batching", "max_batch_size_1"
 SINGLE, BUSY = 1, 256
+PER_REQUEST_LEVELS = (64, 256)  # issue 15: unary calls at these levels must batch
 TURN = 50
 
 
@@ -40,6 +41,11 @@ def _floor(results: dict, api: str, calls: int) -> dict | None:
     return next((run for run in results.get("floor", ()) if (run["api"], run["calls"]) == (api, calls)), None)
 
 
+def floor_run(results: dict, api: str, calls: int) -> dict | None:
+    """The empty server's run that bounds a per-session `api` at `calls` calls (None for multiplexed apis)."""
+    return _floor(results, TRANSPORT[api], calls) if api in TRANSPORT else None
+
+
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if numerator is None or not denominator else numerator / denominator
 
@@ -65,6 +71,31 @@ def _get(run: dict | None, key: str) -> float | None:
 
 
 def evaluate(results: dict) -> list[Check]:
+    return [*_per_request_checks(results), *_stream_checks(results)]
+
+
+def _per_request_checks(results: dict) -> list[Check]:
+    """Issue 15: per-request paths batch (mean batch >= 16), unary steps/s >= 0.8x the empty server's unary
+    calls/s, streamed server CPU per step <= 1.3x the empty server's per message, at as many calls."""
+    checks = []
+    for api, name in ((API_UNARY, "unary Step"), (API_KSERVE_UNARY, "KServe ModelInfer")):
+        for sessions in PER_REQUEST_LEVELS:
+            run = _run(results, BATCHING, sessions, api)
+            floor = floor_run(results, api, sessions)
+            checks.append(_check(f"{name}, {sessions} sessions: mean batch", ">=", 16, "", _get(run, "mean_batch")))
+            checks.append(_check(f"{name}, {sessions} sessions: steps/s / floor unary calls/s", ">=", 0.8, "x",
+                                 _ratio(_get(run, "steps_per_s"), _get(floor, "messages_per_s"))))
+    for api, name in ((API_STREAM, "StreamSteps"), (API_KSERVE_STREAM, "KServe ModelStreamInfer")):
+        run = _run(results, BATCHING, BUSY, api)
+        floor = floor_run(results, api, BUSY)
+        checks.append(_check(f"{name}, {BUSY} sessions: server us/step / floor us/msg", "<=", 1.3, "x",
+                             _ratio(_get(run, "server_cpu_us_per_step"), _get(floor, "server_cpu_us_per_message"))))
+    return checks
+
+
+def _stream_checks(results: dict) -> list[Check]:
+    """Issues 4 and 8: batching gain, efficiency and latency of streams, the conversation, memory, start-up,
+    and the multiplexed path's CPU."""
     single = _run(results, BATCHING, SINGLE)
     busy = _run(results, BATCHING, BUSY)
     unbatched = _run(results, UNBATCHED, BUSY)
