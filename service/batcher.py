@@ -19,8 +19,9 @@ have no step queued will send their next one as soon as their reply is out. It w
 coming, at most twice the usual gap between steps each time (no fixed window): a lone session is
 never waited for, and 64 sessions of unary calls share one batch.
 onnxruntime runs in a worker thread (it releases the GIL) so the event loop keeps reading the next
-batch's requests meanwhile, on the other core. A lone small batch (at most INLINE_MAX_TOKENS tokens,
-nothing else waiting) runs on the event loop itself: ~20-40 us, less than the handoff to the thread.
+batch's requests meanwhile, on the other core. A batch of at most INLINE_MAX_TOKENS tokens runs on
+the event loop itself: ~20-40 us, less than the handoff to the thread (batches that gathered their
+sessions' steps are wider than that).
 """
 
 from __future__ import annotations
@@ -360,8 +361,7 @@ class Batcher:
         held = any(isinstance(entry, StepJob) and entry.state is not None for entry, _ in taken)
         h0, c0 = stack_states(ready) if held else self.store.stack(ready)  # (L, B, H)
         positions = [record.position for record in ready]
-        alone = not self._queue and self._expected(started) <= 0  # nothing for the loop to read meanwhile
-        if inputs.shape[0] * inputs.shape[1] <= self.inline_max_tokens and alone:
+        if inputs.shape[0] * inputs.shape[1] <= self.inline_max_tokens:
             logits, hn, cn = self.engine.run(inputs, h0, c0)
         else:
             logits, hn, cn = await loop.run_in_executor(self._executor, self.engine.run, inputs, h0, c0)
