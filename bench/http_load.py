@@ -9,29 +9,20 @@ load as the gRPC KServe figure's unary runs, over the HTTP port.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
-import numpy as np
 from tritonclient.http import InferInput, InferRequestedOutput
 from tritonclient.http.aio import InferenceServerClient
 
 from bench.gate import Gate
 from bench.jobs import Events, HttpLoad
-
-TOKEN = np.ones((1, 1), np.int64)
+from bench.kserve_load import TOKEN, sequence_ids
 
 
 def _inputs() -> list[InferInput]:
     tokens = InferInput("tokens", [1, 1], "INT64")
     tokens.set_data_from_numpy(TOKEN)
     return [tokens]
-
-
-def _sequence_ids(count: int) -> list[int]:
-    """Ids no other client process uses."""
-    base = (os.getpid() % 100_000) * 100_000 + 1
-    return [base + k for k in range(count)]
 
 
 async def http_load(job: HttpLoad, gate: Gate) -> Events:
@@ -52,7 +43,7 @@ async def http_load(job: HttpLoad, gate: Gate) -> Events:
         await step(sequence_id, end=True)
 
     try:
-        ids = _sequence_ids(job.sessions)
+        ids = sequence_ids(job.sessions)
         await asyncio.gather(*(step(sequence_id, start=True) for sequence_id in ids))
         await gate.ready()
         await asyncio.gather(*(drive(sequence_id) for sequence_id in ids))

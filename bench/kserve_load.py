@@ -28,7 +28,7 @@ def _inputs() -> list[InferInput]:
     return [tokens]
 
 
-def _sequence_ids(count: int) -> list[int]:
+def sequence_ids(count: int) -> list[int]:
     """Unsigned ids no other client process uses (Triton's sequence ids are uint64 unless configured)."""
     base = (os.getpid() % 100_000) * 100_000 + 1
     return [base + k for k in range(count)]
@@ -46,7 +46,7 @@ async def kserve_load(target: str, job: KServeLoad, gate: Gate) -> Events:
 
 async def _unary(client: InferenceServerClient, job: KServeLoad, gate: Gate) -> Events:
     outputs = [InferRequestedOutput(job.output)]
-    ids = _sequence_ids(job.sessions)
+    ids = sequence_ids(job.sessions)
     timeout = int(job.timeout_seconds)
 
     async def step(sequence_id: int, start: bool = False, end: bool = False) -> None:
@@ -111,5 +111,5 @@ async def _streams(client: InferenceServerClient, job: KServeLoad, gate: Gate) -
         await gate.ready()
         go.set()
 
-    await asyncio.gather(*(drive(sequence_id) for sequence_id in _sequence_ids(job.sessions)), start())
+    await asyncio.gather(*(drive(sequence_id) for sequence_id in sequence_ids(job.sessions)), start())
     return events

@@ -162,9 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ExportError) as exc:
         print(f"cellstream export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); worst scaled error: onnxruntime to "
-          f"float64 {worst.onnxruntime_to_float64:.2e} (torch float32 {worst.torch_to_float64:.2e}), "
-          f"onnxruntime to torch float32 {worst.onnxruntime_to_torch:.2e}")
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); worst scaled error: {worst.summary()}")
     return 0
 
 

@@ -51,6 +51,10 @@ class ExportErrors:
     def allowed_to_float64(self) -> float:
         return max(EXPORT_FACTOR * self.torch_to_float64, TOLERANCE)
 
+    def summary(self) -> str:
+        return (f"onnxruntime to float64 {self.onnxruntime_to_float64:.2e} (torch float32 "
+                f"{self.torch_to_float64:.2e}), onnxruntime to torch float32 {self.onnxruntime_to_torch:.2e}")
+
     def problem(self) -> str | None:
         """Why the export is not faithful on these inputs, or None when it is."""
         if not self.onnxruntime_to_float64 <= self.allowed_to_float64:

@@ -196,9 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ImportError, UnservableModule, ExportError, RuntimeError, ValueError) as exc:
         print(f"cellstream export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); worst scaled error: onnxruntime to float64 "
-          f"{worst.onnxruntime_to_float64:.2e} (torch float32 {worst.torch_to_float64:.2e}), onnxruntime to torch "
-          f"float32 {worst.onnxruntime_to_torch:.2e}; check it with `cellstream check-model {args.out}`")
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); worst scaled error: {worst.summary()}; "
+          f"check it with `cellstream check-model {args.out}`")
     return 0
 
 
