@@ -16,8 +16,8 @@ Per-request load (a unary call or a stream message per step) reaches the batcher
 time: gRPC hands the event loop about one new call per turn. A batch taken at once would hold one
 step, so the batcher waits for the steps it expects: sessions that stepped within ACTIVE_SECONDS and
 have no step queued will send their next one as soon as their reply is out. It waits while they keep
-coming, at most twice the usual gap between steps each time (no fixed window): a lone session is
-never waited for, and 64 sessions of unary calls share one batch.
+coming, at most PATIENCE_GAPS times the recent gap between steps each time (no fixed window): a lone
+session is never waited for, and 64 sessions of unary calls share one batch.
 onnxruntime runs in a worker thread (it releases the GIL) so the event loop keeps reading the next
 batch's requests meanwhile, on the other core. A batch of at most INLINE_MAX_TOKENS tokens runs on
 the event loop itself: ~20-40 us, less than the handoff to the thread (batches that gathered their
@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 
 INLINE_MAX_TOKENS = 4
 ACTIVE_SECONDS = 0.25  # a session that queued a step this recently is expected to queue another
-# How long a batch waits for the next expected step: twice the recent mean gap between steps, within these.
-PATIENCE_MIN_SECONDS, PATIENCE_MAX_SECONDS = 0.0001, 0.002
+# How long a batch waits for the next expected step: PATIENCE_GAPS times the recent mean gap between steps
+# (under load, gaps vary with what else the event loop does), within these bounds.
+PATIENCE_GAPS = 8
+PATIENCE_MIN_SECONDS, PATIENCE_MAX_SECONDS = 0.0001, 0.005
 GAP_SMOOTHING = 0.05  # weight of the newest gap in that mean
 
 
@@ -272,10 +274,10 @@ class Batcher:
 
     async def _gather(self) -> None:
         """Wait for the steps this batch can expect (the module's docstring says which), each time at most
-        twice the recent gap between steps, until none is expected or the batch is full."""
+        PATIENCE_GAPS times the recent gap between steps, until none is expected or the batch is full."""
         loop = asyncio.get_running_loop()
         while self._queued_steps < self.max_batch_size and self._expected(loop.time()) > 0:
-            patience = min(max(2 * self._gap, PATIENCE_MIN_SECONDS), PATIENCE_MAX_SECONDS)
+            patience = min(max(PATIENCE_GAPS * self._gap, PATIENCE_MIN_SECONDS), PATIENCE_MAX_SECONDS)
             self._wakeup.clear()
             try:
                 async with asyncio.timeout(patience):
