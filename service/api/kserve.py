@@ -138,12 +138,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
     def _response(self, request: pb.ModelInferRequest, spec: ModelSpec, outputs: list[str],
                   results: list[StepResult]) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse(model_name=spec.name, model_version=MODEL_VERSION, id=request.id)
-        arrays = {
-            spec.output_name: np.stack([r.logits for r in results]),  # (B, T, V): logits, forecast, ...
-            "hn": np.stack([r.h for r in results], axis=1),  # (L, B, H)
-            "cn": np.stack([r.c for r in results], axis=1),
-        }
-        write_outputs(response, outputs, arrays)
+        write_outputs(response, outputs, {name: _batched(results, name == spec.output_name, name) for name in outputs})
         return response
 
     @rpc
@@ -217,6 +212,15 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
             log.exception("unexpected error in ModelStreamInfer")
             response = _error_response(request, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         responses.put_nowait(response)
+
+
+def _batched(results: list[StepResult], main: bool, name: str) -> np.ndarray:
+    """The requested output of every row: the main output (logits, forecast, ...) (B, T, V), or hn / cn
+    (L, B, H). Only what the request asked for is built; one row (a sequence's step) is a view."""
+    if main:
+        return results[0].logits[None] if len(results) == 1 else np.stack([r.logits for r in results])
+    state = [r.h if name == "hn" else r.c for r in results]
+    return state[0][:, None] if len(state) == 1 else np.stack(state, axis=1)
 
 
 def _error_response(request: pb.ModelInferRequest, code: grpc.StatusCode, message: str) -> pb.ModelStreamInferResponse:

@@ -50,8 +50,20 @@ class Signature:
     outputs: dict[str, Tensor]
 
 
+_signatures: dict[tuple[object, ...], Signature] = {}
+
+
 def signature(spec: ModelSpec) -> Signature:
-    """The model's tensors as the protocol shows them (ModelMetadata) and checks them."""
+    """The model's tensors as the protocol shows them (ModelMetadata) and checks them; built once per model
+    (every request reads it)."""
+    key = (spec.name, spec.input_kind, spec.feature_size, spec.vocab_size, spec.output_name, spec.state_shape)
+    found = _signatures.get(key)
+    if found is None:
+        found = _signatures[key] = _signature(spec)
+    return found
+
+
+def _signature(spec: ModelSpec) -> Signature:
     layers, hidden = spec.state_shape
     if spec.input_kind == TOKENS:
         main = Tensor("tokens", "INT64", (-1, -1), "(batch, time)")
