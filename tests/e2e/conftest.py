@@ -31,8 +31,9 @@ class ServerProcess:
         # Held open together: two ports picked one after the other can be the same one.
         self.port, self.metrics_port = free_ports(2)
         self.log_path = log
+        # No HTTP port unless a test asks: the default, 8080, is one per machine (two replicas collide on it).
         settings = {"host": "127.0.0.1", "port": self.port, "metrics_host": "127.0.0.1",
-                    "metrics_port": self.metrics_port, "model_dir": model_dir, "default_model": CHAT,
+                    "metrics_port": self.metrics_port, "http_port": 0, "model_dir": model_dir, "default_model": CHAT,
                     "ort_intra_op_threads": 1, **flags}
         args = [item for name, value in settings.items() for item in ("--" + name.replace("_", "-"), str(value))]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CELLSTREAM_")}
