@@ -307,3 +307,27 @@ async def test_close_mid_batch_fails_the_running_steps(rig):
         await asyncio.wait_for(tasks[0], 5)
     recorder.release.set()
     assert (await store.get(a.session_id)).position == 0
+
+
+async def test_a_batch_waits_for_sessions_that_stepped_recently_and_never_for_a_lone_one(rig, monkeypatch):
+    """A session that just stepped is expected back: a batch waits for it (at most its patience), so
+    per-request steps of many sessions share batches; a lone session, or one idle for ACTIVE_SECONDS, is
+    never waited for."""
+    import service.batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "PATIENCE_MIN_SECONDS", 5.0)  # a wait that could only end by an arrival
+    monkeypatch.setattr(batcher_module, "PATIENCE_MAX_SECONDS", 5.0)
+    batcher, store, _, recorder = rig()
+    a, b = await new_session(store), await new_session(store)
+    batcher.start()
+    for token in (1, 2):  # alone: never waited for, each answered well within the 5 s patience
+        await asyncio.wait_for(batcher.submit(job(a, [token])), 1)
+    b_step = asyncio.create_task(batcher.submit(job(b, [3])))
+    await asyncio.sleep(0.05)
+    assert not b_step.done(), "b's step was taken alone although a stepped a moment ago"
+    a_step = asyncio.create_task(batcher.submit(job(a, [4])))
+    await asyncio.wait_for(asyncio.gather(b_step, a_step), 1)
+    assert [inputs.tolist() for inputs in recorder.batches] == [[[1]], [[2]], [[3], [4]]]  # b waited for a
+    now = asyncio.get_running_loop().time()
+    assert batcher._expected(now) == 2  # both stepped, none queued
+    assert batcher._expected(now + batcher_module.ACTIVE_SECONDS + 1) == 0  # idle sessions drop out
