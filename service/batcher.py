@@ -15,7 +15,8 @@ Rules, each needed for exact state carry:
 Per-request load (a unary call or a stream message per step) reaches the batcher one step at a
 time: gRPC hands the event loop about one new call per turn. A batch taken at once would hold one
 step, so the batcher waits for the steps it expects: sessions that stepped within ACTIVE_SECONDS and
-have no step queued will send their next one as soon as their reply is out. It waits while they keep
+have no step queued will send their next one as soon as their reply is out (unless they are known to
+be done for now: a Generate turn ended, the session closed). It waits while they keep
 coming, at most PATIENCE_GAPS times the recent gap between steps each time (no fixed window): a lone
 session is never waited for, and 64 sessions of unary calls share one batch.
 onnxruntime runs in a worker thread (it releases the GIL) so the event loop keeps reading the next
@@ -284,6 +285,10 @@ class Batcher:
                     await self._wakeup.wait()
             except TimeoutError:
                 return
+
+    def forget(self, session_id: str) -> None:
+        """The session will not step soon (its turn ended, or it closed): batches stop waiting for it."""
+        self._active.pop(session_id, None)
 
     def _expected(self, now: float) -> int:
         """Sessions that stepped within ACTIVE_SECONDS and have no step queued (queued steps of multiplexed

@@ -258,6 +258,7 @@ class DataPlane:
     async def close_session(self, session_id: str) -> SessionRecord:
         await self.session(session_id)
         record = await self.store.delete(session_id)
+        self.batchers[record.model].forget(session_id)
         self.metrics.sessions_closed.inc()
         return record
 
@@ -354,6 +355,8 @@ class DataPlane:
             elif count == max_tokens:
                 finish = "length"
             if finish:
+                # The turn is over: the next step of this session waits for its user, not a batch for it.
+                self.batchers[record.model].forget(record.session_id)
                 yield GeneratedChunk(text + decoder.flush(), pending, result.position, finish)
                 return
             if text:

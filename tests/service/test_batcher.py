@@ -311,8 +311,8 @@ async def test_close_mid_batch_fails_the_running_steps(rig):
 
 async def test_a_batch_waits_for_sessions_that_stepped_recently_and_never_for_a_lone_one(rig, monkeypatch):
     """A session that just stepped is expected back: a batch waits for it (at most its patience), so
-    per-request steps of many sessions share batches; a lone session, or one idle for ACTIVE_SECONDS, is
-    never waited for."""
+    per-request steps of many sessions share batches; a lone session, one known to be done for now, or one
+    idle for ACTIVE_SECONDS, is never waited for."""
     import service.batcher as batcher_module
 
     monkeypatch.setattr(batcher_module, "PATIENCE_MIN_SECONDS", 5.0)  # a wait that could only end by an arrival
@@ -330,4 +330,6 @@ async def test_a_batch_waits_for_sessions_that_stepped_recently_and_never_for_a_
     assert [inputs.tolist() for inputs in recorder.batches] == [[[1]], [[2]], [[3], [4]]]  # b waited for a
     now = asyncio.get_running_loop().time()
     assert batcher._expected(now) == 2  # both stepped, none queued
+    batcher.forget(a.session_id)  # a's turn ended (or it closed): not waited for
+    assert batcher._expected(now) == 1
     assert batcher._expected(now + batcher_module.ACTIVE_SECONDS + 1) == 0  # idle sessions drop out
