@@ -14,7 +14,7 @@ import json
 import random
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import astuple
 from pathlib import Path
 
@@ -131,11 +131,17 @@ def measure_parity(model: LSTMLanguageModel, path: Path, seed: int = 0) -> Itera
 def check_parity(model: LSTMLanguageModel, path: Path, seed: int = 0) -> ExportErrors:
     """Raise ExportError on the first output and inputs where the export is not faithful; else return
     the worst of each error."""
+    return judge(measure_parity(model, path, seed), "model")
+
+
+def judge(measured: Iterable[tuple[str, ExportErrors]], subject: str) -> ExportErrors:
+    """The worst of each error, or ExportError on the first output and inputs where the export is not the
+    `subject`'s computation (model.parity's rule)."""
     worst = ExportErrors(0.0, 0.0, 0.0)
-    for where, errors in measure_parity(model, path, seed):
+    for where, errors in measured:
         problem = errors.problem()
         if problem is not None:
-            raise ExportError(f"the export is not the model's computation: {where}: {problem}")
+            raise ExportError(f"the export is not the {subject}'s computation: {where}: {problem}")
         worst = ExportErrors(*(max(a, b) for a, b in zip(astuple(worst), astuple(errors), strict=True)))
     return worst
 

@@ -14,7 +14,6 @@ import importlib
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from model.export import FORMAT_VERSION, OPSET, ExportError
+from model.export import FORMAT_VERSION, OPSET, ExportError, judge
 from model.parity import ExportErrors
 from model.wrap import TOKENS, Served, UnservableModule, serve
 
@@ -104,17 +103,6 @@ def measure_parity(served: Served, path: Path, inputs: Iterable[Inputs]) -> Iter
             yield f"{name} on {what}", ExportErrors.measure(g, w32.numpy(), w64.numpy())
 
 
-def judge(measured: Iterable[tuple[str, ExportErrors]]) -> ExportErrors:
-    """The worst of each error, or ExportError on the first output and inputs that are not faithful."""
-    worst = ExportErrors(0.0, 0.0, 0.0)
-    for where, errors in measured:
-        problem = errors.problem()
-        if problem is not None:
-            raise ExportError(f"the export is not the module's computation: {where}: {problem}")
-        worst = ExportErrors(*(max(a, b) for a, b in zip(astuple(worst), astuple(errors), strict=True)))
-    return worst
-
-
 def export_module(
     module: nn.Module, out: Path, *, input_kind: str | None = None, output_name: str | None = None,
     metadata: Mapping[str, str] | None = None, samples: Iterable[np.ndarray] = (), seed: int = 0,
@@ -131,7 +119,7 @@ def export_module(
         raise UnservableModule(f"a tokens model's output is its logits, named 'logits', not {name!r}")
     write_onnx(served, out, name, metadata_for(served, name, metadata or {}))
     try:
-        return judge(measure_parity(served, out, parity_inputs(served, seed, samples)))
+        return judge(measure_parity(served, out, parity_inputs(served, seed, samples)), "module")
     except ExportError:
         out.unlink()
         raise
