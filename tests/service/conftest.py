@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,6 +21,7 @@ from tritonclient.grpc import aio as triton_aio
 
 from service.client import Client
 from service.config import load_settings
+from service.engine import Engine
 from service.server import RunningServer, start_server
 
 CHAT = "tiny-chat"
@@ -185,6 +187,34 @@ async def triton(server: RunningServer) -> AsyncIterator[triton_aio.InferenceSer
     c = triton_aio.InferenceServerClient(f"127.0.0.1:{server.port}")
     yield c
     await c.close()
+
+
+@pytest.fixture
+async def http(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on `server`'s HTTP port (a module that uses it starts its server with an http_port)."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as c:
+        yield c
+
+
+class HoldRun:
+    """A model's engine whose `n`-th run (counted from now) waits until `open` is set."""
+
+    def __init__(self, engine: Engine, n: int) -> None:
+        self.engine, self.spec, self.n, self.runs = engine, engine.spec, n, 0
+        self.running, self.open = threading.Event(), threading.Event()
+
+    def run(self, inputs: np.ndarray, h0: np.ndarray, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.runs += 1
+        if self.runs == self.n:
+            self.running.set()
+            self.open.wait(30)
+        return self.engine.run(inputs, h0, c0)
+
+
+@pytest.fixture
+def hold_run() -> type[HoldRun]:
+    """hold_run(engine, n): the engine, its n-th run from now held until `.open` is set (`.running` tells)."""
+    return HoldRun
 
 
 @pytest.fixture

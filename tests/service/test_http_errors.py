@@ -30,12 +30,6 @@ async def server(start):
     return await start(http_port=port)
 
 
-@pytest.fixture
-async def http(server):
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as c:
-        yield c
-
-
 def tokens(*rows: list[int], **parameters: object) -> dict:
     body: dict = {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [len(rows), len(rows[0])],
                               "data": [list(r) for r in rows]}]}

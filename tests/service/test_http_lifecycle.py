@@ -5,7 +5,6 @@ connections are refused."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import httpx
 import pytest
@@ -41,28 +40,14 @@ async def test_readiness_follows_the_session_store(start, redis_server, eventual
         assert state["position"] == "2", "the step refused while Redis was down changed the session"
 
 
-class HoldRun:
-    """A model's engine whose `n`-th run (counted from now) waits until `open` is set."""
 
-    def __init__(self, engine, n: int) -> None:
-        self.engine, self.spec, self.n, self.runs = engine, engine.spec, n, 0
-        self.running, self.open = threading.Event(), threading.Event()
-
-    def run(self, inputs, h0, c0):
-        self.runs += 1
-        if self.runs == self.n:
-            self.running.set()
-            self.open.wait(30)
-        return self.engine.run(inputs, h0, c0)
-
-
-async def test_a_graceful_stop_finishes_a_streamed_turn(start, connect, eventually):
+async def test_a_graceful_stop_finishes_a_streamed_turn(start, connect, eventually, hold_run):
     [port] = free_ports(1)
     server = await start(http_port=port)
     sid = (await connect(server).open_session()).session_id
     batcher = server.dataplane.batchers[CHAT]
     batcher.inline_max_tokens = 0  # the held engine blocks: never on the event loop
-    hold = batcher.engine = HoldRun(batcher.engine, 4)
+    hold = batcher.engine = hold_run(batcher.engine, 4)
     base = f"http://127.0.0.1:{server.http_port}"
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
         body = {"prompt": "user: hi\nbot: ", "max_tokens": 12}

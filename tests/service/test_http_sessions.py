@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import threading
 from pathlib import Path
 
 import httpx
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.timeout(120)
 async def server(start):
     [port] = free_ports(1)
     return await start(http_port=port)
-
-
-@pytest.fixture
-async def http(server):
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as c:
-        yield c
 
 
 async def ok(response: httpx.Response) -> dict:
@@ -131,23 +124,9 @@ async def test_a_streamed_turn_equals_the_grpc_generate(server, http, client, cl
     close(c, twin_c, "c after the turn")
 
 
-class HoldRun:
-    """A model's engine whose `n`-th run (counted from now) waits until `open` is set."""
-
-    def __init__(self, engine, n: int) -> None:
-        self.engine, self.spec, self.n, self.runs = engine, engine.spec, n, 0
-        self.running, self.open = threading.Event(), threading.Event()
-
-    def run(self, inputs, h0, c0):
-        self.runs += 1
-        if self.runs == self.n:
-            self.running.set()
-            self.open.wait(30)
-        return self.engine.run(inputs, h0, c0)
-
 
 async def test_a_client_that_disconnects_stops_the_turn_as_grpc_does(server, http, client, scrape, eventually,
-                                                                    ref, arrays, close):
+                                                                    ref, arrays, close, hold_run):
     """A greedy turn whose 6th model run (the prompt, then a token per run) is held: the client reads the first
     chunk, goes away while the run is held; the server stops the turn. Over gRPC (the call cancelled) and over
     HTTP (the connection closed) the session ends at the same position, with the state of what was fed."""
@@ -161,7 +140,7 @@ async def test_a_client_that_disconnects_stops_the_turn_as_grpc_does(server, htt
 
     async def cut(transport: str) -> None:
         sid = (await client.open_session()).session_id
-        hold = batcher.engine = HoldRun(engine, 6)
+        hold = batcher.engine = hold_run(engine, 6)
         if transport == "grpc":
             call = client.stub.Generate(pb.GenerateRequest(session_id=sid, prompt=prompt, max_tokens=max_tokens))
             await call.read()
@@ -249,13 +228,13 @@ async def test_the_openapi_document_describes_every_route(server, http):
     assert "security" not in paths["/v2/health/ready"]["get"]
 
 
-async def test_a_turn_past_its_deadline_ends_with_an_error_event(server, http, client, scrape):
+async def test_a_turn_past_its_deadline_ends_with_an_error_event(server, http, client, scrape, hold_run):
     """The reply has begun (200, first chunk) when the held model makes the turn outlive Request-Timeout-Ms:
     it ends with `event: error` carrying 504, and is counted 504, not 200."""
     batcher = server.dataplane.batchers[CHAT]
     batcher.inline_max_tokens = 0  # the held engine blocks: never on the event loop
     engine = batcher.engine
-    hold = batcher.engine = HoldRun(engine, 4)
+    hold = batcher.engine = hold_run(engine, 4)
     sid = (await client.open_session()).session_id
     body = {"prompt": "user: hi\nbot: ", "max_tokens": 50}
     async with http.stream("POST", f"/v1/sessions/{sid}/generate", json=body,
