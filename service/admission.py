@@ -6,14 +6,18 @@ calls costs (tasks, decoded requests, store round trips) before any of it is spe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
 from service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
-from service.errors import ResourceExhausted
+from service.errors import ResourceExhausted, Unavailable
 from service.metrics import Metrics
+
+SHUTTING_DOWN = "server is shutting down: retry on another replica"
+DRAIN_POLL_SECONDS = 0.01
 
 
 class AdmissionInterceptor(ApiInterceptor):
@@ -21,11 +25,15 @@ class AdmissionInterceptor(ApiInterceptor):
         self.max_inflight = max_inflight
         self.inflight = 0
         self._metrics = metrics
+        self._draining = False
         # Built once per method: rebuilding a handler per call cost more than the admission check itself.
         self._admitting: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_api(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
                       ) -> grpc.RpcMethodHandler:
+        if self._draining:
+            self._metrics.calls_refused.labels("shutting_down").inc()
+            return refusing_handler(handler, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         if self.inflight >= self.max_inflight:  # refused before its request is even decoded
             self._metrics.calls_refused.labels("overloaded").inc()
             return refusing_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal())
@@ -33,6 +41,19 @@ class AdmissionInterceptor(ApiInterceptor):
         if admitting is None:
             admitting = self._admitting[details.method] = wrap_handler(handler, self._admitted)
         return admitting
+
+    def drain(self) -> None:
+        """Refuse every new API call from now on (UNAVAILABLE, on both transports): the server is stopping.
+        Refused here, by the server's own word, rather than left to gRPC's shutdown, which cancels (CANCELLED)
+        a call that arrives while it stops."""
+        self._draining = True
+
+    async def drained(self, timeout: float) -> None:
+        """Return once no admitted call is in flight, or after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.inflight and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
 
     def _refusal(self) -> str:
         return f"server overloaded: {self.inflight} calls in progress (max_inflight_requests); retry with backoff"
@@ -51,7 +72,11 @@ class AdmissionInterceptor(ApiInterceptor):
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
-        """An in-flight slot for a call of the HTTP face, under the same bound: ResourceExhausted past it."""
+        """An in-flight slot for a call of the HTTP face, under the same bound: ResourceExhausted past it
+        (Unavailable once the server is stopping)."""
+        if self._draining:
+            self._metrics.calls_refused.labels("shutting_down").inc()
+            raise Unavailable(SHUTTING_DOWN)
         if self.inflight >= self.max_inflight:
             self._metrics.calls_refused.labels("overloaded").inc()
             raise ResourceExhausted(self._refusal())

@@ -56,6 +56,7 @@ class RunningServer:
     settings: Settings
     kserve: KServeServicer
     http: HttpServer | None = None  # None: http_port 0
+    admission: AdmissionInterceptor | None = None
 
     @property
     def http_port(self) -> int:
@@ -66,11 +67,23 @@ class RunningServer:
         both transports finish within `grace`, then stop."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         self.kserve.drain()
+        if self.admission is not None:
+            self.admission.drain()
         await self.health.enter_graceful_shutdown()
-        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http else []))
+        await asyncio.gather(self._stop_grpc(grace), *([self.http.stop(grace)] if self.http else []))
         if self.dataplane is not None:
             await self.dataplane.close()
         self.metrics.stop_http()
+
+
+    async def _stop_grpc(self, grace: float) -> None:
+        """New API calls are refused (UNAVAILABLE) while those in flight finish, within `grace`; then gRPC stops
+        (cancelling what is left, and the infrastructure's calls: health watches, reflection)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.admission is not None:
+            await self.admission.drained(grace)
+        await self.server.stop(max(0.0, deadline - loop.time()))
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
@@ -147,7 +160,8 @@ async def start_server(
         http = HttpServer(build_app(Guards(settings, metrics, tokens, admission), kserve, native), settings)
     metrics_port = metrics.serve_http(settings.metrics_host, settings.metrics_port)
     await server.start()
-    running = RunningServer(server, health_servicer, None, metrics, port, metrics_port, settings, kserve, http)
+    running = RunningServer(server, health_servicer, None, metrics, port, metrics_port, settings, kserve, http,
+                            admission)
     if http is not None:
         await http.start()  # health and readiness answer while the models load, as on gRPC
     try:
