@@ -178,6 +178,7 @@ class Batcher:
         self._pruned = 0.0
         self._last_queued = 0.0
         self._gap = PATIENCE_MAX_SECONDS  # recent mean time between queued entries
+        self._gathering = False  # _gather is waiting for expected steps
         self._queue: deque[QueueEntry] = deque()
         self._queued_steps = 0
         self._wakeup = asyncio.Event()
@@ -243,7 +244,10 @@ class Batcher:
                 self._active[entry.session_id] = now
             queue.append(entry)
             self._queued_steps += queued
-            self._wakeup.set()
+            # A gathering batcher is woken only when this step ends its wait: the batch is full or nothing more
+            # is expected (_expected without its pruning: this is the hot path).
+            if not self._gathering or self._queued_steps >= min(self.max_batch_size, len(self._active)):
+                self._wakeup.set()
             if queued == steps:
                 return queued, None
         queued = max(room, 0)
@@ -274,17 +278,25 @@ class Batcher:
                         entry.fail(CellstreamError(f"internal error running model {self.model!r}"))
 
     async def _gather(self) -> None:
-        """Wait for the steps this batch can expect (the module's docstring says which), each time at most
-        PATIENCE_GAPS times the recent gap between steps, until none is expected or the batch is full."""
+        """Wait for the steps this batch can expect (the module's docstring says which), until none is expected,
+        the batch is full, or PATIENCE_GAPS times the recent gap between steps passed without one. Arrivals meanwhile
+        wake the batcher only when they end the wait (see _admit): a wake-up per step cost more than the step."""
         loop = asyncio.get_running_loop()
-        while self._queued_steps < self.max_batch_size and self._expected(loop.time()) > 0:
-            patience = min(max(PATIENCE_GAPS * self._gap, PATIENCE_MIN_SECONDS), PATIENCE_MAX_SECONDS)
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout(patience):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                return
+        if self._queued_steps >= self.max_batch_size or self._expected(loop.time()) <= 0:
+            return
+        patience = min(max(PATIENCE_GAPS * self._gap, PATIENCE_MIN_SECONDS), PATIENCE_MAX_SECONDS)
+        self._gathering = True
+        try:
+            while (wait := self._last_queued + patience - loop.time()) > 0:
+                self._wakeup.clear()
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._wakeup.wait()
+                    return  # nothing more expected, or the batch is full
+                except TimeoutError:
+                    continue  # steps may have come meanwhile: wait on from the latest
+        finally:
+            self._gathering = False
 
     def forget(self, session_id: str) -> None:
         """The session will not step soon (its turn ended, or it closed): batches stop waiting for it."""
