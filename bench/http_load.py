@@ -8,15 +8,12 @@ load as the gRPC KServe figure's unary runs, over the HTTP port.
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from tritonclient.http import InferInput, InferRequestedOutput
 from tritonclient.http.aio import InferenceServerClient
 
 from bench.gate import Gate
 from bench.jobs import Events, HttpLoad
-from bench.kserve_load import TOKEN, sequence_ids
+from bench.kserve_load import TOKEN, drive_sequences, sequence_ids
 
 
 def _inputs() -> list[InferInput]:
@@ -29,24 +26,12 @@ async def http_load(job: HttpLoad, gate: Gate) -> Events:
     # One connection per sequence: a sequence waits for its reply before its next step, as HTTP/1.1 does.
     client = InferenceServerClient(job.url, conn_limit=job.sessions, conn_timeout=job.timeout_seconds)
     outputs = [InferRequestedOutput(job.output, binary_data=True)]
-    events = Events()
 
     async def step(sequence_id: int, start: bool = False, end: bool = False) -> None:
         await client.infer(job.model, _inputs(), outputs=outputs, sequence_id=sequence_id, sequence_start=start,
                            sequence_end=end)
 
-    async def drive(sequence_id: int) -> None:
-        while not gate.stopping:
-            began = time.monotonic()
-            await step(sequence_id)
-            events.add(began, time.monotonic())
-        await step(sequence_id, end=True)
-
     try:
-        ids = sequence_ids(job.sessions)
-        await asyncio.gather(*(step(sequence_id, start=True) for sequence_id in ids))
-        await gate.ready()
-        await asyncio.gather(*(drive(sequence_id) for sequence_id in ids))
+        return await drive_sequences(sequence_ids(job.sessions), step, gate)
     finally:
         await client.close()
-    return events

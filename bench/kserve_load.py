@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
@@ -34,6 +34,26 @@ def sequence_ids(count: int) -> list[int]:
     return [base + k for k in range(count)]
 
 
+Step = Callable[..., Awaitable[None]]
+
+
+async def drive_sequences(ids: list[int], step: Step, gate: Gate) -> Events:
+    """Start every sequence (`step(id, start=True)`), then step each back to back until stop, then end it."""
+    events = Events()
+
+    async def drive(sequence_id: int) -> None:
+        while not gate.stopping:
+            began = time.monotonic()
+            await step(sequence_id)
+            events.add(began, time.monotonic())
+        await step(sequence_id, end=True)
+
+    await asyncio.gather(*(step(sequence_id, start=True) for sequence_id in ids))
+    await gate.ready()
+    await asyncio.gather(*(drive(sequence_id) for sequence_id in ids))
+    return events
+
+
 async def kserve_load(target: str, job: KServeLoad, gate: Gate) -> Events:
     client = InferenceServerClient(target)
     try:
@@ -53,18 +73,7 @@ async def _unary(client: InferenceServerClient, job: KServeLoad, gate: Gate) -> 
         await client.infer(job.model, _inputs(), outputs=outputs, sequence_id=sequence_id, sequence_start=start,
                            sequence_end=end, client_timeout=timeout)
 
-    async def drive(sequence_id: int) -> None:
-        while not gate.stopping:
-            began = time.monotonic()
-            await step(sequence_id)
-            events.add(began, time.monotonic())
-        await step(sequence_id, end=True)
-
-    events = Events()
-    await asyncio.gather(*(step(sequence_id, start=True) for sequence_id in ids))
-    await gate.ready()
-    await asyncio.gather(*(drive(sequence_id) for sequence_id in ids))
-    return events
+    return await drive_sequences(ids, step, gate)
 
 
 async def _streams(client: InferenceServerClient, job: KServeLoad, gate: Gate) -> Events:

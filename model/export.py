@@ -14,7 +14,7 @@ import json
 import random
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import astuple
 from pathlib import Path
 
@@ -86,13 +86,18 @@ def export_onnx(model: LSTMLanguageModel, metadata: dict[str, str], out: Path) -
                 "logits": {0: "batch", 1: "time"}, "hn": state_axes, "cn": state_axes,
             },
         )
-    graph = onnx.load(str(out))
+    stamp(out, metadata)
+
+
+def stamp(path: Path, metadata: Mapping[str, str]) -> None:
+    """Write the cellstream metadata into an exported file and check the graph (onnx's full check)."""
+    graph = onnx.load(str(path))
     for key, value in metadata.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value
     graph.producer_name = "cellstream"
     onnx.checker.check_model(graph, full_check=True)
-    onnx.save(graph, str(out))
+    onnx.save(graph, str(path))
 
 
 def parity_inputs(config: ModelConfig, seed: int) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:

@@ -17,12 +17,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
-from model.export import FORMAT_VERSION, OPSET, ExportError, judge
+from model.export import FORMAT_VERSION, OPSET, ExportError, judge, stamp
 from model.parity import ExportErrors
 from model.wrap import TOKENS, Served, UnservableModule, serve
 
@@ -60,13 +59,7 @@ def write_onnx(served: Served, out: Path, output_name: str, metadata: Mapping[st
             dynamic_axes={kind: {0: "batch", 1: "time"}, output_name: {0: "batch", 1: "time"},
                           "h0": state_axes, "c0": state_axes, "hn": state_axes, "cn": state_axes},
         )
-    graph = onnx.load(str(out))
-    for key, value in metadata.items():
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = key, value
-    graph.producer_name = "cellstream"
-    onnx.checker.check_model(graph, full_check=True)
-    onnx.save(graph, str(out))
+    stamp(out, metadata)
 
 
 def parity_inputs(served: Served, seed: int, samples: Iterable[np.ndarray] = ()) -> Iterator[Inputs]:
