@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 
 from service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
-from service.errors import ResourceExhausted, Unavailable
+from service.errors import CellstreamError, ResourceExhausted, Unavailable
 from service.metrics import Metrics
 
 SHUTTING_DOWN = "server is shutting down: retry on another replica"
@@ -31,12 +31,9 @@ class AdmissionInterceptor(ApiInterceptor):
 
     def intercept_api(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
                       ) -> grpc.RpcMethodHandler:
-        if self._draining:
-            self._metrics.calls_refused.labels("shutting_down").inc()
-            return refusing_handler(handler, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        if self.inflight >= self.max_inflight:  # refused before its request is even decoded
-            self._metrics.calls_refused.labels("overloaded").inc()
-            return refusing_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal())
+        refusal = self._refused(draining=True)
+        if refusal is not None:  # refused before its request is even decoded
+            return refusing_handler(handler, refusal.code, refusal.message)
         admitting = self._admitting.get(details.method)
         if admitting is None:
             admitting = self._admitting[details.method] = wrap_handler(handler, self._admitted)
@@ -55,33 +52,41 @@ class AdmissionInterceptor(ApiInterceptor):
         while self.inflight and loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL_SECONDS)
 
-    def _refusal(self) -> str:
-        return f"server overloaded: {self.inflight} calls in progress (max_inflight_requests); retry with backoff"
-
-    @contextlib.asynccontextmanager
-    async def _admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        # Checked again: calls admitted above may have started since.
+    def _refused(self, *, draining: bool) -> CellstreamError | None:
+        """Why a call cannot start now (counted in calls_refused), or None: the server is stopping (when
+        `draining` is checked), or the in-flight bound is reached."""
+        if draining and self._draining:
+            self._metrics.calls_refused.labels("shutting_down").inc()
+            return Unavailable(SHUTTING_DOWN)
         if self.inflight >= self.max_inflight:
             self._metrics.calls_refused.labels("overloaded").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._refusal())
+            return ResourceExhausted(f"server overloaded: {self.inflight} calls in progress (max_inflight_requests); "
+                                     "retry with backoff")
+        return None
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
         self.inflight += 1
         try:
             yield
         finally:
             self.inflight -= 1
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        # Checked again: calls admitted above may have started since (a drain that began meanwhile lets it run).
+        refusal = self._refused(draining=False)
+        if refusal is not None:
+            await context.abort(refusal.code, refusal.message)
+        with self._held():
+            yield
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         """An in-flight slot for a call of the HTTP face, under the same bound: ResourceExhausted past it
         (Unavailable once the server is stopping)."""
-        if self._draining:
-            self._metrics.calls_refused.labels("shutting_down").inc()
-            raise Unavailable(SHUTTING_DOWN)
-        if self.inflight >= self.max_inflight:
-            self._metrics.calls_refused.labels("overloaded").inc()
-            raise ResourceExhausted(self._refusal())
-        self.inflight += 1
-        try:
+        refusal = self._refused(draining=True)
+        if refusal is not None:
+            raise refusal
+        with self._held():
             yield
-        finally:
-            self.inflight -= 1

@@ -75,7 +75,6 @@ class RunningServer:
             await self.dataplane.close()
         self.metrics.stop_http()
 
-
     async def _stop_grpc(self, grace: float) -> None:
         """New API calls are refused (UNAVAILABLE) while those in flight finish, within `grace`; then gRPC stops
         (cancelling what is left, and the infrastructure's calls: health watches, reflection)."""
