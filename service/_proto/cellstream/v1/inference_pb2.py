@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63\x65llstream/v1/inference.proto\x12\rcellstream.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"g\n\x05State\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\t\n\x01h\x18\x04 \x03(\x02\x12\t\n\x01\x63\x18\x05 \x03(\x02\x12\x10\n\x08position\x18\x06 \x01(\x04\"e\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12+\n\rinitial_state\x18\x03 \x01(\x0b\x32\x14.cellstream.v1.State\"r\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x04\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1c\n\rTokenSequence\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\rFloatSequence\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\"J\n\x07Outputs\x12\x0e\n\x06logits\x18\x01 \x01(\x08\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x11\n\tall_steps\x18\x03 \x01(\x08\x12\r\n\x05state\x18\x04 \x01(\x08\"\x85\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x01(\x0b\x32\x1c.cellstream.v1.TokenSequenceH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x30\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x1c.cellstream.v1.FloatSequenceH\x00\x12\x1e\n\x11\x65xpected_position\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12$\n\x04want\x18\x06 \x01(\x0b\x32\x16.cellstream.v1.Outputs\x12\x0b\n\x03tag\x18\x07 \x01(\x04\x42\x07\n\x05inputB\x14\n\x12_expected_position\"6\n\tTokenProb\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"\xa1\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x0e\n\x06logits\x18\x03 \x03(\x02\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.cellstream.v1.TokenProb\x12#\n\x05state\x18\x05 \x01(\x0b\x32\x14.cellstream.v1.State\x12\x0f\n\x07outputs\x18\x06 \x03(\x02\"\xa4\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0b\n\x03tag\x18\x08 \x01(\x04\x42\x07\n\x05_seed\"d\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"6\n\tStepBatch\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.cellstream.v1.StepRequest\"~\n\x0bStepOutcome\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.cellstream.v1.StepResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.cellstream.v1.StatusH\x00\x42\t\n\x07outcome\"<\n\x0fStepBatchResult\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.cellstream.v1.StepOutcome\">\n\rGenerateBatch\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.cellstream.v1.GenerateRequest\"\x94\x01\n\x0fGenerateOutcome\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12-\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1c.cellstream.v1.GenerateChunkH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.cellstream.v1.StatusH\x00\x42\t\n\x07outcome\"E\n\x13GenerateBatchResult\x12.\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1e.cellstream.v1.GenerateOutcome\"=\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"(\n\x14\x43loseSessionResponse\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x13\n\x11ListModelsRequest\"\x94\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_kind\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x14\n\x0c\x66\x65\x61ture_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x38\n\x08metadata\x18\x07 \x03(\x0b\x32&.cellstream.v1.ModelInfo.MetadataEntry\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\x13\n\x0boutput_name\x18\t \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.cellstream.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\xc8\x06\n\tInference\x12L\n\x0bOpenSession\x12!.cellstream.v1.OpenSessionRequest\x1a\x1a.cellstream.v1.SessionInfo\x12?\n\x04Step\x12\x1a.cellstream.v1.StepRequest\x1a\x1b.cellstream.v1.StepResponse\x12J\n\x0bStreamSteps\x12\x1a.cellstream.v1.StepRequest\x1a\x1b.cellstream.v1.StepResponse(\x01\x30\x01\x12J\n\x08Generate\x12\x1e.cellstream.v1.GenerateRequest\x1a\x1c.cellstream.v1.GenerateChunk0\x01\x12\x44\n\x08StepMany\x12\x18.cellstream.v1.StepBatch\x1a\x1e.cellstream.v1.StepBatchResult\x12J\n\nStreamMany\x12\x18.cellstream.v1.StepBatch\x1a\x1e.cellstream.v1.StepBatchResult(\x01\x30\x01\x12T\n\x0cGenerateMany\x12\x1c.cellstream.v1.GenerateBatch\x1a\".cellstream.v1.GenerateBatchResult(\x01\x30\x01\x12;\n\x08GetState\x12\x19.cellstream.v1.SessionRef\x1a\x14.cellstream.v1.State\x12L\n\x0b\x46orkSession\x12!.cellstream.v1.ForkSessionRequest\x1a\x1a.cellstream.v1.SessionInfo\x12N\n\x0c\x43loseSession\x12\x19.cellstream.v1.SessionRef\x1a#.cellstream.v1.CloseSessionResponse\x12Q\n\nListModels\x12 .cellstream.v1.ListModelsRequest\x1a!.cellstream.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63\x65llstream/v1/inference.proto\x12\rcellstream.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"g\n\x05State\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\t\n\x01h\x18\x04 \x03(\x02\x12\t\n\x01\x63\x18\x05 \x03(\x02\x12\x10\n\x08position\x18\x06 \x01(\x04\"e\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12+\n\rinitial_state\x18\x03 \x01(\x0b\x32\x14.cellstream.v1.State\"r\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x04\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x1c\n\rTokenSequence\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\rFloatSequence\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\"Y\n\x07Outputs\x12\x0e\n\x06logits\x18\x01 \x01(\x08\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x11\n\tall_steps\x18\x03 \x01(\x08\x12\r\n\x05state\x18\x04 \x01(\x08\x12\r\n\x05gates\x18\x05 \x01(\x08\"l\n\nLayerGates\x12\x0e\n\x06\x66orget\x18\x01 \x03(\x02\x12\r\n\x05input\x18\x02 \x03(\x02\x12\x11\n\tcandidate\x18\x03 \x03(\x02\x12\x0c\n\x04\x63\x65ll\x18\x04 \x03(\x02\x12\x0e\n\x06output\x18\x05 \x03(\x02\x12\x0e\n\x06hidden\x18\x06 \x03(\x02\"\x85\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12.\n\x06tokens\x18\x02 \x01(\x0b\x32\x1c.cellstream.v1.TokenSequenceH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x30\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x1c.cellstream.v1.FloatSequenceH\x00\x12\x1e\n\x11\x65xpected_position\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12$\n\x04want\x18\x06 \x01(\x0b\x32\x16.cellstream.v1.Outputs\x12\x0b\n\x03tag\x18\x07 \x01(\x04\x42\x07\n\x05inputB\x14\n\x12_expected_position\"6\n\tTokenProb\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0c\n\x04prob\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"\xcb\x01\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x0e\n\x06logits\x18\x03 \x03(\x02\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.cellstream.v1.TokenProb\x12#\n\x05state\x18\x05 \x01(\x0b\x32\x14.cellstream.v1.State\x12\x0f\n\x07outputs\x18\x06 \x03(\x02\x12(\n\x05gates\x18\x07 \x03(\x0b\x32\x19.cellstream.v1.LayerGates\"\xb3\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x0b\n\x03tag\x18\x08 \x01(\x04\x12\r\n\x05gates\x18\t \x01(\x08\x42\x07\n\x05_seed\"\x8e\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12(\n\x05gates\x18\x06 \x03(\x0b\x32\x19.cellstream.v1.LayerGates\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"6\n\tStepBatch\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.cellstream.v1.StepRequest\"~\n\x0bStepOutcome\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.cellstream.v1.StepResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.cellstream.v1.StatusH\x00\x42\t\n\x07outcome\"<\n\x0fStepBatchResult\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.cellstream.v1.StepOutcome\">\n\rGenerateBatch\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.cellstream.v1.GenerateRequest\"\x94\x01\n\x0fGenerateOutcome\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12-\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1c.cellstream.v1.GenerateChunkH\x00\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.cellstream.v1.StatusH\x00\x42\t\n\x07outcome\"E\n\x13GenerateBatchResult\x12.\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1e.cellstream.v1.GenerateOutcome\"=\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"(\n\x14\x43loseSessionResponse\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x13\n\x11ListModelsRequest\"\xa3\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_kind\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x14\n\x0c\x66\x65\x61ture_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x38\n\x08metadata\x18\x07 \x03(\x0b\x32&.cellstream.v1.ModelInfo.MetadataEntry\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\x13\n\x0boutput_name\x18\t \x01(\t\x12\r\n\x05gates\x18\n \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.cellstream.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\xc8\x06\n\tInference\x12L\n\x0bOpenSession\x12!.cellstream.v1.OpenSessionRequest\x1a\x1a.cellstream.v1.SessionInfo\x12?\n\x04Step\x12\x1a.cellstream.v1.StepRequest\x1a\x1b.cellstream.v1.StepResponse\x12J\n\x0bStreamSteps\x12\x1a.cellstream.v1.StepRequest\x1a\x1b.cellstream.v1.StepResponse(\x01\x30\x01\x12J\n\x08Generate\x12\x1e.cellstream.v1.GenerateRequest\x1a\x1c.cellstream.v1.GenerateChunk0\x01\x12\x44\n\x08StepMany\x12\x18.cellstream.v1.StepBatch\x1a\x1e.cellstream.v1.StepBatchResult\x12J\n\nStreamMany\x12\x18.cellstream.v1.StepBatch\x1a\x1e.cellstream.v1.StepBatchResult(\x01\x30\x01\x12T\n\x0cGenerateMany\x12\x1c.cellstream.v1.GenerateBatch\x1a\".cellstream.v1.GenerateBatchResult(\x01\x30\x01\x12;\n\x08GetState\x12\x19.cellstream.v1.SessionRef\x1a\x14.cellstream.v1.State\x12L\n\x0b\x46orkSession\x12!.cellstream.v1.ForkSessionRequest\x1a\x1a.cellstream.v1.SessionInfo\x12N\n\x0c\x43loseSession\x12\x19.cellstream.v1.SessionRef\x1a#.cellstream.v1.CloseSessionResponse\x12Q\n\nListModels\x12 .cellstream.v1.ListModelsRequest\x1a!.cellstream.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,43 +47,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FLOATSEQUENCE']._serialized_start=469
   _globals['_FLOATSEQUENCE']._serialized_end=513
   _globals['_OUTPUTS']._serialized_start=515
-  _globals['_OUTPUTS']._serialized_end=589
-  _globals['_STEPREQUEST']._serialized_start=592
-  _globals['_STEPREQUEST']._serialized_end=853
-  _globals['_TOKENPROB']._serialized_start=855
-  _globals['_TOKENPROB']._serialized_end=909
-  _globals['_STEPRESPONSE']._serialized_start=912
-  _globals['_STEPRESPONSE']._serialized_end=1073
-  _globals['_GENERATEREQUEST']._serialized_start=1076
-  _globals['_GENERATEREQUEST']._serialized_end=1240
-  _globals['_GENERATECHUNK']._serialized_start=1242
-  _globals['_GENERATECHUNK']._serialized_end=1342
-  _globals['_STATUS']._serialized_start=1344
-  _globals['_STATUS']._serialized_end=1383
-  _globals['_STEPBATCH']._serialized_start=1385
-  _globals['_STEPBATCH']._serialized_end=1439
-  _globals['_STEPOUTCOME']._serialized_start=1441
-  _globals['_STEPOUTCOME']._serialized_end=1567
-  _globals['_STEPBATCHRESULT']._serialized_start=1569
-  _globals['_STEPBATCHRESULT']._serialized_end=1629
-  _globals['_GENERATEBATCH']._serialized_start=1631
-  _globals['_GENERATEBATCH']._serialized_end=1693
-  _globals['_GENERATEOUTCOME']._serialized_start=1696
-  _globals['_GENERATEOUTCOME']._serialized_end=1844
-  _globals['_GENERATEBATCHRESULT']._serialized_start=1846
-  _globals['_GENERATEBATCHRESULT']._serialized_end=1915
-  _globals['_FORKSESSIONREQUEST']._serialized_start=1917
-  _globals['_FORKSESSIONREQUEST']._serialized_end=1978
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1980
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2020
-  _globals['_LISTMODELSREQUEST']._serialized_start=2022
-  _globals['_LISTMODELSREQUEST']._serialized_end=2041
-  _globals['_MODELINFO']._serialized_start=2044
-  _globals['_MODELINFO']._serialized_end=2320
-  _globals['_MODELINFO_METADATAENTRY']._serialized_start=2273
-  _globals['_MODELINFO_METADATAENTRY']._serialized_end=2320
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2322
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2407
-  _globals['_INFERENCE']._serialized_start=2410
-  _globals['_INFERENCE']._serialized_end=3250
+  _globals['_OUTPUTS']._serialized_end=604
+  _globals['_LAYERGATES']._serialized_start=606
+  _globals['_LAYERGATES']._serialized_end=714
+  _globals['_STEPREQUEST']._serialized_start=717
+  _globals['_STEPREQUEST']._serialized_end=978
+  _globals['_TOKENPROB']._serialized_start=980
+  _globals['_TOKENPROB']._serialized_end=1034
+  _globals['_STEPRESPONSE']._serialized_start=1037
+  _globals['_STEPRESPONSE']._serialized_end=1240
+  _globals['_GENERATEREQUEST']._serialized_start=1243
+  _globals['_GENERATEREQUEST']._serialized_end=1422
+  _globals['_GENERATECHUNK']._serialized_start=1425
+  _globals['_GENERATECHUNK']._serialized_end=1567
+  _globals['_STATUS']._serialized_start=1569
+  _globals['_STATUS']._serialized_end=1608
+  _globals['_STEPBATCH']._serialized_start=1610
+  _globals['_STEPBATCH']._serialized_end=1664
+  _globals['_STEPOUTCOME']._serialized_start=1666
+  _globals['_STEPOUTCOME']._serialized_end=1792
+  _globals['_STEPBATCHRESULT']._serialized_start=1794
+  _globals['_STEPBATCHRESULT']._serialized_end=1854
+  _globals['_GENERATEBATCH']._serialized_start=1856
+  _globals['_GENERATEBATCH']._serialized_end=1918
+  _globals['_GENERATEOUTCOME']._serialized_start=1921
+  _globals['_GENERATEOUTCOME']._serialized_end=2069
+  _globals['_GENERATEBATCHRESULT']._serialized_start=2071
+  _globals['_GENERATEBATCHRESULT']._serialized_end=2140
+  _globals['_FORKSESSIONREQUEST']._serialized_start=2142
+  _globals['_FORKSESSIONREQUEST']._serialized_end=2203
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2205
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2245
+  _globals['_LISTMODELSREQUEST']._serialized_start=2247
+  _globals['_LISTMODELSREQUEST']._serialized_end=2266
+  _globals['_MODELINFO']._serialized_start=2269
+  _globals['_MODELINFO']._serialized_end=2560
+  _globals['_MODELINFO_METADATAENTRY']._serialized_start=2513
+  _globals['_MODELINFO_METADATAENTRY']._serialized_end=2560
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2562
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2647
+  _globals['_INFERENCE']._serialized_start=2650
+  _globals['_INFERENCE']._serialized_end=3490
 # @@protoc_insertion_point(module_scope)

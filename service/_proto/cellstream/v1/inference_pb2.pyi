@@ -68,16 +68,34 @@ class FloatSequence(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class Outputs(_message.Message):
-    __slots__ = ("logits", "top_k", "all_steps", "state")
+    __slots__ = ("logits", "top_k", "all_steps", "state", "gates")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ALL_STEPS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     logits: bool
     top_k: int
     all_steps: bool
     state: bool
-    def __init__(self, logits: _Optional[bool] = ..., top_k: _Optional[int] = ..., all_steps: _Optional[bool] = ..., state: _Optional[bool] = ...) -> None: ...
+    gates: bool
+    def __init__(self, logits: _Optional[bool] = ..., top_k: _Optional[int] = ..., all_steps: _Optional[bool] = ..., state: _Optional[bool] = ..., gates: _Optional[bool] = ...) -> None: ...
+
+class LayerGates(_message.Message):
+    __slots__ = ("forget", "input", "candidate", "cell", "output", "hidden")
+    FORGET_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    forget: _containers.RepeatedScalarFieldContainer[float]
+    input: _containers.RepeatedScalarFieldContainer[float]
+    candidate: _containers.RepeatedScalarFieldContainer[float]
+    cell: _containers.RepeatedScalarFieldContainer[float]
+    output: _containers.RepeatedScalarFieldContainer[float]
+    hidden: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, forget: _Optional[_Iterable[float]] = ..., input: _Optional[_Iterable[float]] = ..., candidate: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., output: _Optional[_Iterable[float]] = ..., hidden: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "tokens", "text", "features", "expected_position", "want", "tag")
@@ -108,23 +126,25 @@ class TokenProb(_message.Message):
     def __init__(self, token: _Optional[int] = ..., prob: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "position", "logits", "top", "state", "outputs")
+    __slots__ = ("session_id", "position", "logits", "top", "state", "outputs", "gates")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     position: int
     logits: _containers.RepeatedScalarFieldContainer[float]
     top: _containers.RepeatedCompositeFieldContainer[TokenProb]
     state: State
     outputs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[TokenProb, _Mapping]]] = ..., state: _Optional[_Union[State, _Mapping]] = ..., outputs: _Optional[_Iterable[float]] = ...) -> None: ...
+    gates: _containers.RepeatedCompositeFieldContainer[LayerGates]
+    def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ..., top: _Optional[_Iterable[_Union[TokenProb, _Mapping]]] = ..., state: _Optional[_Union[State, _Mapping]] = ..., outputs: _Optional[_Iterable[float]] = ..., gates: _Optional[_Iterable[_Union[LayerGates, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "seed", "stop", "tag")
+    __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "seed", "stop", "tag", "gates")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +153,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt: str
     max_tokens: int
@@ -141,21 +162,24 @@ class GenerateRequest(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     tag: int
-    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tag: _Optional[int] = ...) -> None: ...
+    gates: bool
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tag: _Optional[int] = ..., gates: _Optional[bool] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "tokens", "position", "done", "finish_reason")
+    __slots__ = ("text", "tokens", "position", "done", "finish_reason", "gates")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     position: int
     done: bool
     finish_reason: str
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., position: _Optional[int] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    gates: _containers.RepeatedCompositeFieldContainer[LayerGates]
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., position: _Optional[int] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., gates: _Optional[_Iterable[_Union[LayerGates, _Mapping]]] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
@@ -230,7 +254,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input_kind", "vocab_size", "feature_size", "num_layers", "hidden_size", "metadata", "is_default", "output_name")
+    __slots__ = ("name", "input_kind", "vocab_size", "feature_size", "num_layers", "hidden_size", "metadata", "is_default", "output_name", "gates")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +271,7 @@ class ModelInfo(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     name: str
     input_kind: str
     vocab_size: int
@@ -256,7 +281,8 @@ class ModelInfo(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     is_default: bool
     output_name: str
-    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., is_default: _Optional[bool] = ..., output_name: _Optional[str] = ...) -> None: ...
+    gates: bool
+    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., is_default: _Optional[bool] = ..., output_name: _Optional[str] = ..., gates: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")
