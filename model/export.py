@@ -3,7 +3,8 @@
 Graph: tokens int64 (B, T), h0/c0 float32 (L, B, H) -> logits float32 (B, T, V), hn/cn (L, B, H),
 batch and time dynamic. The metadata carries everything the service needs to serve it without torch.
 After writing, the file is run under onnxruntime and judged against a float64 run of the same weights
-(model.parity); an unfaithful export is rejected.
+(model.parity); an unfaithful export is rejected. Beside it goes the glass-box graph of the same weights
+(model.glassbox: `<name>.gates.onnx`), from which the server reads the gates, judged the same way.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from model import corpus, tokenizer
+from model import corpus, glassbox, tokenizer
 from model.languages import LANGUAGES
 from model.network import LSTMLanguageModel, ModelConfig
 from model.parity import ExportErrors
+from model.reference import ReferenceLSTM
 
 FORMAT_VERSION = "1"
 OPSET = 17
@@ -139,22 +141,38 @@ def check_parity(model: LSTMLanguageModel, path: Path, seed: int = 0) -> ExportE
     return judge(measure_parity(model, path, seed), "model")
 
 
-def judge(measured: Iterable[tuple[str, ExportErrors]], subject: str) -> ExportErrors:
+def judge(measured: Iterable[tuple[str, ExportErrors]], subject: str, float32: str = "torch float32"
+          ) -> ExportErrors:
     """The worst of each error, or ExportError on the first output and inputs where the export is not the
-    `subject`'s computation (model.parity's rule)."""
+    `subject`'s computation (model.parity's rule, beside the float32 computation named `float32`)."""
     worst = ExportErrors(0.0, 0.0, 0.0)
     for where, errors in measured:
-        problem = errors.problem()
+        problem = errors.problem(float32)
         if problem is not None:
             raise ExportError(f"the export is not the {subject}'s computation: {where}: {problem}")
         worst = ExportErrors(*(max(a, b) for a, b in zip(astuple(worst), astuple(errors), strict=True)))
     return worst
 
 
-def export_checkpoint(checkpoint_path: Path, out: Path) -> ExportErrors:
+def export_glass_box(reference: ReferenceLSTM, input_kind: str, fast_graph: Path,
+                     inputs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> ExportErrors:
+    """Write the glass-box graph beside `fast_graph` (model.glassbox) and judge it against the NumPy reference
+    and the fast graph; an unfaithful one is deleted and raises ExportError."""
+    path = glassbox.write(reference, input_kind, fast_graph)
+    try:
+        return judge(glassbox.measure(reference, path, fast_graph, inputs), "NumPy reference", glassbox.FLOAT32)
+    except ExportError:
+        path.unlink()
+        raise
+
+
+def export_checkpoint(checkpoint_path: Path, out: Path) -> tuple[ExportErrors, ExportErrors]:
+    """Export the fast graph and its glass-box graph; the worst errors of each."""
     model, checkpoint = load_checkpoint(checkpoint_path)
     export_onnx(model, metadata_for(model, checkpoint), out)
-    return check_parity(model, out)
+    worst = check_parity(model, out)
+    reference = ReferenceLSTM.from_state_dict({k: v.numpy() for k, v in model.state_dict().items()})
+    return worst, export_glass_box(reference, "tokens", out, parity_inputs(model.config, seed=0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,11 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("model/artifacts/cellstream-chat.onnx"))
     args = parser.parse_args(argv)
     try:
-        worst = export_checkpoint(args.checkpoint, args.out)
+        worst, glass_worst = export_checkpoint(args.checkpoint, args.out)
     except (FileNotFoundError, ExportError) as exc:
         print(f"cellstream export: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); worst scaled error: {worst.summary()}")
+    print(f"wrote {glassbox.path_for(args.out)} (gates); worst scaled error against the NumPy reference: "
+          f"{glass_worst.summary(glassbox.FLOAT32)}")
     return 0
 
 

@@ -51,16 +51,17 @@ class ExportErrors:
     def allowed_to_float64(self) -> float:
         return max(EXPORT_FACTOR * self.torch_to_float64, TOLERANCE)
 
-    def summary(self) -> str:
-        return (f"onnxruntime to float64 {self.onnxruntime_to_float64:.2e} (torch float32 "
-                f"{self.torch_to_float64:.2e}), onnxruntime to torch float32 {self.onnxruntime_to_torch:.2e}")
+    def summary(self, float32: str = "torch float32") -> str:
+        """The three errors in words; `float32` names the float32 computation onnxruntime is judged beside."""
+        return (f"onnxruntime to float64 {self.onnxruntime_to_float64:.2e} ({float32} "
+                f"{self.torch_to_float64:.2e}), onnxruntime to {float32} {self.onnxruntime_to_torch:.2e}")
 
-    def problem(self) -> str | None:
+    def problem(self, float32: str = "torch float32") -> str | None:
         """Why the export is not faithful on these inputs, or None when it is."""
         if not self.onnxruntime_to_float64 <= self.allowed_to_float64:
             return (f"onnxruntime is {self.onnxruntime_to_float64:.3g} from float64, more than "
-                    f"{EXPORT_FACTOR:g} x torch float32's {self.torch_to_float64:.3g} (allowed "
+                    f"{EXPORT_FACTOR:g} x {float32}'s {self.torch_to_float64:.3g} (allowed "
                     f"{self.allowed_to_float64:.3g})")
         if not self.onnxruntime_to_torch <= EXPORT_TO_TORCH:
-            return f"onnxruntime and torch float32 differ by {self.onnxruntime_to_torch:.3g} > {EXPORT_TO_TORCH:g}"
+            return f"onnxruntime and {float32} differ by {self.onnxruntime_to_torch:.3g} > {EXPORT_TO_TORCH:g}"
         return None

@@ -61,6 +61,7 @@ class StepResult(NamedTuple):  # a tuple: built once per step, in the hot path
     h: np.ndarray  # (L, H) after the step
     c: np.ndarray
     position: int  # after the step
+    gates: np.ndarray | None = None  # (T, 6, L, H) when the step asked for them (Engine.run_with_gates)
 
 
 StepInputs = list[int] | np.ndarray
@@ -79,6 +80,7 @@ class StepJob:
     future: asyncio.Future[StepResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = 0.0
     owner: str | None = None  # if set: the session must be this principal's (checked when it is loaded)
+    gates: bool = False  # also run the glass-box graph on this step (its model has one)
 
     def succeed(self, result: StepResult) -> None:
         self.future.set_result(result)
@@ -186,6 +188,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._input_dtype = np.int64 if engine.spec.input_kind == TOKENS else np.float32
+        self._gates = engine.glass_box is not None
         # Bound once: labels() costs a lock and a dict lookup on every call of the hot path.
         self._queue_wait = metrics.queue_wait.labels(self.model)
         self._compute = metrics.compute.labels(self.model)
@@ -380,7 +383,13 @@ class Batcher:
         held = any(isinstance(entry, StepJob) and entry.state is not None for entry, _ in taken)
         h0, c0 = stack_states(ready) if held else self.store.stack(ready)  # (L, B, H)
         positions = [record.position for record in ready]
-        if inputs.shape[0] * inputs.shape[1] <= self.inline_max_tokens:
+        gated = [first for entry, first in taken if isinstance(entry, StepJob) and entry.gates] if self._gates else ()
+        gate_rows: dict[int, np.ndarray] = {}
+        if gated:  # costs the batch as much as a longer step would: on the worker thread like one
+            logits, hn, cn, gate_values = await loop.run_in_executor(
+                self._executor, self.engine.run_with_gates, inputs, h0, c0, gated)
+            gate_rows = dict(zip(gated, gate_values, strict=True))
+        elif inputs.shape[0] * inputs.shape[1] <= self.inline_max_tokens:
             logits, hn, cn = self.engine.run(inputs, h0, c0)
         else:
             logits, hn, cn = await loop.run_in_executor(self._executor, self.engine.run, inputs, h0, c0)
@@ -408,7 +417,7 @@ class Batcher:
             else:
                 commit.append(first)
         changed = await self._commit(ready, commit, positions, after, hn, cn)
-        answered += self._settle(taken, changed, (logits, hn, cn, after))
+        answered += self._settle(taken, changed, (logits, hn, cn, after), gate_rows)
         self._tokens.inc(answered * steps)
 
     def _arrange(self, batch: list[QueueEntry], records: list[SessionRecord | None]
@@ -457,9 +466,10 @@ class Batcher:
 
     @staticmethod
     def _settle(taken: list[tuple[QueueEntry, int]], changed: set[int],
-                outputs: tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]) -> int:
-        """Answer the steps whose state was committed (or fail those whose session changed meanwhile);
-        returns how many were answered."""
+                outputs: tuple[np.ndarray, np.ndarray, np.ndarray, list[int]], gate_rows: dict[int, np.ndarray]
+                ) -> int:
+        """Answer the steps whose state was committed (or fail those whose session changed meanwhile), with
+        their gates if they asked; returns how many were answered."""
         logits, hn, cn, after = outputs
         answered = 0
         for entry, first in taken:
@@ -470,7 +480,8 @@ class Batcher:
                     entry.fail(Aborted(f"session {entry.session_id!r} changed while this step ran; "
                                        "nothing was applied"))
                 else:
-                    entry.succeed(StepResult(logits[first], hn[:, first], cn[:, first], after[first]))
+                    entry.succeed(StepResult(logits[first], hn[:, first], cn[:, first], after[first],
+                                             gate_rows.get(first)))
                     answered += 1
                 continue
             if entry.cancelled:

@@ -20,7 +20,8 @@ from service.auth import current_principal
 from service.batcher import Batcher, StepGroup, StepInputs, StepJob, StepResult
 from service.config import Settings
 from service.engine import FEATURES, TOKENS, ModelRegistry, ModelSpec
-from service.errors import CellstreamError, InvalidArgument, NotFound, session_not_found
+from service.errors import CellstreamError, FailedPrecondition, InvalidArgument, NotFound, session_not_found
+from service.gates import HOW_TO_EXPORT
 from service.metrics import Metrics
 from service.sessions.base import SessionRecord, SessionStore, new_session_id
 from service.sessions.watch import StoreWatch
@@ -53,6 +54,7 @@ class GeneratedChunk:
     tokens: list[int]
     position: int
     finish_reason: str = ""  # set on the last chunk
+    gates: np.ndarray | None = None  # (T, 6, L, H) of the steps fed since the previous chunk, if asked
 
 
 MAX_ID_CHARS = 1024  # session ids (KServe's: prefix + 256) and model names; short enough to echo
@@ -194,6 +196,16 @@ class DataPlane:
             arrays.append(array.reshape(spec.state_shape).copy())
         return arrays[0], arrays[1]
 
+    def check_gates(self, model: str, steps: int) -> None:
+        """FailedPrecondition if `model` has no glass-box graph; InvalidArgument past max_gate_steps."""
+        if self.registry.engines[model].glass_box is None:
+            raise FailedPrecondition(f"model {model!r} is served without a glass-box graph, so it has no gates to "
+                                     f"show; {HOW_TO_EXPORT}")
+        limit = self.settings.max_gate_steps
+        if steps > limit:
+            raise InvalidArgument(f"gates were asked for {steps} steps, more than max_gate_steps ({limit}); "
+                                  "ask for gates on shorter requests (the state carries over between them)")
+
     # --- sessions -----------------------------------------------------------------------------
 
     async def open_session(self, model: str, ttl_seconds: float = 0, initial: InitialState | None = None
@@ -266,10 +278,14 @@ class DataPlane:
 
     async def step(
         self, record: SessionRecord, inputs: StepInputs, *, expected_position: int | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, gates: bool = False,
     ) -> StepResult:
-        """Feed validated `inputs` to the session and wait for the new state and logits."""
+        """Feed validated `inputs` to the session and wait for the new state and logits (and the gates of
+        every step, if asked)."""
         job = StepJob(record.session_id, inputs, expected_position, deadline_after(timeout))
+        if gates:
+            self.check_gates(record.model, len(inputs))
+            job.gates = True
         return await self.batchers[record.model].submit(job)
 
     def start_group(self, model: str, group: StepGroup) -> CellstreamError | None:
@@ -319,8 +335,10 @@ class DataPlane:
         seed: int | None,
         stop: Sequence[str],
         timeout: float | None = None,
+        gates: bool = False,
     ) -> AsyncIterator[GeneratedChunk]:
-        """Feed the prompt, then sample and feed one token at a time, yielding text as it completes."""
+        """Feed the prompt, then sample and feed one token at a time, yielding text as it completes (with the
+        gates of every step fed since the previous chunk, if asked)."""
         spec = self.registry.engines[record.model].spec
         limit = self.settings.max_generate_tokens
         if max_tokens == 0:
@@ -333,18 +351,23 @@ class DataPlane:
             raise InvalidArgument(f"top_k is {top_k}, more than the vocabulary size {spec.vocab_size}")
         if any(not s for s in stop):
             raise InvalidArgument("stop has an empty string; every stop sequence needs at least one character")
+        if gates:
+            self.check_gates(record.model, len(prompt))
         deadline = None if timeout is None else time.monotonic() + timeout
         rng = np.random.default_rng(seed)
         end_tokens = spec.end_tokens()
         decoder = StreamDecoder()
         reply = ""
-        result = await self.step(record, prompt, timeout=timeout)
+        result = await self.step(record, prompt, timeout=timeout, gates=gates)
         pending: list[int] = []
+        pending_gates = [result.gates] if gates else []
         for count in range(1, max_tokens + 1):
             token = sample_token(result.logits[-1], temperature, top_k, rng)
             remaining = None if deadline is None else deadline - time.monotonic()
-            result = await self.step(record, [token], timeout=remaining)
+            result = await self.step(record, [token], timeout=remaining, gates=gates)
             pending.append(token)
+            if gates:
+                pending_gates.append(result.gates)
             text = decoder.feed([token])
             reply += text
             finish = ""
@@ -357,11 +380,17 @@ class DataPlane:
             if finish:
                 # The turn is over: the next step of this session waits for its user, not a batch for it.
                 self.batchers[record.model].forget(record.session_id)
-                yield GeneratedChunk(text + decoder.flush(), pending, result.position, finish)
+                yield GeneratedChunk(text + decoder.flush(), pending, result.position, finish, joined(pending_gates))
                 return
             if text:
-                yield GeneratedChunk(text, pending, result.position)
+                yield GeneratedChunk(text, pending, result.position, gates=joined(pending_gates))
                 pending = []
+                pending_gates = []
+
+
+def joined(gates: list[np.ndarray | None]) -> np.ndarray | None:
+    """Steps' gates (T_k, 6, L, H) one after another, or None when none were asked for."""
+    return np.concatenate([g for g in gates if g is not None]) if gates else None
 
 
 def deadline_after(timeout: float | None) -> float | None:

@@ -10,9 +10,10 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from service import contract
+from service import contract, gates
 from service.contract import BYTE_TOKENIZER, FEATURES, LOGITS, TOKENS, ContractViolation, ModelSpec, Port
 from service.errors import ModelLoadError
+from service.gates import GlassBox
 
 __all__ = ["BYTE_TOKENIZER", "FEATURES", "LOGITS", "TOKENS", "Engine", "ModelRegistry", "ModelSpec", "inspect_session"]
 
@@ -52,6 +53,10 @@ class Engine:
         self._input_name = self.spec.input_kind
         self._output_names = [self.spec.output_name, "hn", "cn"]
         self._warm_up()
+        self.glass_box: GlassBox | None = None  # the gates' graph, when the model has one beside it
+        if (glass_path := gates.path_for(path)).is_file():
+            self.glass_box = GlassBox(glass_path, self.spec, options)
+            self.glass_box.check(self.run)
 
     def _warm_up(self) -> None:
         spec = self.spec
@@ -75,6 +80,16 @@ class Engine:
         outputs, hn, cn = self.session.run(self._output_names, {self._input_name: inputs, "h0": h0, "c0": c0})
         return outputs, hn, cn
 
+    def run_with_gates(
+        self, inputs: np.ndarray, h0: np.ndarray, c0: np.ndarray, gated: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`run`, and the gates (G, T, 6, L, H) of the rows `gated` from the glass-box graph. The state and
+        outputs come from the fast graph alone: asking for gates never changes them."""
+        assert self.glass_box is not None
+        outputs, hn, cn = self.run(inputs, h0, c0)
+        gate_values, _, _ = self.glass_box.run(inputs[gated], h0[:, gated], c0[:, gated])
+        return outputs, hn, cn, gate_values
+
 
 class ModelRegistry:
     """The models of a directory, by name, with a default."""
@@ -91,12 +106,13 @@ class ModelRegistry:
     def from_directory(cls, directory: Path, *, default: str = "", intra_op_threads: int = 1) -> ModelRegistry:
         if not directory.is_dir():
             raise ModelLoadError(f"model directory not found: {directory}")
-        paths = sorted(directory.glob("*.onnx"))
+        paths = sorted(p for p in directory.glob("*.onnx") if not p.name.endswith(gates.SUFFIX))
         if not paths:
             raise ModelLoadError(f"no .onnx models in {directory}")
         engines = {p.stem: Engine(p, intra_op_threads=intra_op_threads) for p in paths}
         for engine in engines.values():
-            log.info("loaded model %s from %s: %s", engine.spec.name, engine.path, engine.spec)
+            log.info("loaded model %s from %s: %s; gates: %s", engine.spec.name, engine.path, engine.spec,
+                     engine.glass_box.path.name if engine.glass_box else "none (no glass-box graph beside it)")
         if not default:
             default = paths[0].stem if len(paths) == 1 else "cellstream-chat"
         return cls(engines, default)

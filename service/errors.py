@@ -30,6 +30,10 @@ def session_not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id!r} not found (unknown, expired, evicted or closed)")
 
 
+class FailedPrecondition(CellstreamError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Aborted(CellstreamError):
     code = grpc.StatusCode.ABORTED
 

@@ -30,6 +30,14 @@ TINY_FEATURES = "tiny-features"  # features model: 5 floats per step, 2 layers x
 END_TOKENS = {258, 259}  # eos, eot of the byte tokenizer
 
 
+def _write_glass_box(state_dict: dict, input_kind: str, path: Path) -> None:
+    """The glass-box graph (the gates) of the module whose weights are `state_dict`, beside `path`."""
+    from model import glassbox
+    from model.reference import ReferenceLSTM
+
+    glassbox.write(ReferenceLSTM.from_state_dict({k: v.numpy() for k, v in state_dict.items()}), input_kind, path)
+
+
 def _export_tokens_model(path: Path) -> None:
     import torch
 
@@ -42,6 +50,7 @@ def _export_tokens_model(path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_onnx(model, metadata_for(model, {"seed": 0, "step": 0, "corpus": "test"}), path)
+    _write_glass_box(model.state_dict(), "tokens", path)
 
 
 def _export_features_model(path: Path) -> None:
@@ -83,11 +92,13 @@ def _export_features_model(path: Path) -> None:
                 "cn": state_axes,
             },
         )
+    _write_glass_box(model.state_dict(), "features", path)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory holding tiny-chat.onnx (tokens) and tiny-features.onnx (features)."""
+    """A model directory holding tiny-chat.onnx (tokens) and tiny-features.onnx (features), each with its
+    glass-box graph (the gates)."""
     import torch
 
     torch.set_num_threads(1)  # 2 cores, maybe training in the background

@@ -38,6 +38,9 @@ Entry = tuple[pb.StepRequest, ModelSpec | None, StepGroup | CellstreamError, int
 Made = tuple[str, StepGroup, list[Entry]]  # a group to queue: its model, the group, its items' entries
 
 HAS_EXPECTED_POSITION = methodcaller("HasField", "expected_position")
+HAS_WANT = methodcaller("HasField", "want")
+GATES_REFUSED = ("want.gates is served on Step and StreamSteps (and the JSON face's step), one session per call; "
+                 "a multiplexed call's batches stay cheap: send this item as a Step")
 KNOWN_SESSIONS_PER_CALL = 65_536  # a stream forgets the sessions it found past this many (they are found again)
 
 
@@ -109,6 +112,11 @@ class StepItems:
                 checked.refused += 1
             session_ids.append(session_id)
             specs.append(spec)
+        if any(map(HAS_WANT, items)):  # gates are refused item by item; most items want nothing
+            for k, item in enumerate(items):
+                if item.want.gates and not isinstance(inputs[k], CellstreamError):
+                    inputs[k] = InvalidArgument(GATES_REFUSED)
+                    checked.refused += 1
         if any(map(HAS_EXPECTED_POSITION, items)):  # rare: most steps do not name a position
             checked.expected = [expected_position(item) for item in items]
         else:

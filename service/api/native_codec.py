@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import numpy as np
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
@@ -16,6 +17,7 @@ from service.batcher import StepInputs, StepResult
 from service.dataplane import DataPlane, GeneratedChunk, InitialState
 from service.engine import LOGITS, ModelRegistry, ModelSpec
 from service.errors import CellstreamError, InvalidArgument
+from service.gates import GATE_NAMES
 from service.sessions.base import SessionRecord
 from service.textcodec import token_text
 
@@ -83,7 +85,18 @@ def fill_response(response: pb.StepResponse, session_id: str, spec: ModelSpec, w
         response.top.extend(top_tokens(result.logits[-1], want.top_k))
     if want.state:
         fill_state(response.state, spec.name, result.h, result.c, result.position)
+    if result.gates is not None:
+        fill_gates(response.gates, result.gates)
     return response
+
+
+def fill_gates(layers: RepeatedCompositeFieldContainer[pb.LayerGates], gates: np.ndarray) -> None:
+    """Steps' gates (T, 6, L, H) as one LayerGates per layer, each field step-major (T * H floats)."""
+    by_layer = gates.transpose(2, 1, 0, 3).reshape(gates.shape[2], len(GATE_NAMES), -1)  # (L, 6, T * H)
+    for values in by_layer:
+        layer = layers.add()
+        for name, row in zip(GATE_NAMES, values, strict=True):
+            getattr(layer, name).extend(row.tolist())
 
 
 async def step(dataplane: DataPlane, request: pb.StepRequest, session_id: str, timeout: float | None
@@ -92,8 +105,10 @@ async def step(dataplane: DataPlane, request: pb.StepRequest, session_id: str, t
     record = await dataplane.session(session_id)
     spec = dataplane.spec(record.model)
     inputs = step_inputs(dataplane, spec, request)
-    result = await dataplane.step(record, inputs, expected_position=expected_position(request), timeout=timeout)
-    return fill_response(pb.StepResponse(), session_id, spec, wanted(request), result)
+    want = wanted(request)
+    result = await dataplane.step(record, inputs, expected_position=expected_position(request), timeout=timeout,
+                                  gates=want is not None and want.gates)
+    return fill_response(pb.StepResponse(), session_id, spec, want, result)
 
 
 def initial_state(request: pb.OpenSessionRequest) -> InitialState | None:
@@ -107,8 +122,9 @@ def list_models(registry: ModelRegistry) -> pb.ListModelsResponse:
     models = [
         pb.ModelInfo(name=name, input_kind=spec.input_kind, vocab_size=spec.vocab_size,
                      feature_size=spec.feature_size, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-                     metadata=spec.metadata, is_default=name == registry.default, output_name=spec.output_name)
-        for name, spec in ((n, e.spec) for n, e in sorted(registry.engines.items()))
+                     metadata=spec.metadata, is_default=name == registry.default, output_name=spec.output_name,
+                     gates=engine.glass_box is not None)
+        for name, engine in sorted(registry.engines.items()) for spec in (engine.spec,)
     ]
     return pb.ListModelsResponse(models=models, default_model=registry.default)
 
@@ -127,6 +143,7 @@ async def generate(dataplane: DataPlane, request: pb.GenerateRequest, timeout: f
     chunks = dataplane.generate(
         record, prompt, max_tokens=request.max_tokens, temperature=request.temperature, top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None, stop=list(request.stop), timeout=timeout,
+        gates=request.gates,
     )
     async for chunk in chunks:
         yield chunk
@@ -136,4 +153,6 @@ def fill_chunk(message: pb.GenerateChunk, chunk: GeneratedChunk) -> pb.GenerateC
     message.text, message.position = chunk.text, chunk.position
     message.tokens.extend(chunk.tokens)
     message.done, message.finish_reason = bool(chunk.finish_reason), chunk.finish_reason
+    if chunk.gates is not None:
+        fill_gates(message.gates, chunk.gates)
     return message
