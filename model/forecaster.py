@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import forecast_quality
+from model import forecast_quality, glassbox
 from model.signal import SIGNAL, SignalConfig, make_streams
 from model.user_export import export_module
 
@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"trained in {seconds:.0f} s; wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB); parity: "
           f"onnxruntime to float64 {worst.onnxruntime_to_float64:.2e} (torch float32 {worst.torch_to_float64:.2e}), "
           f"to torch float32 {worst.onnxruntime_to_torch:.2e}")
+    print(glassbox.export_line(args.out))
     report = forecast_quality.measure(args.out) | {
         "training": asdict(config) | {"seconds": round(seconds, 1)},
         "parity": asdict(worst),

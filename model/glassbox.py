@@ -10,8 +10,9 @@ It is written beside the fast graph as `<name>.gates.onnx`; the server serves ga
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import astuple
+import argparse
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from model.parity import ExportErrors
-from model.reference import Gates, ReferenceLSTM
+from model.parity import ExportError, ExportErrors, judge, scaled_max_diff
+from model.reference import Gates, LayerWeights, ReferenceLSTM
 from service.gates import GATE_NAMES, path_for
 
 OPSET = 17
@@ -140,7 +141,7 @@ def reference_gates(reference: ReferenceLSTM, x: np.ndarray, h0: np.ndarray, c0:
     return {name: np.array([[getattr(g, name) for g in step] for step in steps]) for name in GATE_NAMES}
 
 
-def _float64(reference: ReferenceLSTM) -> ReferenceLSTM:
+def in_float64(reference: ReferenceLSTM) -> ReferenceLSTM:
     """The same weights in float64: the exact computation the float32 ones approximate."""
     def exact(array: np.ndarray | None) -> np.ndarray | None:
         return None if array is None else array.astype(np.float64)
@@ -153,22 +154,23 @@ def _float64(reference: ReferenceLSTM) -> ReferenceLSTM:
 def measure(reference: ReferenceLSTM, glass_box: Path, fast_graph: Path,
             inputs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Iterator[tuple[str, ExportErrors]]:
     """(which output, its worst errors over all `inputs`), against the reference in float64 (model.parity's
-    rule): each gate of the glass-box graph beside the NumPy reference in float32, and its final state hn, cn
-    beside the fast graph's, which must hold the same weights.
+    rule): each gate of the glass-box graph, and its final state hn, cn beside the fast graph's (which must hold
+    the same weights).
 
-    Worst over the inputs, not input by input: float32 runs that sum in a different order drift apart over
-    hundreds of steps of a trained memory by a few 1e-5 either way, so on one input either can be the
-    closer; a glass-box graph that is not the reference's computation is off by orders of magnitude.
+    The float32 yardstick is the farther from float64 of the two other float32 computations of these weights,
+    the NumPy reference and the fast graph, and the worst over the inputs: float32 runs that sum in another
+    order drift apart over many steps by a few 1e-5 either way, so on one output of one input either can happen
+    to be the closer. A glass-box graph that is not the reference's computation is off by orders of magnitude,
+    and stays held to EXPORT_TO_TORCH of the NumPy float32 gates.
     """
-    exact = _float64(reference)
+    exact = in_float64(reference)
     glass = ort.InferenceSession(str(glass_box), providers=["CPUExecutionProvider"])
     fast = ort.InferenceSession(str(fast_graph), providers=["CPUExecutionProvider"])
     input_name = glass.get_inputs()[0].name
     worst: dict[str, ExportErrors] = {}
 
     def note(name: str, errors: ExportErrors) -> None:
-        seen = worst.get(name, errors)
-        worst[name] = ExportErrors(*(max(a, b) for a, b in zip(astuple(seen), astuple(errors), strict=True)))
+        worst[name] = worst.get(name, errors).worst(errors)
 
     count = 0
     for _, x, h0, c0 in inputs:
@@ -178,11 +180,116 @@ def measure(reference: ReferenceLSTM, glass_box: Path, fast_graph: Path,
         float32 = reference_gates(reference, x, h0, c0)
         float64 = reference_gates(exact, x if x.dtype == np.int64 else x.astype(np.float64),
                                   h0.astype(np.float64), c0.astype(np.float64))
+        fast_state = dict(zip([o.name for o in fast.get_outputs()], fast.run(None, feed), strict=True))
+        finals = {"hn": float64["hidden"][-1], "cn": float64["cell"][-1]}
+        yardstick = max(
+            *(scaled_max_diff(float32[name], float64[name]) for name in GATE_NAMES),
+            *(scaled_max_diff(fast_state[name], finals[name]) for name in finals),
+        )
         for name in GATE_NAMES:
-            note(name, ExportErrors.measure(got[name], float32[name], float64[name]))
-        fast_outputs = dict(zip([o.name for o in fast.get_outputs()], fast.run(None, feed), strict=True))
-        for name, final in (("hn", "hidden"), ("cn", "cell")):
-            note(f"{name} against the fast graph's", ExportErrors.measure(got[name], fast_outputs[name],
-                                                                          float64[final][-1]))
+            note(name, ExportErrors(scaled_max_diff(got[name], float64[name]), yardstick,
+                                    scaled_max_diff(got[name], float32[name])))
+        for name, final in finals.items():
+            note(f"{name} against the fast graph's", ExportErrors(scaled_max_diff(got[name], final), yardstick,
+                                                                  scaled_max_diff(got[name], fast_state[name])))
     for name, errors in worst.items():
         yield f"{name} (worst of {count} inputs)", errors
+
+
+def reference_from_graph(fast_graph: onnx.ModelProto) -> tuple[ReferenceLSTM, str]:
+    """The NumPy reference of a served graph's LSTM layers, read from its LSTM operators' weights (and its
+    embedding, for a tokens model), and its input kind. Whatever else the graph does between its input and
+    the first layer is not read: `measure` then finds the glass-box graph's state away from the fast one's."""
+    weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in fast_graph.graph.initializer}
+    inputs = [value.name for value in fast_graph.graph.input if value.name not in weights]
+    input_kind = "tokens" if "tokens" in inputs else "features"
+    lstms = [node for node in fast_graph.graph.node if node.op_type == "LSTM"]
+    if not lstms:
+        raise ValueError("the graph has no ONNX LSTM operator to read gates from")
+    layers = []
+    for k, node in enumerate(lstms):
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        unusual = sorted(set(attributes) - {"hidden_size", "direction"})
+        if attributes.get("direction", b"forward") != b"forward" or unusual:
+            raise ValueError(f"LSTM layer {k} is not a plain forward LSTM ({attributes}); its gates cannot be read")
+        missing = [name for name in node.input[1:4] if name not in weights]
+        if missing:
+            raise ValueError(f"LSTM layer {k}'s weights {missing} are computed, not stored in the graph")
+        W, R, B = (weights[name][0] for name in node.input[1:4])  # (4H, I), (4H, H), (8H,); ONNX order i, o, f, c
+        hidden = R.shape[1]
+        i, o, f, c = (slice(g * hidden, (g + 1) * hidden) for g in range(4))
+        bias = B[:4 * hidden] + B[4 * hidden:]
+        stacked = np.concatenate([R, W], axis=1)  # columns match [h, x]
+        layers.append(LayerWeights(W_f=stacked[f], W_i=stacked[i], W_C=stacked[c], W_o=stacked[o],
+                                   b_f=bias[f], b_i=bias[i], b_C=bias[c], b_o=bias[o]))
+    embedding = None
+    if input_kind == "tokens":
+        gathers = [n for n in fast_graph.graph.node if n.op_type == "Gather" and n.input[1] == "tokens"
+                   and n.input[0] in weights]
+        if len(gathers) != 1:
+            raise ValueError(f"a tokens graph needs one embedding (a Gather of `tokens` from a stored table), "
+                             f"found {len(gathers)}")
+        embedding = weights[gathers[0].input[0]]
+    return ReferenceLSTM(tuple(layers), embedding), input_kind
+
+
+def random_inputs(reference: ReferenceLSTM, input_kind: str, seed: int = 0
+                  ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(what, inputs, h0, c0): random inputs from random states N(0, 0.5), in several shapes."""
+    rng = np.random.default_rng(seed)
+    first = reference.layers[0].W_f
+    hidden = first.shape[0]
+    for batch, time in ((1, 1), (1, 17), (3, 5), (8, 1), (4, 200)):
+        if input_kind == "tokens":
+            assert reference.embedding is not None
+            x = rng.integers(0, reference.embedding.shape[0], (batch, time), dtype=np.int64)
+        else:
+            x = rng.normal(0, 1, (batch, time, first.shape[1] - hidden)).astype(np.float32)
+        state = (len(reference.layers), batch, hidden)
+        yield (f"random inputs and state, batch {batch}, time {time}", x,
+               rng.normal(0, 0.5, state).astype(np.float32), rng.normal(0, 0.5, state).astype(np.float32))
+
+
+def export(fast_graph: Path, inputs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]] | None = None
+           ) -> ExportErrors:
+    """Write the glass-box graph of a served .onnx file beside it, read from its LSTM weights, and judge it
+    against the NumPy reference and the file itself on `inputs` (default: random_inputs); returns the worst
+    errors. ValueError when the weights cannot be read, ExportError (and no file) when the graph is not faithful."""
+    reference, input_kind = reference_from_graph(onnx.load(str(fast_graph)))
+    path = write(reference, input_kind, fast_graph)
+    try:
+        return judge(measure(reference, path, fast_graph, inputs or random_inputs(reference, input_kind)),
+                     "NumPy reference", FLOAT32)
+    except ExportError:
+        path.unlink()
+        raise
+
+
+def export_line(fast_graph: Path) -> str:
+    """`export` for the export commands of other models: what it wrote, or why the model has no gates (the
+    model itself is served all the same)."""
+    try:
+        worst = export(fast_graph)
+    except (ValueError, ExportError) as exc:
+        return f"no glass-box graph (gates will be unavailable): {exc}"
+    return f"wrote {path_for(fast_graph)} (gates); worst scaled error: {worst.summary(FLOAT32)}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cellstream gates", description="Write the glass-box graph (the gates) of an exported model beside it, "
+        "read from its ONNX LSTM weights, and judge it against the NumPy reference and the model itself. "
+        "`cellstream export` writes one already; this is for models exported otherwise.")
+    parser.add_argument("model", type=Path, help="the served .onnx file")
+    args = parser.parse_args(argv)
+    try:
+        worst = export(args.model)
+    except (OSError, ValueError, ExportError, onnx.checker.ValidationError) as exc:
+        print(f"cellstream gates: error: {args.model}: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path_for(args.model)}; worst scaled error: {worst.summary(FLOAT32)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,8 @@ from float64 as torch float32 is (never held below TOLERANCE), and within EXPORT
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import astuple, dataclass
 
 import numpy as np
 
@@ -47,6 +48,10 @@ class ExportErrors:
         return cls(scaled_max_diff(onnxruntime, float64), scaled_max_diff(torch32, float64),
                    scaled_max_diff(onnxruntime, torch32))
 
+    def worst(self, other: ExportErrors) -> ExportErrors:
+        """The larger of each error of the two."""
+        return ExportErrors(*(max(a, b) for a, b in zip(astuple(self), astuple(other), strict=True)))
+
     @property
     def allowed_to_float64(self) -> float:
         return max(EXPORT_FACTOR * self.torch_to_float64, TOLERANCE)
@@ -65,3 +70,20 @@ class ExportErrors:
         if not self.onnxruntime_to_torch <= EXPORT_TO_TORCH:
             return f"onnxruntime and {float32} differ by {self.onnxruntime_to_torch:.3g} > {EXPORT_TO_TORCH:g}"
         return None
+
+
+class ExportError(RuntimeError):
+    """The exported graph is unusable: unchecked, or not the computation it was exported from."""
+
+
+def judge(measured: Iterable[tuple[str, ExportErrors]], subject: str, float32: str = "torch float32"
+          ) -> ExportErrors:
+    """The worst of each error, or ExportError on the first output and inputs where the export is not the
+    `subject`'s computation (model.parity's rule, beside the float32 computation named `float32`)."""
+    worst = ExportErrors(0.0, 0.0, 0.0)
+    for where, errors in measured:
+        problem = errors.problem(float32)
+        if problem is not None:
+            raise ExportError(f"the export is not the {subject}'s computation: {where}: {problem}")
+        worst = worst.worst(errors)
+    return worst

@@ -21,8 +21,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from model.export import FORMAT_VERSION, OPSET, ExportError, judge, stamp
-from model.parity import ExportErrors
+from model import glassbox
+from model.export import FORMAT_VERSION, OPSET, stamp
+from model.parity import ExportError, ExportErrors, judge
 from model.wrap import TOKENS, Served, UnservableModule, serve
 
 PARITY_SHAPES = ((1, 1), (1, 17), (3, 5), (8, 1), (16, 33))
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); worst scaled error: {worst.summary()}; "
           f"check it with `cellstream check-model {args.out}`")
+    print(glassbox.export_line(args.out))
     return 0
 
 

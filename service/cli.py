@@ -1,4 +1,4 @@
-"""`cellstream serve|chat|health|check-model|bench|train|export|evaluate`."""
+"""`cellstream serve|chat|health|check-model|bench|train|export|evaluate|gates`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from service.config import Settings, SettingsError, add_settings_arguments, load
 from service.errors import ModelLoadError
 from service.sessions.snapshot import SnapshotError
 
-TRAINING_COMMANDS = {"train": "model.train", "export": "model.export", "evaluate": "model.evaluate"}
+TRAINING_COMMANDS = {"train": "model.train", "export": "model.export", "evaluate": "model.evaluate",
+                     "gates": "model.glassbox"}
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:

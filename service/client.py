@@ -82,6 +82,7 @@ class Client:
         top_k: int = 0,
         all_steps: bool = False,
         state: bool = False,
+        gates: bool = False,
         tag: int = 0,
     ) -> pb.StepRequest:
         """Fill an empty StepRequest in place (e.g. an item of a StepBatch, which is then not copied)."""
@@ -89,7 +90,7 @@ class Client:
         if expected_position is not None:
             request.expected_position = expected_position
         want = request.want
-        want.logits, want.top_k, want.all_steps, want.state = logits, top_k, all_steps, state
+        want.logits, want.top_k, want.all_steps, want.state, want.gates = logits, top_k, all_steps, state, gates
         if tokens is not None:
             request.tokens.ids.extend(int(t) for t in tokens)
         elif text is not None:
@@ -133,10 +134,10 @@ class Client:
         return self.stub.StreamSteps(timeout=self.timeout, metadata=self.metadata)
 
     async def generate(self, session_id: str, prompt: str, *, max_tokens: int = 0, temperature: float = 0.0,
-                       top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()
+                       top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), gates: bool = False
                        ) -> AsyncIterator[pb.GenerateChunk]:
         request = pb.GenerateRequest(session_id=session_id, prompt=prompt, max_tokens=max_tokens,
-                                     temperature=temperature, top_k=top_k, seed=seed, stop=list(stop))
+                                     temperature=temperature, top_k=top_k, seed=seed, stop=list(stop), gates=gates)
         async for chunk in self.stub.Generate(request, timeout=self.timeout, metadata=self.metadata):
             yield chunk
 

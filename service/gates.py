@@ -22,8 +22,8 @@ GATE_NAMES = ("forget", "input", "candidate", "cell", "output", "hidden")
 SUFFIX = ".gates.onnx"
 # Two float32 graphs of the same weights over CHECK_STEPS steps agree to ~1e-6; other weights differ by ~1e-1.
 CHECK_STEPS, CHECK_TOLERANCE = 8, 1e-4
-HOW_TO_EXPORT = ("export it with `cellstream export` (or `cellstream export --module ...`), which writes "
-                 "<model>.gates.onnx beside <model>.onnx; docs/GATES.md")
+HOW_TO_EXPORT = ("`cellstream export` writes one (<model>.gates.onnx beside <model>.onnx), and `cellstream gates "
+                 "<model>.onnx` makes one for a model exported otherwise; see docs/GATES.md")
 
 Gates = np.ndarray
 """One step's gates of one sequence: (T, 6, L, H), the six in GATE_NAMES order."""

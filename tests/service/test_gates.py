@@ -1,0 +1,255 @@
+"""The LSTM's gates through the API (issue 17): equal to the NumPy reference of the gate equations in float64
+for any split of the input, the state advancing exactly as without gates, and every refusal precise and
+harmless (no glass-box graph, too many steps, a multiplexed item, a glass-box graph of other weights)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import onnx
+import pytest
+
+from bench.server import free_ports
+from model import glassbox
+from model.parity import TOLERANCE, scaled_max_diff
+from model.reference import ReferenceLSTM
+from service._proto.cellstream.v1 import inference_pb2 as pb
+from service.errors import ModelLoadError
+from service.gates import GATE_NAMES
+
+CHAT, FEATURES = "tiny-chat", "tiny-features"
+SIGMOIDS = ("forget", "input", "output")
+# Exactly 1 (or 0) from σ only where the exact value is this close: a few float32 steps (6e-8 each just below 1),
+# as onnxruntime's vectorised σ rounds.
+NEAR_THE_END = 1e-6
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def reference_of(model_dir: Path, model: str) -> ReferenceLSTM:
+    """The float64 NumPy reference of a served model, its weights read from the fast graph (not the glass box)."""
+    reference, _ = glassbox.reference_from_graph(onnx.load(str(model_dir / f"{model}.onnx")))
+    return glassbox.in_float64(reference)
+
+
+def expected_gates(reference: ReferenceLSTM, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """name -> (T, L, H) of one sequence from a zero state, in float64."""
+    layers, hidden = len(reference.layers), reference.layers[0].W_f.shape[0]
+    zeros = np.zeros((layers, 1, hidden))
+    x = inputs[None] if inputs.dtype == np.int64 else inputs[None].astype(np.float64)
+    return {name: values[:, :, 0] for name, values in glassbox.reference_gates(reference, x, zeros, zeros).items()}
+
+
+def served_gates(responses: list[pb.LayerGates], hidden: int) -> dict[str, np.ndarray]:
+    """name -> (T, L, H) from the LayerGates of one reply (a list per layer, each field step-major)."""
+    return {name: np.stack([np.asarray(getattr(layer, name), np.float32).reshape(-1, hidden) for layer in responses],
+                           axis=1) for name in GATE_NAMES}
+
+
+def joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([part[name] for part in parts]) for name in GATE_NAMES}
+
+
+def assert_gates(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
+    for name in GATE_NAMES:
+        assert got[name].shape == want[name].shape, (what, name, got[name].shape, want[name].shape)
+        diff = scaled_max_diff(got[name], want[name])
+        assert diff <= TOLERANCE, f"{what}: {name} is {diff:.3g} from the float64 reference"
+    for name in SIGMOIDS:
+        # σ is in (0, 1); float32 rounds it to exactly 1 (or 0) only where the exact value is that close to it.
+        assert ((got[name] >= 0) & (got[name] <= 1)).all(), f"{what}: {name} outside [0, 1]"
+        rounded = (got[name] == 0) | (got[name] == 1)
+        assert (np.abs(got[name] - want[name])[rounded] <= NEAR_THE_END).all(), f"{what}: {name} ends clipped"
+
+
+def model_inputs(model: str, steps: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if model == CHAT:
+        return rng.integers(0, 256, steps, dtype=np.int64)
+    return rng.normal(0, 1, (steps, 5)).astype(np.float32)
+
+
+def step_kwargs(model: str, part: np.ndarray) -> dict:
+    return {"tokens": part.tolist()} if model == CHAT else {"features": part}
+
+
+SPLITS = {"whole": [23], "byte by byte": [1] * 23, "uneven": [5, 1, 9, 8]}
+
+
+@pytest.mark.parametrize("model", [CHAT, FEATURES])
+@pytest.mark.parametrize("split", list(SPLITS))
+async def test_gates_equal_the_float64_reference_for_any_split(client, tiny_model_dir, arrays, model, split):
+    inputs = model_inputs(model, 23, seed=7)
+    session = (await client.open_session(model=model)).session_id
+    plain = (await client.open_session(model=model)).session_id
+    parts, start = [], 0
+    for length in SPLITS[split]:
+        part = inputs[start:start + length]
+        start += length
+        response = await client.step(session, **step_kwargs(model, part), gates=True)
+        assert len(response.gates) == 2
+        hidden = len(response.gates[0].forget) // length
+        parts.append(served_gates(response.gates, hidden))
+        await client.step(plain, **step_kwargs(model, part))
+    got = joined(parts)
+    assert_gates(got, expected_gates(reference_of(tiny_model_dir, model), inputs), f"{model} split {split}")
+    h, c = arrays(await client.get_state(session))
+    assert scaled_max_diff(got["cell"][-1], c) <= TOLERANCE and scaled_max_diff(got["hidden"][-1], h) <= TOLERANCE
+    # Asking for gates advanced the state as a step without them does.
+    h_plain, c_plain = arrays(await client.get_state(plain))
+    assert scaled_max_diff(h, h_plain) <= TOLERANCE and scaled_max_diff(c, c_plain) <= TOLERANCE
+
+
+async def test_gates_on_a_stream_of_steps(client, tiny_model_dir):
+    inputs = model_inputs(CHAT, 12, seed=3)
+    session = (await client.open_session(model=CHAT)).session_id
+    call = client.stream_steps()
+    for k, part in enumerate(np.split(inputs, [4, 5, 12])[:3]):
+        request = pb.StepRequest(session_id=session if k == 0 else "", tokens=pb.TokenSequence(ids=part.tolist()),
+                                 want=pb.Outputs(gates=True))
+        await call.write(request)
+    await call.done_writing()
+    parts = [served_gates(response.gates, 16) async for response in call]
+    assert_gates(joined(parts), expected_gates(reference_of(tiny_model_dir, CHAT), inputs), "StreamSteps")
+
+
+async def test_generate_with_gates_covers_every_byte_fed(client, tiny_model_dir):
+    session = (await client.open_session(model=CHAT)).session_id
+    prompt = "user: my name is alice.\nbot: "
+    chunks = [chunk async for chunk in client.generate(session, prompt, max_tokens=12, gates=True)]
+    fed = list(prompt.encode())
+    parts = []
+    for k, chunk in enumerate(chunks):
+        gates = served_gates(chunk.gates, 16)
+        assert len(gates["forget"]) == (len(prompt.encode()) if k == 0 else 0) + len(chunk.tokens), k
+        parts.append(gates)
+        fed += chunk.tokens
+    assert chunks[-1].position == len(fed)
+    assert_gates(joined(parts), expected_gates(reference_of(tiny_model_dir, CHAT), np.array(fed, np.int64)),
+                 "Generate")
+
+
+@pytest.fixture
+async def bare(start, tmp_path, tiny_model_dir):
+    """A server of tiny-chat alone, without its glass-box graph, with its JSON face."""
+    shutil.copy(tiny_model_dir / f"{CHAT}.onnx", tmp_path)
+    [port] = free_ports(1)
+    return await start(model_dir=tmp_path, http_port=port)
+
+
+async def test_list_models_says_which_models_have_gates(client, bare, connect):
+    assert {m.name: m.gates for m in (await client.list_models()).models} == {CHAT: True, FEATURES: True}
+    assert [(m.name, m.gates) for m in (await connect(bare).list_models()).models] == [(CHAT, False)]
+
+
+async def test_gates_without_a_glass_box_graph_fail_precondition_and_change_nothing(bare, connect):
+    client = connect(bare)
+    session = (await client.open_session()).session_id
+    await client.step(session, tokens=[1, 2, 3])
+    for call in (lambda: client.step(session, tokens=[4, 5], gates=True),
+                 lambda: client.reply(session, "user: hi\nbot: ", max_tokens=3, gates=True)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call()
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "without a glass-box graph" in refused.value.details()
+        assert "cellstream export" in refused.value.details() and "cellstream gates" in refused.value.details()
+        assert (await client.get_state(session)).position == 3
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bare.http_port}", timeout=30) as http:
+        reply = await http.post(f"/v1/sessions/{session}/step", json={"text": "hi", "want": {"gates": True}})
+    assert reply.status_code == 400 and "without a glass-box graph" in reply.json()["error"]
+    assert (await client.get_state(session)).position == 3
+
+
+async def test_gates_past_max_gate_steps_are_refused_and_change_nothing(start, connect):
+    client = connect(await start(max_gate_steps=8))
+    session = (await client.open_session()).session_id
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.step(session, tokens=list(range(9)), gates=True)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "9 steps, more than max_gate_steps (8)" in refused.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.reply(session, "123456789", max_tokens=2, gates=True)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_gate_steps" in refused.value.details()
+    assert (await client.get_state(session)).position == 0
+    ok = await client.step(session, tokens=list(range(8)), gates=True)  # the bound itself is fine
+    assert ok.position == 8 and len(ok.gates[0].cell) == 8 * 16
+
+
+async def test_a_multiplexed_item_asking_for_gates_is_refused_alone(client):
+    a, b = [(await client.open_session()).session_id for _ in range(2)]
+    result = await client.step_many([
+        pb.StepRequest(session_id=a, tokens=pb.TokenSequence(ids=[1, 2]), want=pb.Outputs(gates=True), tag=1),
+        pb.StepRequest(session_id=b, tokens=pb.TokenSequence(ids=[1, 2]), tag=2),
+    ])
+    refused, applied = result.items
+    assert refused.WhichOneof("outcome") == "error" and refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "send this item as a Step" in refused.error.message
+    assert applied.response.position == 2
+    assert (await client.get_state(a)).position == 0
+
+
+async def test_the_json_face_returns_the_same_gates(start, connect):
+    [port] = free_ports(1)
+    running = await start(http_port=port)
+    client = connect(running)
+    a, b = [(await client.open_session()).session_id for _ in range(2)]
+    by_grpc = await client.step(a, text="hello", gates=True)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        reply = await http.post(f"/v1/sessions/{b}/step", json={"text": "hello", "want": {"gates": True}})
+    assert reply.status_code == 200, reply.text
+    layers = reply.json()["gates"]
+    assert len(layers) == 2
+    for name in GATE_NAMES:
+        for layer, expected in zip(layers, by_grpc.gates, strict=True):
+            np.testing.assert_allclose(layer[name], getattr(expected, name), rtol=0, atol=1e-6)
+
+
+def other_weights_glass_box(tiny_model_dir: Path, directory: Path) -> None:
+    """tiny-chat.onnx beside a glass-box graph of other (perturbed) weights."""
+    shutil.copy(tiny_model_dir / f"{CHAT}.onnx", directory)
+    reference, kind = glassbox.reference_from_graph(onnx.load(str(tiny_model_dir / f"{CHAT}.onnx")))
+    layer = reference.layers[0]
+    shifted = type(layer)(**(vars(layer) | {"b_f": layer.b_f + 0.5}))
+    other = ReferenceLSTM((shifted, *reference.layers[1:]), reference.embedding)
+    glassbox.write(other, kind, directory / "tiny-chat.onnx")
+
+
+async def test_a_glass_box_graph_of_other_weights_stops_the_start(start, tmp_path, tiny_model_dir):
+    other_weights_glass_box(tiny_model_dir, tmp_path)
+    with pytest.raises(ModelLoadError, match=r"tiny-chat\.gates\.onnx ends .* away from tiny-chat\.onnx's state"):
+        await start(model_dir=tmp_path)
+
+
+async def test_an_unreadable_glass_box_graph_stops_the_start(start, tmp_path, tiny_model_dir):
+    shutil.copy(tiny_model_dir / f"{CHAT}.onnx", tmp_path)
+    (tmp_path / "tiny-chat.gates.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ModelLoadError, match=r"tiny-chat\.gates\.onnx: onnxruntime cannot load it"):
+        await start(model_dir=tmp_path)
+
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "model" / "artifacts"
+
+
+async def test_the_shipped_models_gates_equal_the_float64_reference(start, connect, arrays):
+    client = connect(await start(model_dir=ARTIFACTS, default_model="cellstream-chat"))
+    text = "user: my name is alice.\nbot: nice to meet you, alice.\nuser: how are you?\nbot: "
+    session = (await client.open_session()).session_id
+    parts = []
+    for part in (text[:9], text[9:10], text[10:]):
+        response = await client.step(session, text=part, gates=True)
+        parts.append(served_gates(response.gates, 128))
+    got = joined(parts)
+    fed = np.frombuffer(text.encode(), np.uint8).astype(np.int64)
+    assert_gates(got, expected_gates(reference_of(ARTIFACTS, "cellstream-chat"), fed), "cellstream-chat")
+    h, c = arrays(await client.get_state(session))
+    assert scaled_max_diff(got["cell"][-1], c) <= TOLERANCE and scaled_max_diff(got["hidden"][-1], h) <= TOLERANCE
+    readings = np.sin(np.arange(40) / 3).astype(np.float32)[:, None]
+    sensor = (await client.open_session(model="cellstream-sensor")).session_id
+    response = await client.step(sensor, features=readings, gates=True)
+    assert len(response.gates) == 1
+    want = expected_gates(reference_of(ARTIFACTS, "cellstream-sensor"), readings)
+    assert_gates(served_gates(response.gates, 48), want, "cellstream-sensor")
