@@ -101,6 +101,8 @@ def test_the_runtime_install_serves_the_shipped_model_without_torch(tmp_path):
         assert "SERVING" in served.stdout
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=10) as ready:
             assert ready.status == 200  # the HTTP face comes with the runtime install
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/page/page.js", timeout=10) as script:
+            assert script.status == 200  # and so do the gate page's files (package data)
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0, log.read_text()
     finally:

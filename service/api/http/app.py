@@ -26,6 +26,7 @@ from service.api.http.endpoint import Api, Call, Endpoint, Guards, json_response
 from service.api.http.errors import HttpError, error_response
 from service.api.http.kserve_routes import KServeRoutes
 from service.api.http.openapi import document
+from service.api.http.page_routes import page_apis
 from service.api.http.session_routes import SessionRoutes
 from service.api.kserve import KServeServicer
 from service.auth import SecurityConfigError
@@ -47,8 +48,9 @@ def build_app(guards: Guards, kserve: KServeServicer, native: DataPlaneServicer)
         return json_response(spec)
 
     apis.append(Api("/openapi.json", "GET", openapi, "This document", open=True))
+    # The gate page is no API: it stays out of the document, but is counted and timed like any route.
     routes = [Route(api.path, Endpoint(api.path, api.handler, guards, open=api.open), methods=[api.method])
-              for api in apis]
+              for api in [*apis, *page_apis()]]
 
     async def refused(request: Request, exc: Exception) -> Response:
         """No route, or not this method: counted, and answered in the API's error shape."""
