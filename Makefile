@@ -9,7 +9,7 @@ PORT ?= 50051
 # Extra flags for `make bench`, e.g. BENCH_ARGS="--quick --out-dir /tmp/bench".
 BENCH_ARGS ?=
 
-.PHONY: serve test soak latency lint protos model bench venv venv-dev clean
+.PHONY: serve test soak latency lint protos model bench bench-gates venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ lint: $(VENV)/.dev
 # Every figure of docs/BENCHMARKS.md into docs/benchmarks/ (7-12 minutes; run it on a quiet machine).
 bench: $(VENV)/.bench
 	$(BIN)/cellstream bench $(BENCH_ARGS)
+
+# What a request with gates costs beside 16 sessions of small steps, against plain large requests (~1 minute).
+bench-gates: $(VENV)/.bench
+	$(BIN)/python -m bench.gates
 
 protos: $(VENV)/.dev
 	$(BIN)/python -m service.protogen

@@ -20,6 +20,7 @@ from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.handling import INTERNAL_MESSAGE, DataPlaneServicer, rpc
 from service.api.kserve_codec import read_inputs, read_options, requested_outputs, signature, write_outputs
 from service.batcher import StepResult
+from service.dataplane import FLOAT_BYTES
 from service.engine import ModelSpec
 from service.errors import CellstreamError, DeadlineExceeded, NotFound
 from service.metrics import Metrics
@@ -118,6 +119,11 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
         options = read_options(request)
         inputs = read_inputs(request, spec, self.dataplane)
         outputs = requested_outputs(request, spec)
+        if spec.output_name in outputs:
+            rows, steps = inputs.main.shape[:2]
+            state_bytes = sum(FLOAT_BYTES * spec.num_layers * rows * spec.hidden_size for name in ("hn", "cn")
+                              if name in outputs)
+            self.dataplane.check_reply(spec, rows * steps, all_steps=True, fixed_bytes=state_bytes)
         timeout = options.timeout(remaining)
         try:
             if options.sequence_id is not None:

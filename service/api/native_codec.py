@@ -106,6 +106,8 @@ async def step(dataplane: DataPlane, request: pb.StepRequest, session_id: str, t
     spec = dataplane.spec(record.model)
     inputs = step_inputs(dataplane, spec, request)
     want = wanted(request)
+    if want is not None and want.all_steps:
+        dataplane.check_reply(spec, len(inputs), all_steps=True, gates=want.gates)
     result = await dataplane.step(record, inputs, expected_position=expected_position(request), timeout=timeout,
                                   gates=want is not None and want.gates)
     return fill_response(pb.StepResponse(), session_id, spec, want, result)

@@ -28,6 +28,7 @@ class RecordingEngine:
     def __init__(self, engine: Engine, gated: bool = False) -> None:
         self.engine = engine
         self.spec = engine.spec
+        self.glass_box = None  # plain steps only: no step here asks for gates
         self.batches: list[np.ndarray] = []
         self.gated = gated
         self.entered = threading.Event()

@@ -1,0 +1,92 @@
+"""What asking for gates costs, and what it does to other sessions: `python -m bench.gates` (`make bench-gates`).
+
+A `cellstream serve` process on the shipped model; SESSIONS sessions step one byte at a time back to back
+(unary Step), while one more session sends a large request over and over: nothing; a plain request of the most
+bytes a request with gates may have (max_gate_steps, or what fits in one reply); the same with gates; and a
+plain request of max_tokens_per_request bytes, the largest any client may send. The table gives the large
+request's latency and the small steps' throughput and latency beside each: a gated request must weigh on the
+others no more than the largest plain one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.server import ServerProcess
+from bench.stats import percentile_ms
+from service.client import Client
+from service.config import Settings
+from service.dataplane import GATE_BYTES_PER_UNIT, REPLY_RESERVE_BYTES
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "model" / "artifacts"
+SESSIONS = 16
+SETTINGS = Settings.model_construct()
+LAYERS, HIDDEN = 2, 128  # the shipped chat model
+# The most steps one request with gates may have on it: max_gate_steps, or what fits in one reply.
+GATED = min(SETTINGS.max_gate_steps,
+            (SETTINGS.max_message_bytes - REPLY_RESERVE_BYTES) // (GATE_BYTES_PER_UNIT * LAYERS * HIDDEN))
+CASES = (("none", 0, False), (f"plain, {GATED} bytes", GATED, False), (f"gated, {GATED} bytes", GATED, True),
+         (f"plain, {SETTINGS.max_tokens_per_request} bytes (max_tokens_per_request)",
+          SETTINGS.max_tokens_per_request, False))
+
+
+async def small_steps(client: Client, stop: asyncio.Event, latencies: list[float]) -> None:
+    session = (await client.open_session()).session_id
+    while not stop.is_set():
+        started = time.perf_counter()
+        await client.step(session, tokens=[97])
+        latencies.append(time.perf_counter() - started)
+
+
+async def large_requests(client: Client, length: int, gates: bool, stop: asyncio.Event, latencies: list[float]
+                         ) -> None:
+    session = (await client.open_session()).session_id
+    text = "a" * length
+    while not stop.is_set():
+        started = time.perf_counter()
+        await client.step(session, text=text, gates=gates)
+        latencies.append(time.perf_counter() - started)
+        await client.close_session(session)  # a fresh state each time: the same work every request
+        session = (await client.open_session()).session_id
+
+
+async def measure(port: int, length: int, gates: bool, seconds: float) -> dict[str, float]:
+    small: list[float] = []
+    large: list[float] = []
+    stop = asyncio.Event()
+    async with Client(f"127.0.0.1:{port}", timeout=60) as client:
+        tasks = [asyncio.create_task(small_steps(client, stop, small)) for _ in range(SESSIONS)]
+        if length:
+            tasks.append(asyncio.create_task(large_requests(client, length, gates, stop, large)))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.gather(*tasks)
+    return {"small_steps_per_s": len(small) / seconds, "small_p50_ms": percentile_ms(small, 50),
+            "small_p99_ms": percentile_ms(small, 99), "large_ms": percentile_ms(large, 50) if large else 0.0}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gates", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per case (default 10)")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as logs, ServerProcess(MODEL_DIR, "cellstream-chat", {}, (),
+                                                               Path(logs) / "server.log") as server:
+        for name, length, gates in CASES:
+            rows.append((name, asyncio.run(measure(server.port, length, gates, args.seconds))))
+    print(f"{SESSIONS} sessions of 1-byte unary steps beside one session of large requests ({args.seconds:g} s each)")
+    print("| large request | its p50 ms | small steps/s | small p50 ms | small p99 ms |\n|---|---:|---:|---:|---:|")
+    for name, row in rows:
+        large = f"{row['large_ms']:.1f}" if row["large_ms"] else "-"
+        print(f"| {name} | {large} | {row['small_steps_per_s']:,.0f} | {row['small_p50_ms']:.2f} | "
+              f"{row['small_p99_ms']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
