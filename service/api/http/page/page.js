@@ -460,7 +460,8 @@ function hover(event) {
   tooltip.style.top = `${event.clientY - box.top + 16}px`;
 }
 
-// --- The remembered fact: the units whose C_t moved most over one message, traced over the conversation.
+// --- The remembered fact: the units whose C_t moved most over one message (beyond their usual drift),
+// traced over the conversation.
 
 function factMessage() {
   const held = talk.messages.filter((m) => m.end <= talk.columns && m.end > m.start);
@@ -468,15 +469,31 @@ function factMessage() {
   return held.find((m) => m.role === "user");
 }
 
-// |C at the message's end − C before its first step| per unit (C before step 0 is the new session's zero).
+// Per unit: |C at the message's end − C before its first step| (C before step 0 is the new session's zero),
+// less what the unit drifts anyway over that many bytes (its median |C_t − C_{t-1}| outside the message).
+// Without the discount, the top units are counters whose C grows by ~1 every byte whatever is said; with it,
+// the units that moved for this message, and that the forget gate then holds still, come first.
 function factUnits(message) {
   const hidden = page.model.hidden_size;
   const cell = talk.gates[page.layer].cell.data;
+  const length = message.end - message.start;
   const changes = Array.from({ length: hidden }, (_, k) => {
-    const before = message.start === 0 ? 0 : cell[(message.start - 1) * hidden + k];
-    return { unit: k, change: Math.abs(cell[(message.end - 1) * hidden + k] - before) };
+    const at = (t) => (t < 0 ? 0 : cell[t * hidden + k]);
+    const steps = [];
+    for (let t = 0; t < talk.columns; t++) {
+      if (t < message.start || t >= message.end) steps.push(Math.abs(at(t) - at(t - 1)));
+    }
+    const change = Math.abs(at(message.end - 1) - at(message.start - 1));
+    return { unit: k, change, score: change - length * median(steps) };
   });
-  return changes.filter((c) => Number.isFinite(c.change)).sort((a, b) => b.change - a.change).slice(0, FACT_UNITS);
+  return changes.filter((c) => Number.isFinite(c.score)).sort((a, b) => b.score - a.score).slice(0, FACT_UNITS);
+}
+
+function median(values) {
+  if (values.length === 0) return 0;
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
 }
 
 // The fact view's choices, kept in place (a reply's option grows with its text while it streams).
