@@ -21,7 +21,7 @@ from bench.server import ServerProcess
 from bench.stats import percentile_ms
 from service.client import Client
 from service.config import Settings
-from service.dataplane import GATE_BYTES_PER_UNIT, REPLY_RESERVE_BYTES
+from service.dataplane import GATE_BYTES_PER_UNIT, REPLY_FRAMING_BYTES
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model" / "artifacts"
 SESSIONS = 16
@@ -29,7 +29,7 @@ SETTINGS = Settings.model_construct()
 LAYERS, HIDDEN = 2, 128  # the shipped chat model
 # The most steps one request with gates may have on it: max_gate_steps, or what fits in one reply.
 GATED = min(SETTINGS.max_gate_steps,
-            (SETTINGS.max_message_bytes - REPLY_RESERVE_BYTES) // (GATE_BYTES_PER_UNIT * LAYERS * HIDDEN))
+            (SETTINGS.max_message_bytes - REPLY_FRAMING_BYTES) // (GATE_BYTES_PER_UNIT * LAYERS * HIDDEN))
 CASES = (("none", 0, False), (f"plain, {GATED} bytes", GATED, False), (f"gated, {GATED} bytes", GATED, True),
          (f"plain, {SETTINGS.max_tokens_per_request} bytes (max_tokens_per_request)",
           SETTINGS.max_tokens_per_request, False))

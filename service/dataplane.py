@@ -60,7 +60,7 @@ class GeneratedChunk:
 MAX_ID_CHARS = 1024  # session ids (KServe's: prefix + 256) and model names; short enough to echo
 FLOAT_BYTES = 4
 GATE_BYTES_PER_UNIT = 6 * FLOAT_BYTES  # six float32 gates per unit, layer and step
-REPLY_RESERVE_BYTES = 64 * 1024  # what a reply may hold besides its per-step outputs (state, top-k, ids)
+REPLY_FRAMING_BYTES = 4096  # a reply's ids, names, shapes and field tags, beside what check_reply counts
 
 
 class DataPlane:
@@ -200,27 +200,25 @@ class DataPlane:
         return arrays[0], arrays[1]
 
     def check_gates(self, model: str, steps: int) -> None:
-        """FailedPrecondition if `model` has no glass-box graph; InvalidArgument past max_gate_steps, or past the
-        steps whose gates fit in one reply (check_reply)."""
-        engine = self.registry.engines[model]
-        if engine.glass_box is None:
+        """FailedPrecondition if `model` has no glass-box graph; InvalidArgument past max_gate_steps."""
+        if self.registry.engines[model].glass_box is None:
             raise FailedPrecondition(f"model {model!r} is served without a glass-box graph, so it has no gates to "
                                      f"show; {HOW_TO_EXPORT}")
         limit = self.settings.max_gate_steps
         if steps > limit:
             raise InvalidArgument(f"gates were asked for {steps} steps, more than max_gate_steps ({limit}); "
                                   "ask for gates on shorter requests (the state carries over between them)")
-        self.check_reply(engine.spec, steps, gates=True)
 
     def check_reply(self, spec: ModelSpec, steps: int, *, all_steps: bool = False, gates: bool = False,
                     fixed_bytes: int = 0) -> None:
         """InvalidArgument when the outputs asked for `steps` steps (every step's output, gates), beside
-        `fixed_bytes` of others, would not fit in one reply of max_message_bytes. Checked before the step: a
-        reply too large to send would fail after the state had moved."""
+        `fixed_bytes` of others, would not fit in one gRPC message of max_message_bytes. The gRPC faces check it
+        before the step: a reply too large to send would fail after the state had moved. (HTTP replies have no
+        such bound.)"""
         step_bytes = (FLOAT_BYTES * spec.vocab_size if all_steps else 0) + (
             GATE_BYTES_PER_UNIT * spec.num_layers * spec.hidden_size if gates else 0)
         limit = self.settings.max_message_bytes
-        fitting = (limit - REPLY_RESERVE_BYTES - fixed_bytes) // step_bytes if step_bytes else steps
+        fitting = max(limit - REPLY_FRAMING_BYTES - fixed_bytes, 0) // step_bytes if step_bytes else steps
         if steps > fitting:
             what = " and ".join(name for name, asked in (("every step's output", all_steps), ("gates", gates))
                                 if asked)
@@ -359,9 +357,11 @@ class DataPlane:
         stop: Sequence[str],
         timeout: float | None = None,
         gates: bool = False,
+        reply_limited: bool = False,
     ) -> AsyncIterator[GeneratedChunk]:
         """Feed the prompt, then sample and feed one token at a time, yielding text as it completes (with the
-        gates of every step fed since the previous chunk, if asked)."""
+        gates of every step fed since the previous chunk, if asked; `reply_limited`: each chunk must fit in a
+        gRPC message)."""
         spec = self.registry.engines[record.model].spec
         limit = self.settings.max_generate_tokens
         if max_tokens == 0:
@@ -376,6 +376,8 @@ class DataPlane:
             raise InvalidArgument("stop has an empty string; every stop sequence needs at least one character")
         if gates:
             self.check_gates(record.model, len(prompt))
+            if reply_limited:  # the first chunk carries the prompt's gates
+                self.check_reply(spec, len(prompt), gates=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         rng = np.random.default_rng(seed)
         end_tokens = spec.end_tokens()

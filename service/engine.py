@@ -31,6 +31,15 @@ def inspect_session(name: str, path: Path, session: ort.InferenceSession) -> Mod
         raise ModelLoadError(f"{path.name}: {exc}", exc.violations) from None
 
 
+def open_graph(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    """An onnxruntime session on the CPU, or ModelLoadError saying why onnxruntime cannot load the file."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.NoSuchFile,
+            ort_errors.InvalidArgument, ort_errors.RuntimeException) as exc:
+        raise ModelLoadError(f"{path.name}: onnxruntime cannot load it: {exc}") from None
+
+
 class Engine:
     """One loaded model. `run` is safe to call from a worker thread (ORT releases the GIL)."""
 
@@ -43,11 +52,7 @@ class Engine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning threads would steal the core the event loop needs between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.NoSuchFile,
-                ort_errors.InvalidArgument, ort_errors.RuntimeException) as exc:
-            raise ModelLoadError(f"{path.name}: onnxruntime cannot load it: {exc}") from None
+        self.session = open_graph(path, options)
         self.path = path
         self.spec = inspect_session(name or path.stem, path, self.session)
         self._input_name = self.spec.input_kind
@@ -55,7 +60,7 @@ class Engine:
         self._warm_up()
         self.glass_box: GlassBox | None = None  # the gates' graph, when the model has one beside it
         if (glass_path := gates.path_for(path)).is_file():
-            self.glass_box = GlassBox(glass_path, self.spec, options)
+            self.glass_box = GlassBox(open_graph(glass_path, options), glass_path, self.spec)
             self.glass_box.check(self.run)
 
     def _warm_up(self) -> None:

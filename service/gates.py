@@ -40,13 +40,8 @@ def path_for(fast_graph: Path) -> Path:
 class GlassBox:
     """The glass-box graph of one served model. `run` is safe to call from a worker thread."""
 
-    def __init__(self, path: Path, spec: ModelSpec, options: ort.SessionOptions) -> None:
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.NoSuchFile,
-                ort_errors.InvalidArgument, ort_errors.RuntimeException) as exc:
-            raise ModelLoadError(f"{path.name}: onnxruntime cannot load it: {exc}") from None
-        self.path = path
+    def __init__(self, session: ort.InferenceSession, path: Path, spec: ModelSpec) -> None:
+        self.session, self.path = session, path
         inputs = {p.name for p in self.session.get_inputs()}
         outputs = {p.name: p.shape for p in self.session.get_outputs()}
         wanted = {spec.input_kind, "h0", "c0"}

@@ -65,7 +65,7 @@ class Turns:
         if earlier is not None:
             await asyncio.wait([earlier])  # its outcome, even a failure, is its own
         try:
-            async for chunk in generate(self.dataplane, request, timeout):
+            async for chunk in generate(self.dataplane, request, timeout, reply_limited=True):
                 self.outbox.file((request, chunk), final=bool(chunk.finish_reason))
         except CellstreamError as exc:
             self.outbox.file((request, exc))

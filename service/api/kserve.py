@@ -112,14 +112,16 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference ----------------------------------------------------------------------------
 
-    async def infer(self, request: pb.ModelInferRequest, remaining: float | None) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, remaining: float | None, reply_limited: bool = False
+                    ) -> pb.ModelInferResponse:
         """Validate everything, then run: a refused request changes no state. Shared by the gRPC and HTTP faces;
-        `remaining`: seconds until the call's deadline, if it has one."""
+        `remaining`: seconds until the call's deadline, if it has one; `reply_limited`: the reply must fit in
+        one gRPC message."""
         spec = self.model_spec(request.model_name, request.model_version)
         options = read_options(request)
         inputs = read_inputs(request, spec, self.dataplane)
         outputs = requested_outputs(request, spec)
-        if spec.output_name in outputs:
+        if reply_limited and spec.output_name in outputs:
             rows, steps = inputs.main.shape[:2]
             state_bytes = sum(FLOAT_BYTES * spec.num_layers * rows * spec.hidden_size for name in ("hn", "cn")
                               if name in outputs)
@@ -150,7 +152,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
-        return await self.infer(request, context.time_remaining())
+        return await self.infer(request, context.time_remaining(), reply_limited=True)
 
     @rpc
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
@@ -211,7 +213,8 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
             await asyncio.wait([after])
         # A failed request is reported in its own response; the stream serves the next requests.
         try:
-            response = pb.ModelStreamInferResponse(infer_response=await self.infer(request, context.time_remaining()))
+            response = pb.ModelStreamInferResponse(infer_response=await self.infer(request, context.time_remaining(),
+                                                                                   reply_limited=True))
         except CellstreamError as exc:
             response = _error_response(request, exc.code, exc.message)
         except Exception:  # a bug: logged once, reported as INTERNAL like a failed unary call

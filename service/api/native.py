@@ -27,7 +27,7 @@ class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
 
     @rpc
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
-        return await step(self.dataplane, request, request.session_id, context.time_remaining())
+        return await step(self.dataplane, request, request.session_id, context.time_remaining(), reply_limited=True)
 
     @rpc
     async def StreamSteps(self, request_iterator: AsyncIterator[pb.StepRequest],
@@ -42,12 +42,12 @@ class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
                 # Cut: a client's id of any length must not become an error message of that length.
                 raise InvalidArgument(f"this stream is bound to session {session_id!r}; "
                                       f"request names {request.session_id[:80]!r} (open another stream)")
-            yield await step(self.dataplane, request, session_id, context.time_remaining())
+            yield await step(self.dataplane, request, session_id, context.time_remaining(), reply_limited=True)
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateChunk]:
-        async for chunk in generate(self.dataplane, request, context.time_remaining()):
+        async for chunk in generate(self.dataplane, request, context.time_remaining(), reply_limited=True):
             yield fill_chunk(pb.GenerateChunk(), chunk)
 
     @rpc

@@ -14,12 +14,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
 from service.batcher import StepInputs, StepResult
-from service.dataplane import DataPlane, GeneratedChunk, InitialState
+from service.dataplane import FLOAT_BYTES, DataPlane, GeneratedChunk, InitialState
 from service.engine import LOGITS, ModelRegistry, ModelSpec
 from service.errors import CellstreamError, InvalidArgument
 from service.gates import GATE_NAMES
 from service.sessions.base import SessionRecord
 from service.textcodec import token_text
+
+TOP_TOKEN_BYTES = 32  # a TokenProb: id, probability, text of a few bytes, tags
 
 
 def session_info(record: SessionRecord) -> pb.SessionInfo:
@@ -99,15 +101,19 @@ def fill_gates(layers: RepeatedCompositeFieldContainer[pb.LayerGates], gates: np
             getattr(layer, name).extend(row.tolist())
 
 
-async def step(dataplane: DataPlane, request: pb.StepRequest, session_id: str, timeout: float | None
-               ) -> pb.StepResponse:
-    """One Step (or one message of StreamSteps) of `session_id`: find the session, validate, run, reply."""
+async def step(dataplane: DataPlane, request: pb.StepRequest, session_id: str, timeout: float | None,
+               reply_limited: bool = False) -> pb.StepResponse:
+    """One Step (or one message of StreamSteps) of `session_id`: find the session, validate, run, reply.
+    `reply_limited`: the reply must fit in one gRPC message (checked before the step)."""
     record = await dataplane.session(session_id)
     spec = dataplane.spec(record.model)
     inputs = step_inputs(dataplane, spec, request)
     want = wanted(request)
-    if want is not None and want.all_steps:
-        dataplane.check_reply(spec, len(inputs), all_steps=True, gates=want.gates)
+    if reply_limited and want is not None and (want.all_steps or want.gates):
+        state_bytes = 2 * FLOAT_BYTES * spec.num_layers * spec.hidden_size if want.state else 0
+        last_bytes = FLOAT_BYTES * spec.vocab_size if want.logits else 0
+        dataplane.check_reply(spec, len(inputs), all_steps=want.all_steps, gates=want.gates,
+                              fixed_bytes=state_bytes + last_bytes + TOP_TOKEN_BYTES * want.top_k)
     result = await dataplane.step(record, inputs, expected_position=expected_position(request), timeout=timeout,
                                   gates=want is not None and want.gates)
     return fill_response(pb.StepResponse(), session_id, spec, want, result)
@@ -136,16 +142,17 @@ def fill_status(status: pb.Status, error: CellstreamError) -> None:
     status.message = error.message
 
 
-async def generate(dataplane: DataPlane, request: pb.GenerateRequest, timeout: float | None
-                   ) -> AsyncIterator[GeneratedChunk]:
-    """The chunks of one chat turn: find the session, validate the prompt, then sample."""
+async def generate(dataplane: DataPlane, request: pb.GenerateRequest, timeout: float | None,
+                   reply_limited: bool = False) -> AsyncIterator[GeneratedChunk]:
+    """The chunks of one chat turn: find the session, validate the prompt, then sample. `reply_limited`: each
+    chunk must fit in one gRPC message (checked before the prompt is fed)."""
     record = await dataplane.session(request.session_id)
     spec = dataplane.spec(record.model)
     prompt = dataplane.text_input(spec, request.prompt, "prompt")
     chunks = dataplane.generate(
         record, prompt, max_tokens=request.max_tokens, temperature=request.temperature, top_k=request.top_k,
         seed=request.seed if request.HasField("seed") else None, stop=list(request.stop), timeout=timeout,
-        gates=request.gates,
+        gates=request.gates, reply_limited=reply_limited,
     )
     async for chunk in chunks:
         yield chunk

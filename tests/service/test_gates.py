@@ -180,28 +180,37 @@ async def test_gates_past_max_gate_steps_are_refused_and_change_nothing(start, c
 
 
 async def test_outputs_that_would_not_fit_in_one_reply_are_refused_before_the_step(start, connect):
-    # tiny-chat: 2 layers x 16 units x 6 gates x 4 bytes = 768 bytes a step; (100,000 - 65,536) // 768 = 44 fit.
-    client = connect(await start(max_message_bytes=100_000))
+    # tiny-chat: 2 layers x 16 units x 6 gates x 4 bytes = 768 bytes a step; (20,000 - 4,096) // 768 = 20 fit.
+    [port] = free_ports(1)
+    running = await start(max_message_bytes=20_000, http_port=port)
+    client = connect(running)
     session = (await client.open_session()).session_id
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await client.step(session, tokens=[1] * 45, gates=True)
+        await client.step(session, tokens=[1] * 21, gates=True)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "gates of 45 steps of model 'tiny-chat' (768 bytes a step) would exceed max_message_bytes (100000): " \
-           "at most 44 steps per request" in refused.value.details()
+    assert "gates of 21 steps of model 'tiny-chat' (768 bytes a step) would exceed max_message_bytes (20000): " \
+           "at most 20 steps per request" in refused.value.details()
     assert (await client.get_state(session)).position == 0
-    ok = await client.step(session, tokens=[1] * 44, gates=True)
-    assert ok.position == 44 and len(ok.gates[1].hidden) == 44 * 16
-    # Every step's logits (all_steps) weigh 260 x 4 = 1,040 bytes a step: 33 fit; with gates 1,808: 19.
-    for kwargs, fitting in (({"all_steps": True}, 33), ({"all_steps": True, "gates": True}, 19)):
+    ok = await client.step(session, tokens=[1] * 20, gates=True)
+    assert ok.position == 20 and len(ok.gates[1].hidden) == 20 * 16
+    # An HTTP reply has no such bound: the JSON face answers what gRPC could not send.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        body = {"tokens": {"ids": [1] * 21}, "want": {"gates": True}}
+        reply = await http.post(f"/v1/sessions/{session}/step", json=body)
+    assert reply.status_code == 200 and len(reply.json()["gates"][0]["cell"]) == 21 * 16
+    session = (await client.open_session()).session_id
+    await client.step(session, tokens=[1] * 20)
+    # Every step's logits (all_steps) weigh 260 x 4 = 1,040 bytes a step: 15 fit; with gates 1,808: 8.
+    for kwargs, fitting in (({"all_steps": True}, 15), ({"all_steps": True, "gates": True}, 8)):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.step(session, tokens=[1] * (fitting + 1), **kwargs)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"at most {fitting} steps per request" in refused.value.details()
-        assert (await client.get_state(session)).position == 44
+        assert (await client.get_state(session)).position == 20
         ok = await client.step(session, tokens=[1] * fitting, **kwargs)
         assert len(ok.logits) == fitting * 260
         session = (await client.open_session()).session_id
-        await client.step(session, tokens=[1] * 44)
+        await client.step(session, tokens=[1] * 20)
 
 
 async def test_a_multiplexed_item_asking_for_gates_is_refused_alone(client):

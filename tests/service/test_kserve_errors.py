@@ -252,18 +252,18 @@ async def test_timeout_passing_before_compute_drops_the_request(server, triton, 
 
 
 async def test_a_reply_too_large_to_send_is_refused_before_the_step(start, connect):
-    # tiny-chat's logits: 260 x 4 = 1,040 bytes a step; (100,000 - 65,536) // 1,040 = 33 steps fit in a reply.
-    running = await start(max_message_bytes=100_000)
+    # tiny-chat's logits: 260 x 4 = 1,040 bytes a step; (20,000 - 4,096) // 1,040 = 15 steps fit in a reply.
+    running = await start(max_message_bytes=20_000)
     async with triton_aio.InferenceServerClient(f"127.0.0.1:{running.port}") as triton:
         with pytest.raises(InferenceServerException) as refused:
-            await triton.infer(CHAT, [tokens(*[1] * 34)], sequence_id=7, sequence_start=True)
+            await triton.infer(CHAT, [tokens(*[1] * 16)], sequence_id=7, sequence_start=True)
         assert refused.value.status() == f"StatusCode.{INVALID}"
-        assert "every step's output of 34 steps of model 'tiny-chat' (1040 bytes a step) would exceed " \
-               "max_message_bytes (100000): at most 33 steps per request" in refused.value.message()
+        assert "every step's output of 16 steps of model 'tiny-chat' (1040 bytes a step) would exceed " \
+               "max_message_bytes (20000): at most 15 steps per request" in refused.value.message()
         assert running.dataplane.store.count() == 0  # no sequence began
-        rows = tensor("tokens", np.ones((2, 17), np.int64))  # 34 steps over two stateless rows: refused alike
-        with pytest.raises(InferenceServerException, match="at most 33 steps per request"):
+        rows = tensor("tokens", np.ones((2, 8), np.int64))  # 16 steps over two stateless rows: refused alike
+        with pytest.raises(InferenceServerException, match="at most 15 steps per request"):
             await triton.infer(CHAT, [rows])
-        result = await triton.infer(CHAT, [tokens(*[1] * 33)], sequence_id=7, sequence_start=True)
-        assert result.as_numpy("logits").shape == (1, 33, 260)
-    assert (await connect(running).get_state(sequence_key(CHAT, 7))).position == 33
+        result = await triton.infer(CHAT, [tokens(*[1] * 15)], sequence_id=7, sequence_start=True)
+        assert result.as_numpy("logits").shape == (1, 15, 260)
+    assert (await connect(running).get_state(sequence_key(CHAT, 7))).position == 15
