@@ -3,9 +3,10 @@
 A `cellstream serve` process on the shipped model; SESSIONS sessions step one byte at a time back to back
 (unary Step), while one more session sends a large request over and over: nothing; a plain request of the most
 bytes a request with gates may have (max_gate_steps, or what fits in one reply); the same with gates; and a
-plain request of max_tokens_per_request bytes, the largest any client may send. The table gives the large
-request's latency and the small steps' throughput and latency beside each: a gated request must weigh on the
-others no more than the largest plain one.
+plain request of max_tokens_per_request bytes, the largest any client may send; and one whose reply holds every
+step's logits (want.all_steps), as many as one reply holds, about as many floats as the gates. The table gives the
+large request's latency and the small steps' throughput and latency beside each: a gated request must weigh on
+the others no more than the largest plain ones.
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ from bench.server import ServerProcess
 from bench.stats import percentile_ms
 from service.client import Client
 from service.config import Settings
-from service.dataplane import GATE_BYTES_PER_UNIT, REPLY_FRAMING_BYTES
+from service.dataplane import FLOAT_BYTES, GATE_BYTES_PER_UNIT, REPLY_FRAMING_BYTES
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model" / "artifacts"
 SESSIONS = 16
 SETTINGS = Settings.model_construct()
-LAYERS, HIDDEN = 2, 128  # the shipped chat model
-# The most steps one request with gates may have on it: max_gate_steps, or what fits in one reply.
-GATED = min(SETTINGS.max_gate_steps,
-            (SETTINGS.max_message_bytes - REPLY_FRAMING_BYTES) // (GATE_BYTES_PER_UNIT * LAYERS * HIDDEN))
-CASES = (("none", 0, False), (f"plain, {GATED} bytes", GATED, False), (f"gated, {GATED} bytes", GATED, True),
+LAYERS, HIDDEN, VOCAB = 2, 128, 260  # the shipped chat model
+ROOM = SETTINGS.max_message_bytes - REPLY_FRAMING_BYTES
+# The most steps one request with gates may have on it: max_gate_steps, or what fits in one reply; and the most
+# steps whose every logits fit in one reply (want.all_steps): about as many floats, the other large reply.
+GATED = min(SETTINGS.max_gate_steps, ROOM // (GATE_BYTES_PER_UNIT * LAYERS * HIDDEN))
+ALL_STEPS = min(SETTINGS.max_tokens_per_request, ROOM // (FLOAT_BYTES * VOCAB))
+CASES = (("none", 0, {}), (f"plain, {GATED} bytes", GATED, {}), (f"gated, {GATED} bytes", GATED, {"gates": True}),
          (f"plain, {SETTINGS.max_tokens_per_request} bytes (max_tokens_per_request)",
-          SETTINGS.max_tokens_per_request, False))
+          SETTINGS.max_tokens_per_request, {}),
+         (f"plain, {ALL_STEPS} bytes, every step's logits", ALL_STEPS, {"all_steps": True}))
 
 
 async def small_steps(client: Client, stop: asyncio.Event, latencies: list[float]) -> None:
@@ -43,26 +47,26 @@ async def small_steps(client: Client, stop: asyncio.Event, latencies: list[float
         latencies.append(time.perf_counter() - started)
 
 
-async def large_requests(client: Client, length: int, gates: bool, stop: asyncio.Event, latencies: list[float]
-                         ) -> None:
+async def large_requests(client: Client, length: int, outputs: dict[str, bool], stop: asyncio.Event,
+                         latencies: list[float]) -> None:
     session = (await client.open_session()).session_id
     text = "a" * length
     while not stop.is_set():
         started = time.perf_counter()
-        await client.step(session, text=text, gates=gates)
+        await client.step(session, text=text, **outputs)
         latencies.append(time.perf_counter() - started)
         await client.close_session(session)  # a fresh state each time: the same work every request
         session = (await client.open_session()).session_id
 
 
-async def measure(port: int, length: int, gates: bool, seconds: float) -> dict[str, float]:
+async def measure(port: int, length: int, outputs: dict[str, bool], seconds: float) -> dict[str, float]:
     small: list[float] = []
     large: list[float] = []
     stop = asyncio.Event()
     async with Client(f"127.0.0.1:{port}", timeout=60) as client:
         tasks = [asyncio.create_task(small_steps(client, stop, small)) for _ in range(SESSIONS)]
         if length:
-            tasks.append(asyncio.create_task(large_requests(client, length, gates, stop, large)))
+            tasks.append(asyncio.create_task(large_requests(client, length, outputs, stop, large)))
         await asyncio.sleep(seconds)
         stop.set()
         await asyncio.gather(*tasks)
@@ -77,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as logs, ServerProcess(MODEL_DIR, "cellstream-chat", {}, (),
                                                                Path(logs) / "server.log") as server:
-        for name, length, gates in CASES:
-            rows.append((name, asyncio.run(measure(server.port, length, gates, args.seconds))))
+        for name, length, outputs in CASES:
+            rows.append((name, asyncio.run(measure(server.port, length, outputs, args.seconds))))
     print(f"{SESSIONS} sessions of 1-byte unary steps beside one session of large requests ({args.seconds:g} s each)")
     print("| large request | its p50 ms | small steps/s | small p50 ms | small p99 ms |\n|---|---:|---:|---:|---:|")
     for name, row in rows:

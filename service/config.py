@@ -98,9 +98,9 @@ class Settings(BaseSettings):
     is refused whole (INVALID_ARGUMENT). Also the most GenerateMany turns in progress on one stream."""
     max_generate_tokens: int = Field(512, ge=1)
     """Most tokens one Generate call may sample; also its default."""
-    max_gate_steps: int = Field(1024, ge=1)
-    """Most steps of one request that asks for gates (Outputs.gates, or a Generate prompt with gates): the
-    glass-box graph costs ~2.5x the fast one, so 1024 gated steps cost a batch about what 2,500 plain ones do."""
+    max_gate_steps: int = Field(256, ge=1)
+    """Most steps of one request that asks for gates (Outputs.gates, or a Generate prompt with gates): such a
+    request weighs on other sessions less than the largest plain ones at 256 (`make bench-gates`)."""
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Largest gRPC message received or sent."""
     shutdown_grace_seconds: float = Field(10.0, ge=0)

@@ -22,6 +22,9 @@ from service.sessions.base import SessionRecord
 from service.textcodec import token_text
 
 TOP_TOKEN_BYTES = 32  # a TokenProb: id, probability, text of a few bytes, tags
+WIRE_LENGTH_DELIMITED = 2  # the protobuf wire type of packed repeated fields
+GATE_FIELDS = {name: pb.LayerGates.DESCRIPTOR.fields_by_name[name].number for name in GATE_NAMES}
+LOGITS_FIELD, OUTPUTS_FIELD = (pb.StepResponse.DESCRIPTOR.fields_by_name[name].number for name in ("logits", "outputs"))
 
 
 def session_info(record: SessionRecord) -> pb.SessionInfo:
@@ -78,11 +81,11 @@ def fill_response(response: pb.StepResponse, session_id: str, spec: ModelSpec, w
     response.position = result.position
     if want is None:
         return response
-    values = response.logits if spec.output_name == LOGITS else response.outputs  # named for what they are
+    named_logits = spec.output_name == LOGITS  # the output goes in the field named for what it is
     if want.all_steps:
-        values.extend(result.logits.ravel().tolist())
+        response.MergeFromString(packed_floats(LOGITS_FIELD if named_logits else OUTPUTS_FIELD, result.logits))
     elif want.logits:
-        values.extend(result.logits[-1].tolist())
+        (response.logits if named_logits else response.outputs).extend(result.logits[-1].tolist())
     if want.top_k:
         response.top.extend(top_tokens(result.logits[-1], want.top_k))
     if want.state:
@@ -96,9 +99,25 @@ def fill_gates(layers: RepeatedCompositeFieldContainer[pb.LayerGates], gates: np
     """Steps' gates (T, 6, L, H) as one LayerGates per layer, each field step-major (T * H floats)."""
     by_layer = gates.transpose(2, 1, 0, 3).reshape(gates.shape[2], len(GATE_NAMES), -1)  # (L, 6, T * H)
     for values in by_layer:
-        layer = layers.add()
-        for name, row in zip(GATE_NAMES, values, strict=True):
-            getattr(layer, name).extend(row.tolist())
+        layers.add().MergeFromString(b"".join(packed_floats(GATE_FIELDS[name], row)
+                                              for name, row in zip(GATE_NAMES, values, strict=True)))
+
+
+def packed_floats(field_number: int, values: np.ndarray) -> bytes:
+    """A repeated float field's encoding (proto3 packs them: tag, length, little-endian float32s), to merge
+    into its message: 6x faster than extending the field from a list, which counts on a large reply (a
+    request's gates are up to ~1M floats, built on the event loop)."""
+    data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    return _varint(field_number << 3 | WIRE_LENGTH_DELIMITED) + _varint(len(data)) + data
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 async def step(dataplane: DataPlane, request: pb.StepRequest, session_id: str, timeout: float | None,

@@ -19,7 +19,8 @@ def test_the_gates_benchmark_prints_every_case():
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| large")]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [
-        "none", "plain, 682 bytes", "gated, 682 bytes", "plain, 4096 bytes (max_tokens_per_request)"]
+        "none", "plain, 256 bytes", "gated, 256 bytes", "plain, 4096 bytes (max_tokens_per_request)",
+        "plain, 4029 bytes, every step's logits"]
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert all(re.fullmatch(r"[\d,.]+", cell) for cell in cells[2:]), row  # steps/s and latencies measured
