@@ -15,7 +15,7 @@ import grpc
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
 from service.api.handling import INTERNAL_MESSAGE
-from service.api.multiplex import check_item_count
+from service.api.multiplex import ITEM_FRAMING_BYTES, check_item_count
 from service.api.native_codec import fill_chunk, fill_status, generate
 from service.api.outbox import Outbox
 from service.dataplane import DataPlane, GeneratedChunk
@@ -25,6 +25,7 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 METHOD = "GenerateMany"
+VARINT_BYTES = 5  # the most a token id takes in the reply
 Entry = tuple[pb.GenerateRequest, GeneratedChunk | CellstreamError]
 
 
@@ -37,12 +38,14 @@ class Turns:
         self.outbox: Outbox[Entry] = Outbox()
         self._running: set[asyncio.Task[None]] = set()
         self._latest: dict[str, asyncio.Task[None]] = {}  # each session's latest turn
+        self.large_replies = False  # a turn asked for gates: replies are split by size (see relay)
 
     async def admit(self, batch: pb.GenerateBatch, context: grpc.aio.ServicerContext) -> None:
         limit = self.dataplane.settings.max_items_per_message
         check_item_count(len(batch.items), limit, "GenerateBatch")
         loop = asyncio.get_running_loop()
         for request in batch.items:
+            self.large_replies |= request.gates
             self.outbox.pending += 1
             if len(self._running) >= limit:
                 self.outbox.file((request, ResourceExhausted(
@@ -72,6 +75,17 @@ class Turns:
         except Exception:  # a bug: logged once, and this turn (only) ends INTERNAL
             log.exception("unexpected error in a %s turn", METHOD)
             self.outbox.file((request, CellstreamError(INTERNAL_MESSAGE)))
+
+    @staticmethod
+    def entry_bytes(entry: Entry) -> int:
+        """About how many bytes an outcome takes in a reply: its gates, if any, and the rest."""
+        request, outcome = entry
+        size = ITEM_FRAMING_BYTES + len(request.session_id)
+        if isinstance(outcome, GeneratedChunk):
+            size += len(outcome.text.encode()) + VARINT_BYTES * len(outcome.tokens)
+            if outcome.gates is not None:
+                size += outcome.gates.nbytes
+        return size
 
     def pack(self, entries: list[Entry]) -> pb.GenerateBatchResult:
         reply = pb.GenerateBatchResult()

@@ -23,11 +23,18 @@ from operator import methodcaller
 import grpc
 
 from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.api.native_codec import expected_position, fill_response, fill_status, step_inputs
+from service.api.native_codec import (
+    check_reply,
+    expected_position,
+    fill_response,
+    fill_status,
+    reply_bytes,
+    step_inputs,
+)
 from service.api.outbox import Outbox
 from service.auth import current_principal
 from service.batcher import StepGroup, StepInputs
-from service.dataplane import MAX_ID_CHARS, DataPlane, deadline_after
+from service.dataplane import MAX_ID_CHARS, REPLY_FRAMING_BYTES, DataPlane, deadline_after
 from service.engine import ModelSpec
 from service.errors import CellstreamError, InvalidArgument
 from service.metrics import Metrics
@@ -41,6 +48,7 @@ HAS_EXPECTED_POSITION = methodcaller("HasField", "expected_position")
 HAS_WANT = methodcaller("HasField", "want")
 GATES_REFUSED = ("want.gates is served on Step and StreamSteps (and the JSON face's step), one session per call; "
                  "a multiplexed call's batches stay cheap: send this item as a Step")
+ITEM_FRAMING_BYTES = 32  # an outcome's tag, position, status or field tags, beside its session id and outputs
 KNOWN_SESSIONS_PER_CALL = 65_536  # a stream forgets the sessions it found past this many (they are found again)
 
 
@@ -54,6 +62,7 @@ class Checked:
     inputs: list[StepInputs | CellstreamError]
     expected: list[int | None]
     refused: int = 0
+    reply_bytes: int = 0  # what the valid items' outputs take in the reply, beyond their position
 
 
 def check_item_count(count: int, limit: int, message: str) -> None:
@@ -74,6 +83,7 @@ class StepItems:
         self._models: dict[str, ModelSpec] = {}  # sessions this call found (and the caller owns): their model
         self._running: dict[int, tuple[StepGroup, list[Entry]]] = {}  # by id() of the group, in queue order
         self._after: dict[int, list[Entry]] = {}  # refused items waiting for an earlier group of their session
+        self.large_replies = False  # some item asked for outputs: replies are then cut by size (see relay)
 
     async def _find(self, items: Sequence[pb.StepRequest]) -> dict[str, CellstreamError]:
         """Learn the model of every session new to this call (one store round trip); the errors of the
@@ -112,16 +122,50 @@ class StepItems:
                 checked.refused += 1
             session_ids.append(session_id)
             specs.append(spec)
-        if any(map(HAS_WANT, items)):  # gates are refused item by item; most items want nothing
-            for k, item in enumerate(items):
-                if item.want.gates and not isinstance(inputs[k], CellstreamError):
-                    inputs[k] = InvalidArgument(GATES_REFUSED)
-                    checked.refused += 1
+        if any(map(HAS_WANT, items)):  # most items want nothing: the position only
+            self._check_outputs(items, checked)
         if any(map(HAS_EXPECTED_POSITION, items)):  # rare: most steps do not name a position
             checked.expected = [expected_position(item) for item in items]
         else:
             checked.expected = [None] * len(items)
         return checked
+
+    def _check_outputs(self, items: Sequence[pb.StepRequest], checked: Checked) -> None:
+        """Refuse the items asking for gates, or for outputs no reply can hold (like a Step); count what the
+        others' outputs take in the reply."""
+        dataplane, specs, inputs = self.dataplane, checked.specs, checked.inputs
+        for k, item in enumerate(items):
+            step, spec = inputs[k], specs[k]
+            if isinstance(step, CellstreamError) or spec is None or not item.HasField("want"):
+                continue
+            try:
+                if item.want.gates:
+                    raise InvalidArgument(GATES_REFUSED)
+                check_reply(dataplane, spec, len(step), item.want)
+            except CellstreamError as exc:
+                inputs[k] = exc
+                checked.refused += 1
+                continue
+            checked.reply_bytes += reply_bytes(spec, len(step), item.want)
+        if checked.reply_bytes:  # outcomes of several messages may travel together: replies are then cut by size
+            self.large_replies = True
+
+    def _check_reply_size(self, items: Sequence[pb.StepRequest], checked: Checked) -> None:
+        """InvalidArgument, for the whole message, when its outcomes cannot travel in one reply."""
+        size = checked.reply_bytes + sum(ITEM_FRAMING_BYTES + len(item.session_id) for item in items)
+        limit = self.dataplane.settings.max_message_bytes
+        if size > limit - REPLY_FRAMING_BYTES:
+            raise InvalidArgument(f"the outcomes of this StepBatch would take about {size} bytes, more than one reply "
+                                  f"of max_message_bytes ({limit}) holds; nothing was done: ask for every step's "
+                                  "output (all_steps) or the state on fewer items per message, or use StreamMany")
+
+    def entry_bytes(self, entry: Entry) -> int:
+        """About how many bytes an outcome takes in a reply (relay splits replies by it)."""
+        item, spec, outcome, _ = entry
+        size = ITEM_FRAMING_BYTES + len(item.session_id)
+        if isinstance(outcome, StepGroup) and spec is not None and item.HasField("want"):
+            size += reply_bytes(spec, outcome.length, item.want)
+        return size
 
     def _groups(self, items: Sequence[pb.StepRequest], checked: Checked, deadline: float | None,
                 owner: str | None) -> tuple[list[Entry], list[Made]]:
@@ -173,10 +217,10 @@ class StepItems:
             made.append((spec.name, group, members))
         return entries, made
 
-    async def _queue(self, batch: pb.StepBatch, timeout: float | None
+    async def _queue(self, batch: pb.StepBatch, timeout: float | None, *, one_reply: bool = False
                      ) -> tuple[list[Entry], list[tuple[StepGroup, list[Entry]]]]:
         """Check every item and queue the valid ones in groups: entries in item order, and the groups queued
-        with their entries."""
+        with their entries. `one_reply`: every outcome must fit in one reply (StepMany), else nothing is done."""
         items = batch.items
         dataplane = self.dataplane
         check_item_count(len(items), dataplane.settings.max_items_per_message, "StepBatch")
@@ -184,8 +228,10 @@ class StepItems:
         # and its batch's load checks that the session exists and is the caller's.
         only = dataplane.only_spec
         errors = {} if only is not None else await self._find(items)
-        entries, made = self._groups(items, self._check(items, only, errors), deadline_after(timeout),
-                                     current_principal())
+        checked = self._check(items, only, errors)
+        if one_reply and checked.reply_bytes:
+            self._check_reply_size(items, checked)
+        entries, made = self._groups(items, checked, deadline_after(timeout), current_principal())
         queued: list[tuple[StepGroup, list[Entry]]] = []
         cut: dict[int, CellstreamError] = {}  # groups the queue took only part of (or none): their refusal
         for model, group, members in made:
@@ -203,7 +249,7 @@ class StepItems:
 
     async def answer(self, batch: pb.StepBatch, timeout: float | None) -> pb.StepBatchResult:
         """StepMany: every item's outcome, in item order."""
-        entries, queued = await self._queue(batch, timeout)
+        entries, queued = await self._queue(batch, timeout, one_reply=True)
         if queued:
             remaining = len(queued)
             finished = asyncio.get_running_loop().create_future()

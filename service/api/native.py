@@ -58,13 +58,15 @@ class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
     @rpc
     async def StreamMany(self, request_iterator: AsyncIterator[pb.StepBatch], context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[pb.StepBatchResult]:
-        async for reply in relay(StepItems(self.dataplane, self.metrics, "StreamMany"), request_iterator, context):
+        async for reply in relay(StepItems(self.dataplane, self.metrics, "StreamMany"), request_iterator, context,
+                                 self.dataplane.settings.max_message_bytes):
             yield reply
 
     @rpc
     async def GenerateMany(self, request_iterator: AsyncIterator[pb.GenerateBatch],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateBatchResult]:
-        async for reply in relay(Turns(self.dataplane, self.metrics), request_iterator, context):
+        async for reply in relay(Turns(self.dataplane, self.metrics), request_iterator, context,
+                                 self.dataplane.settings.max_message_bytes):
             yield reply
 
     @rpc

@@ -103,6 +103,21 @@ def fill_gates(layers: RepeatedCompositeFieldContainer[pb.LayerGates], gates: np
                                               for name, row in zip(GATE_NAMES, values, strict=True)))
 
 
+def check_reply(dataplane: DataPlane, spec: ModelSpec, steps: int, want: pb.Outputs) -> None:
+    """InvalidArgument when the reply to a step of `steps` steps asking for `want` cannot be one gRPC message."""
+    if want.all_steps or want.gates:
+        dataplane.check_reply(spec, steps, all_steps=want.all_steps, gates=want.gates,
+                              fixed_bytes=reply_bytes(spec, 0, want))
+
+
+def reply_bytes(spec: ModelSpec, steps: int, want: pb.Outputs) -> int:
+    """About how many bytes the outputs `want` asks for take in the reply to a step of `steps` steps (gates
+    aside: the multiplexed calls refuse them)."""
+    state = 2 * FLOAT_BYTES * spec.num_layers * spec.hidden_size if want.state else 0
+    logits = FLOAT_BYTES * spec.vocab_size * (steps if want.all_steps else int(want.logits))
+    return state + logits + TOP_TOKEN_BYTES * want.top_k
+
+
 def packed_floats(field_number: int, values: np.ndarray) -> bytes:
     """A repeated float field's encoding (proto3 packs them: tag, length, little-endian float32s), to merge
     into its message: 6x faster than extending the field from a list, which counts on a large reply (a
@@ -128,11 +143,8 @@ async def step(dataplane: DataPlane, request: pb.StepRequest, session_id: str, t
     spec = dataplane.spec(record.model)
     inputs = step_inputs(dataplane, spec, request)
     want = wanted(request)
-    if reply_limited and want is not None and (want.all_steps or want.gates):
-        state_bytes = 2 * FLOAT_BYTES * spec.num_layers * spec.hidden_size if want.state else 0
-        last_bytes = FLOAT_BYTES * spec.vocab_size if want.logits else 0
-        dataplane.check_reply(spec, len(inputs), all_steps=want.all_steps, gates=want.gates,
-                              fixed_bytes=state_bytes + last_bytes + TOP_TOKEN_BYTES * want.top_k)
+    if reply_limited and want is not None:
+        check_reply(dataplane, spec, len(inputs), want)
     result = await dataplane.step(record, inputs, expected_position=expected_position(request), timeout=timeout,
                                   gates=want is not None and want.gates)
     return fill_response(pb.StepResponse(), session_id, spec, want, result)

@@ -15,6 +15,8 @@ from typing import Generic, Protocol, TypeVar
 
 import grpc
 
+from service.dataplane import REPLY_FRAMING_BYTES
+
 Entry = TypeVar("Entry")
 Message = TypeVar("Message")
 Reply = TypeVar("Reply")
@@ -78,6 +80,11 @@ class Multiplexer(Protocol[Message, Reply, Entry]):
     """One multiplexed call's items: admits messages, packs ready outcomes, cancels what is left."""
 
     outbox: Outbox[Entry]
+    large_replies: bool
+    """Some outcome may be large (every step's logits, gates): replies are then split by entry_bytes."""
+
+    def entry_bytes(self, entry: Entry) -> int:
+        """About how many bytes the outcome takes in a reply."""
 
     async def admit(self, message: Message, context: grpc.aio.ServicerContext) -> None: ...
 
@@ -88,10 +95,28 @@ class Multiplexer(Protocol[Message, Reply, Entry]):
 
 
 async def relay(mux: Multiplexer[Message, Reply, Entry], messages: AsyncIterator[Message],
-                context: grpc.aio.ServicerContext) -> AsyncIterator[Reply]:
-    """The replies of a multiplexed stream: one per group of outcomes ready together."""
+                context: grpc.aio.ServicerContext, max_bytes: int) -> AsyncIterator[Reply]:
+    """The replies of a multiplexed stream: one per group of outcomes ready together, or as many as it takes to
+    keep each within `max_bytes` (max_message_bytes) when outcomes may be large."""
     try:
         async for ready in mux.outbox.drain(messages, lambda message: mux.admit(message, context)):
-            yield mux.pack(ready)
+            for part in by_size(ready, mux.entry_bytes, max_bytes) if mux.large_replies else (ready,):
+                yield mux.pack(part)
     finally:
         mux.cancel()
+
+
+def by_size(entries: list[Entry], size: Callable[[Entry], int], max_bytes: int) -> list[list[Entry]]:
+    """`entries` in order, cut into runs whose sizes add up to at most `max_bytes` (less the reply's framing);
+    each entry fits alone (checked when its item was admitted)."""
+    room = max_bytes - REPLY_FRAMING_BYTES
+    parts: list[list[Entry]] = [[]]
+    used = 0
+    for entry in entries:
+        needed = size(entry)
+        if parts[-1] and used + needed > room:
+            parts.append([])
+            used = 0
+        parts[-1].append(entry)
+        used += needed
+    return parts

@@ -271,3 +271,59 @@ async def test_one_model_server_finds_bad_sessions_when_their_batch_loads_them(s
         assert outcomes[1].error.message.replace(hers, UNKNOWN) == outcomes[2].error.message
         assert await alice.get_state(hers) == before
         assert (await bob.get_state(moved)).position == 5
+
+
+# tiny-chat's logits: 260 x 4 = 1,040 bytes a step. With max_message_bytes 20,000 a reply has room for 15,904
+# bytes of outcomes beside its framing (service.dataplane.REPLY_FRAMING_BYTES).
+SMALL_REPLIES = 20_000
+
+
+async def test_an_item_whose_outputs_no_reply_holds_is_refused_alone(start, connect):
+    client = connect(await start(max_message_bytes=SMALL_REPLIES))
+    a, b = [(await client.open_session()).session_id for _ in range(2)]
+    for method in ("StepMany", "StreamMany"):
+        outcomes = await answer(client, method, [Client.step_request(a, tokens=[1] * 16, all_steps=True, tag=1),
+                                                 Client.step_request(b, tokens=[1] * 2, all_steps=True, tag=2)])
+        assert outcomes[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], method
+        assert "every step's output of 16 steps of model 'tiny-chat'" in outcomes[0].error.message
+        assert "at most 15 steps per request" in outcomes[0].error.message
+        assert len(outcomes[1].response.logits) == 2 * 260
+    assert (await client.get_state(a)).position == 0 and (await client.get_state(b)).position == 4
+
+
+async def test_a_step_many_whose_outcomes_no_reply_holds_is_refused_whole(start, connect, rpc_error):
+    client = connect(await start(max_message_bytes=SMALL_REPLIES))
+    sessions = [(await client.open_session()).session_id for _ in range(4)]
+    items = [Client.step_request(sid, tokens=[1] * 4, all_steps=True) for sid in sessions]  # 4 x 4,160 bytes
+    error = await rpc_error(client.step_many(items))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than one reply of max_message_bytes (20000) holds; nothing was done" in error.details()
+    assert [(await client.get_state(sid)).position for sid in sessions] == [0, 0, 0, 0]
+    reply = await client.step_many(items[:3])  # 12,480 bytes: one reply holds them
+    assert [len(o.response.logits) for o in reply.items] == [4 * 260] * 3
+
+
+async def test_stream_many_splits_outcomes_ready_together_into_replies_that_fit(start, connect, gate):
+    running = await start(max_message_bytes=SMALL_REPLIES)
+    client = connect(running)
+    sessions = [(await client.open_session()).session_id for _ in range(7)]
+    call = client.stream_many()
+    held = gate(running)
+    await call.write(pb.StepBatch(items=[Client.step_request(sessions[0], tokens=[1], tag=0)]))
+    assert await asyncio.to_thread(held.running.wait, 30)
+    # Two messages of three items whose outputs fit one reply each, queued behind the held batch: their
+    # outcomes complete together (one batch), 24,960 bytes, more than one reply of 20,000 bytes holds.
+    for first in (1, 4):
+        await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[1] * 4, all_steps=True, tag=first + k)
+                                             for k, sid in enumerate(sessions[first:first + 3])]))
+    batcher = running.dataplane.batchers["tiny-chat"]
+    while batcher.queued < 6:
+        await asyncio.sleep(0.01)
+    held.open.set()
+    await call.done_writing()
+    replies = [reply async for reply in call]
+    assert await call.code() == grpc.StatusCode.OK
+    assert sorted(o.tag for reply in replies for o in reply.items) == list(range(7))
+    assert all(reply.ByteSize() <= SMALL_REPLIES for reply in replies)
+    # The six outcomes of one batch travel in two replies or more (none holds more than three of them).
+    assert max(sum(o.tag >= 1 for o in reply.items) for reply in replies) <= 3

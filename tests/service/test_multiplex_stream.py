@@ -164,3 +164,22 @@ async def test_generate_many_tags_chunks_and_isolates_turns(server, client, ref,
     assert samples.get("cellstream_items_total", method="GenerateMany", code="OK") == 3
     assert samples.get("cellstream_items_total", method="GenerateMany", code="NOT_FOUND") == 1
     assert samples.get("cellstream_items_total", method="GenerateMany", code="INVALID_ARGUMENT") == 1
+
+
+async def test_generate_many_with_gates_keeps_every_reply_within_max_message_bytes(start, connect):
+    """Turns' first chunks carry their prompt's gates (768 bytes a byte on tiny-chat): four turns' chunks ready
+    together would take ~21 kB, more than one reply of 20,000 bytes holds; they travel in several."""
+    client = connect(await start(max_message_bytes=20_000))
+    sessions = [(await client.open_session()).session_id for _ in range(4)]
+    call = client.generate_many()
+    await call.write(pb.GenerateBatch(items=[pb.GenerateRequest(session_id=sid, prompt=PROMPT, max_tokens=3, tag=k,
+                                                                gates=True) for k, sid in enumerate(sessions)]))
+    await call.done_writing()
+    replies = [reply async for reply in call]
+    assert await call.code() == grpc.StatusCode.OK
+    assert all(reply.ByteSize() <= 20_000 for reply in replies)
+    for k, sid in enumerate(sessions):
+        chunks = [o.chunk for reply in replies for o in reply.chunks if o.tag == k]
+        assert chunks[-1].done and len(PROMPT.encode()) < chunks[-1].position <= len(PROMPT.encode()) + 3
+        steps = sum(len(chunk.gates[0].forget) for chunk in chunks) // 16
+        assert steps == chunks[-1].position == (await client.get_state(sid)).position
