@@ -20,11 +20,13 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from model.parity import ExportError, ExportErrors, judge, scaled_max_diff
+from model import parity
+from model.parity import ExportError, ExportErrors, Inputs, judge, scaled_max_diff
 from model.reference import Gates, LayerWeights, ReferenceLSTM
 from service.gates import GATE_NAMES, path_for
 
 OPSET = 17
+RANDOM_SHAPES = ((1, 1), (1, 17), (3, 5), (8, 1), (4, 200))  # (batch, time); the last: a long trained-memory drift
 FLOAT32 = "float32 reference"  # what the glass-box graph is judged beside: NumPy's gates, the fast graph's state
 FLOAT = TensorProto.FLOAT
 
@@ -152,7 +154,7 @@ def in_float64(reference: ReferenceLSTM) -> ReferenceLSTM:
 
 
 def measure(reference: ReferenceLSTM, glass_box: Path, fast_graph: Path,
-            inputs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Iterator[tuple[str, ExportErrors]]:
+            inputs: Iterable[Inputs]) -> Iterator[tuple[str, ExportErrors]]:
     """(which output, its worst errors over all `inputs`), against the reference in float64 (model.parity's
     rule): each gate of the glass-box graph, and its final state hn, cn beside the fast graph's (which must hold
     the same weights).
@@ -233,24 +235,18 @@ def reference_from_graph(fast_graph: onnx.ModelProto) -> tuple[ReferenceLSTM, st
     return ReferenceLSTM(tuple(layers), embedding), input_kind
 
 
-def random_inputs(reference: ReferenceLSTM, input_kind: str, seed: int = 0
-                  ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(what, inputs, h0, c0): random inputs from random states N(0, 0.5), in several shapes."""
-    rng = np.random.default_rng(seed)
-    first = reference.layers[0].W_f
-    hidden = first.shape[0]
-    for batch, time in ((1, 1), (1, 17), (3, 5), (8, 1), (4, 200)):
-        if input_kind == "tokens":
-            assert reference.embedding is not None
-            x = rng.integers(0, reference.embedding.shape[0], (batch, time), dtype=np.int64)
-        else:
-            x = rng.normal(0, 1, (batch, time, first.shape[1] - hidden)).astype(np.float32)
-        state = (len(reference.layers), batch, hidden)
-        yield (f"random inputs and state, batch {batch}, time {time}", x,
-               rng.normal(0, 0.5, state).astype(np.float32), rng.normal(0, 0.5, state).astype(np.float32))
+def random_inputs(reference: ReferenceLSTM, input_kind: str, seed: int = 0) -> Iterator[Inputs]:
+    """(what, inputs, h0, c0): random inputs from random states N(0, 0.5), in RANDOM_SHAPES."""
+    hidden, columns = reference.layers[0].W_f.shape  # columns: [h, x]
+    if input_kind == "tokens":
+        assert reference.embedding is not None
+        input_size = reference.embedding.shape[0]
+    else:
+        input_size = columns - hidden
+    return parity.random_inputs(input_kind, input_size, len(reference.layers), hidden, seed, RANDOM_SHAPES)
 
 
-def export(fast_graph: Path, inputs: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray]] | None = None
+def export(fast_graph: Path, inputs: Iterable[Inputs] | None = None
            ) -> ExportErrors:
     """Write the glass-box graph of a served .onnx file beside it, read from its LSTM weights, and judge it
     against the NumPy reference and the file itself on `inputs` (default: random_inputs); returns the worst

@@ -14,10 +14,12 @@ from float64 as torch float32 is (never held below TOLERANCE), and within EXPORT
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import astuple, dataclass
 
 import numpy as np
+
+Inputs = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # (what, x, h0, c0): one set of inputs to judge on
 
 TOLERANCE = 1e-5
 EXPORT_FACTOR = 4.0
@@ -87,3 +89,18 @@ def judge(measured: Iterable[tuple[str, ExportErrors]], subject: str, float32: s
             raise ExportError(f"the export is not the {subject}'s computation: {where}: {problem}")
         worst = worst.worst(errors)
     return worst
+
+
+def random_inputs(input_kind: str, input_size: int, num_layers: int, hidden_size: int, seed: int,
+                  shapes: Sequence[tuple[int, int]]) -> Iterator[Inputs]:
+    """Random inputs (token ids below `input_size`, or `input_size` features N(0, 1) a step) from random states
+    N(0, 0.5), one set per (batch, time) of `shapes`."""
+    rng = np.random.default_rng(seed)
+    for batch, time in shapes:
+        if input_kind == "tokens":
+            x = rng.integers(0, input_size, size=(batch, time), dtype=np.int64)
+        else:
+            x = rng.normal(0, 1, (batch, time, input_size)).astype(np.float32)
+        state = (num_layers, batch, hidden_size)
+        yield (f"random inputs and state, batch {batch}, time {time}", x,
+               rng.normal(0, 0.5, state).astype(np.float32), rng.normal(0, 0.5, state).astype(np.float32))

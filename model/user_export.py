@@ -23,11 +23,10 @@ from torch import nn
 
 from model import glassbox
 from model.export import FORMAT_VERSION, OPSET, stamp
-from model.parity import ExportError, ExportErrors, judge
+from model.parity import ExportError, ExportErrors, Inputs, judge, random_inputs
 from model.wrap import TOKENS, Served, UnservableModule, serve
 
 PARITY_SHAPES = ((1, 1), (1, 17), (3, 5), (8, 1), (16, 33))
-Inputs = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # (what, x, h0, c0)
 
 
 def metadata_for(served: Served, output_name: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -66,16 +65,9 @@ def write_onnx(served: Served, out: Path, output_name: str, metadata: Mapping[st
 def parity_inputs(served: Served, seed: int, samples: Iterable[np.ndarray] = ()) -> Iterator[Inputs]:
     """Random inputs from random states N(0, 0.5) in several shapes, then the caller's own samples
     (B, T[, F]) from a zero state: the module's real distribution, where a trained memory shows."""
-    rng = np.random.default_rng(seed)
     shape = served.shape
-    for batch, time in PARITY_SHAPES:
-        if shape.input_kind == TOKENS:
-            x = rng.integers(0, shape.input_size, size=(batch, time), dtype=np.int64)
-        else:
-            x = rng.normal(0, 1, (batch, time, shape.input_size)).astype(np.float32)
-        state = (shape.num_layers, batch, shape.hidden_size)
-        yield (f"random inputs and state, batch {batch}, time {time}", x,
-               rng.normal(0, 0.5, state).astype(np.float32), rng.normal(0, 0.5, state).astype(np.float32))
+    yield from random_inputs(shape.input_kind, shape.input_size, shape.num_layers, shape.hidden_size, seed,
+                             PARITY_SHAPES)
     for k, sample in enumerate(samples):
         x = np.asarray(sample, np.int64 if shape.input_kind == TOKENS else np.float32)
         zeros = np.zeros((shape.num_layers, x.shape[0], shape.hidden_size), np.float32)

@@ -43,7 +43,7 @@ class GlassBox:
     def __init__(self, session: ort.InferenceSession, path: Path, spec: ModelSpec) -> None:
         self.session, self.path = session, path
         inputs = {p.name for p in self.session.get_inputs()}
-        outputs = {p.name: p.shape for p in self.session.get_outputs()}
+        outputs = {p.name for p in self.session.get_outputs()}
         wanted = {spec.input_kind, "h0", "c0"}
         problems = [f"it has no input {name!r}" for name in sorted(wanted - inputs)]
         problems += [f"it has no output {name!r}" for name in (*GATE_NAMES, "hn", "cn") if name not in outputs]
