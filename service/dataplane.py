@@ -325,9 +325,9 @@ class DataPlane:
         return next(iter(engines.values())).spec if len(engines) == 1 else None
 
     async def step_stateless(
-        self, model: str, inputs: np.ndarray, h: np.ndarray, c: np.ndarray, *, timeout: float | None = None
+        self, model: str, inputs: Sequence[StepInputs], h: np.ndarray, c: np.ndarray, *, timeout: float | None = None
     ) -> list[StepResult]:
-        """Run each row of validated `inputs` (B, T[, F]) from its client-held state h, c (L, B, H).
+        """Run each row of validated `inputs` (B rows of T steps) from its client-held state h, c (L, B, H).
 
         The rows go through the model's batcher like any session's step, so they batch with other
         traffic and honour the queue limit and deadlines, but nothing is loaded or stored. Results

@@ -19,7 +19,7 @@ import contextlib
 import numpy as np
 
 from service.auth import current_principal
-from service.batcher import StepResult
+from service.batcher import StepInputs, StepResult
 from service.dataplane import DataPlane
 from service.engine import ModelSpec
 from service.errors import InvalidArgument, NotFound
@@ -38,7 +38,7 @@ def sequence_key(model: str, sequence_id: SequenceId) -> str:
 
 
 async def step_sequence(
-    dataplane: DataPlane, spec: ModelSpec, sequence_id: SequenceId, inputs: np.ndarray, *, start: bool, end: bool,
+    dataplane: DataPlane, spec: ModelSpec, sequence_id: SequenceId, inputs: StepInputs, *, start: bool, end: bool,
     timeout: float | None,
 ) -> StepResult:
     """Feed validated `inputs` (T[, F]) to the sequence; start and end it as the flags say."""
@@ -54,10 +54,10 @@ async def step_sequence(
 
 
 async def _start(
-    dataplane: DataPlane, spec: ModelSpec, key: str, inputs: np.ndarray, timeout: float | None
+    dataplane: DataPlane, spec: ModelSpec, key: str, inputs: StepInputs, timeout: float | None
 ) -> StepResult:
     zeros = np.zeros((spec.num_layers, 1, spec.hidden_size), np.float32)
-    [result] = await dataplane.step_stateless(spec.name, inputs[None], zeros, zeros, timeout=timeout)
+    [result] = await dataplane.step_stateless(spec.name, [inputs], zeros, zeros, timeout=timeout)
     with contextlib.suppress(NotFound):  # a START replaces a live sequence of the same id
         await dataplane.close_session(key)
     ttl = dataplane.settings.session_ttl_seconds
@@ -67,7 +67,7 @@ async def _start(
 
 
 async def _continue(
-    dataplane: DataPlane, spec: ModelSpec, key: str, sequence_id: SequenceId, inputs: np.ndarray,
+    dataplane: DataPlane, spec: ModelSpec, key: str, sequence_id: SequenceId, inputs: StepInputs,
     timeout: float | None,
 ) -> StepResult:
     # NotFound comes from the store now, or from the batcher if the sequence expired or was evicted

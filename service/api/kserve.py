@@ -18,7 +18,14 @@ import numpy as np
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api.handling import INTERNAL_MESSAGE, DataPlaneServicer, rpc
-from service.api.kserve_codec import read_inputs, read_options, requested_outputs, signature, write_outputs
+from service.api.kserve_codec import (
+    Options,
+    read_inputs,
+    read_options,
+    requested_outputs,
+    signature,
+    write_outputs,
+)
 from service.batcher import StepResult
 from service.dataplane import FLOAT_BYTES
 from service.engine import ModelSpec
@@ -112,17 +119,18 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference ----------------------------------------------------------------------------
 
-    async def infer(self, request: pb.ModelInferRequest, remaining: float | None, reply_limited: bool = False
-                    ) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, remaining: float | None, reply_limited: bool = False,
+                    options: Options | None = None) -> pb.ModelInferResponse:
         """Validate everything, then run: a refused request changes no state. Shared by the gRPC and HTTP faces;
         `remaining`: seconds until the call's deadline, if it has one; `reply_limited`: the reply must fit in
-        one gRPC message."""
+        one gRPC message; `options`: the request's parameters when the caller has read them already."""
         spec = self.model_spec(request.model_name, request.model_version)
-        options = read_options(request)
+        if options is None:
+            options = read_options(request)
         inputs = read_inputs(request, spec, self.dataplane)
         outputs = requested_outputs(request, spec)
         if reply_limited and spec.output_name in outputs:
-            rows, steps = inputs.main.shape[:2]
+            rows, steps = inputs.shape[:2]
             state_bytes = sum(FLOAT_BYTES * spec.num_layers * rows * spec.hidden_size for name in ("hn", "cn")
                               if name in outputs)
             self.dataplane.check_reply(spec, rows * steps, all_steps=True, fixed_bytes=state_bytes)
@@ -133,9 +141,9 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
                 results = [await step_sequence(self.dataplane, spec, options.sequence_id, row, start=options.start,
                                                end=options.end, timeout=timeout)]
             else:
-                zeros = np.zeros((spec.num_layers, len(inputs.main), spec.hidden_size), np.float32)
+                zeros = np.zeros((spec.num_layers, len(inputs.rows), spec.hidden_size), np.float32)
                 h, c = inputs.state or (zeros, zeros)
-                results = await self.dataplane.step_stateless(spec.name, inputs.main, h, c, timeout=timeout)
+                results = await self.dataplane.step_stateless(spec.name, inputs.rows, h, c, timeout=timeout)
         except DeadlineExceeded as exc:
             if not options.timeout_us:
                 raise
@@ -183,8 +191,9 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
         try:
             async for request in requests:
                 await slots.acquire()
-                key = self._sequence_of(request)
-                task = asyncio.create_task(self._answer(request, last.get(key) if key else None, context, responses))
+                key, options = self._sequence_of(request)
+                task = asyncio.create_task(self._answer(request, options, last.get(key) if key else None, context,
+                                                        responses))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
                 if key:
@@ -196,25 +205,27 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             responses.put_nowait(None)
 
-    def _sequence_of(self, request: pb.ModelInferRequest) -> str | None:
-        """The store key of the request's sequence, or None when it has none (or it will fail anyway)."""
+    def _sequence_of(self, request: pb.ModelInferRequest) -> tuple[str | None, Options | None]:
+        """The store key of the request's sequence (None when it has none) and its parameters, read once for
+        both; (None, None) when the request will fail anyway (infer then says why)."""
         try:
-            sequence_id = read_options(request).sequence_id
+            options = read_options(request)
             model = self.dataplane.spec(request.model_name).name
         except CellstreamError:
-            return None
-        return None if sequence_id is None else sequence_key(model, sequence_id)
+            return None, None
+        sequence_id = options.sequence_id
+        return None if sequence_id is None else sequence_key(model, sequence_id), options
 
     async def _answer(
-        self, request: pb.ModelInferRequest, after: asyncio.Task[None] | None, context: grpc.aio.ServicerContext,
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
+        self, request: pb.ModelInferRequest, options: Options | None, after: asyncio.Task[None] | None,
+        context: grpc.aio.ServicerContext, responses: asyncio.Queue[pb.ModelStreamInferResponse | None],
     ) -> None:
         if after is not None:
             await asyncio.wait([after])
         # A failed request is reported in its own response; the stream serves the next requests.
         try:
-            response = pb.ModelStreamInferResponse(infer_response=await self.infer(request, context.time_remaining(),
-                                                                                   reply_limited=True))
+            inferred = await self.infer(request, context.time_remaining(), reply_limited=True, options=options)
+            response = pb.ModelStreamInferResponse(infer_response=inferred)
         except CellstreamError as exc:
             response = _error_response(request, exc.code, exc.message)
         except Exception:  # a bug: logged once, reported as INTERNAL like a failed unary call

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service._proto.inference import grpc_service_pb2 as pb
+from service.batcher import StepInputs
 from service.dataplane import DataPlane
 from service.engine import TOKENS, ModelSpec
 from service.errors import InvalidArgument
@@ -91,8 +92,13 @@ class Options:
 
     def timeout(self, remaining: float | None) -> float | None:
         """Seconds this request may wait for compute: the sooner of `timeout` and the gRPC deadline."""
-        limits = [t for t in (remaining, self.timeout_us / 1e6 if self.timeout_us else None) if t is not None]
-        return min(limits, default=None)
+        if not self.timeout_us:
+            return remaining
+        own = self.timeout_us / 1e6
+        return own if remaining is None else min(own, remaining)
+
+
+NO_OPTIONS = Options(None, False, False, 0)
 
 
 def _choice(param: pb.InferParameter) -> str | None:
@@ -117,7 +123,7 @@ def _flag(params: Mapping[str, pb.InferParameter], key: str) -> bool:
     param = params.get(key)
     if param is None:
         return False
-    if _choice(param) != "bool_param":
+    if not param.HasField("bool_param"):  # cheaper than naming the choice, which only the message needs
         raise InvalidArgument(f"parameter {key!r} must be a bool, got {_choice(param)}")
     return param.bool_param
 
@@ -137,6 +143,8 @@ def _count(params: Mapping[str, pb.InferParameter], key: str, unit: str) -> int:
 
 def read_options(request: pb.ModelInferRequest) -> Options:
     params = request.parameters
+    if not params:  # a stateless request of a client that sets no parameter
+        return NO_OPTIONS
     sequence_id = _sequence_id(params.get("sequence_id"))
     start, end = _flag(params, "sequence_start"), _flag(params, "sequence_end")
     if sequence_id is None and (start or end):
@@ -150,18 +158,21 @@ def read_options(request: pb.ModelInferRequest) -> Options:
 # --- inputs -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Inputs:
     name: str  # of the sequence input, for messages
-    main: np.ndarray  # (B, T) int64 tokens or (B, T, F) float32 features, validated
+    shape: tuple[int, ...]  # of the sequence input: (B, T) or (B, T, F)
+    # Its rows, validated as a native step's input: token ids as lists (the batcher makes one array of the
+    # whole batch), or (T, F) float32 arrays of features.
+    rows: list[StepInputs]
     state: tuple[np.ndarray, np.ndarray] | None  # client-held h0, c0 (L, B, H), finite
 
-    def sequence_row(self, sequence_id: SequenceId) -> np.ndarray:
-        """The one row a sequence request may carry, (T[, F])."""
-        if len(self.main) != 1:
+    def sequence_row(self, sequence_id: SequenceId) -> StepInputs:
+        """The one row a sequence request may carry."""
+        if len(self.rows) != 1:
             raise InvalidArgument(
-                f"sequence requests must have batch size 1: input {self.name!r} has batch size {len(self.main)} "
-                f"(shape {list(self.main.shape)}); send each sequence in its own requests, or drop sequence_id "
+                f"sequence requests must have batch size 1: input {self.name!r} has batch size {len(self.rows)} "
+                f"(shape {list(self.shape)}); send each sequence in its own requests, or drop sequence_id "
                 "for a stateless batch"
             )
         if self.state is not None:
@@ -169,7 +180,7 @@ class Inputs:
                 f"inputs h0/c0 carry client-held state and cannot come with sequence_id {sequence_id!r}: the "
                 "server holds a sequence's state (drop sequence_id to hold the state yourself)"
             )
-        return self.main[0]
+        return self.rows[0]
 
 
 def _check_parameters(what: str, params: Mapping[str, pb.InferParameter]) -> None:
@@ -178,30 +189,33 @@ def _check_parameters(what: str, params: Mapping[str, pb.InferParameter]) -> Non
             raise InvalidArgument(f"{what} has parameter {key!r}: {reason}")
 
 
-def _check_shape(tensor: pb.ModelInferRequest.InferInputTensor, expected: Tensor, model: str) -> tuple[int, ...]:
-    shape = tuple(tensor.shape)
-    fits = len(shape) == len(expected.shape) and all(
-        size >= 0 and want in (-1, size) for size, want in zip(shape, expected.shape, strict=True)
-    )
+def _check_shape(name: str, shape: list[int], expected: Tensor, model: str) -> None:
+    # A loop, not all() over zip(): this runs for every request, and a generator costs more than the check.
+    fits = len(shape) == len(expected.shape)
+    if fits:
+        for size, want in zip(shape, expected.shape, strict=True):
+            if size < 0 or (want != -1 and want != size):
+                fits = False
+                break
     if not fits:
-        raise InvalidArgument(f"input {tensor.name!r} has shape {list(shape)}; model {model!r} takes "
+        raise InvalidArgument(f"input {name!r} has shape {list(shape)}; model {model!r} takes "
                               f"{list(expected.shape)} {expected.axes}, -1 meaning any size")
-    return shape
 
 
-def _data(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, shape: tuple[int, ...]) -> np.ndarray:
-    dtype, field = DATATYPES[tensor.datatype]
+def _data(tensor: pb.ModelInferRequest.InferInputTensor, name: str, datatype: str, raw: bytes | None,
+          shape: list[int]) -> np.ndarray:
+    dtype, field = DATATYPES[datatype]
     count = math.prod(shape)
     if raw is not None:
         if tensor.HasField("contents"):
-            raise InvalidArgument(f"input {tensor.name!r} has both contents and raw_input_contents; send one")
+            raise InvalidArgument(f"input {name!r} has both contents and raw_input_contents; send one")
         if len(raw) != count * dtype.itemsize:
-            raise InvalidArgument(f"input {tensor.name!r} has {len(raw)} bytes in raw_input_contents; shape "
-                                  f"{list(shape)} of {tensor.datatype} needs {count * dtype.itemsize}")
+            raise InvalidArgument(f"input {name!r} has {len(raw)} bytes in raw_input_contents; shape "
+                                  f"{list(shape)} of {datatype} needs {count * dtype.itemsize}")
         return np.frombuffer(raw, dtype).reshape(shape)
     values = getattr(tensor.contents, field)
     if len(values) != count:
-        raise InvalidArgument(f"input {tensor.name!r} has {len(values)} values in contents.{field}; shape "
+        raise InvalidArgument(f"input {name!r} has {len(values)} values in contents.{field}; shape "
                               f"{list(shape)} needs {count}")
     return np.asarray(values, dtype).reshape(shape)
 
@@ -213,24 +227,30 @@ def _arrays(request: pb.ModelInferRequest, model: str, sig: Signature) -> dict[s
         raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
                               "send one per input, in the order of inputs")
     arrays: dict[str, np.ndarray] = {}
+    # Each field is read once: every read of a protobuf field builds a new Python object.
     for index, tensor in enumerate(request.inputs):
-        expected = sig.inputs.get(tensor.name)
+        name = tensor.name
+        expected = sig.inputs.get(name)
         if expected is None:
-            raise InvalidArgument(f"unknown input {tensor.name!r} for model {model!r}; its inputs are "
+            raise InvalidArgument(f"unknown input {name!r} for model {model!r}; its inputs are "
                                   f"{', '.join(sig.inputs)}")
-        if tensor.name in arrays:
-            raise InvalidArgument(f"input {tensor.name!r} is given twice")
-        _check_parameters(f"input {tensor.name!r}", tensor.parameters)
-        if tensor.datatype != expected.datatype:
-            raise InvalidArgument(f"input {tensor.name!r} has datatype {tensor.datatype!r}; model {model!r} takes "
+        if name in arrays:
+            raise InvalidArgument(f"input {name!r} is given twice")
+        params = tensor.parameters
+        if params:
+            _check_parameters(f"input {name!r}", params)
+        datatype = tensor.datatype
+        if datatype != expected.datatype:
+            raise InvalidArgument(f"input {name!r} has datatype {datatype!r}; model {model!r} takes "
                                   f"{expected.datatype} (see ModelMetadata)")
-        shape = _check_shape(tensor, expected, model)
-        arrays[tensor.name] = _data(tensor, raw[index] if raw else None, shape)
+        shape = tensor.shape[:]  # a slice makes the list at a third of tuple()'s cost
+        _check_shape(name, shape, expected, model)
+        arrays[name] = _data(tensor, name, datatype, raw[index] if raw else None, shape)
     return arrays
 
 
-def _rows(spec: ModelSpec, dataplane: DataPlane, name: str, main: np.ndarray) -> np.ndarray:
-    """The sequence input with every row checked as a native step's input would be."""
+def _rows(spec: ModelSpec, dataplane: DataPlane, name: str, main: np.ndarray) -> list[StepInputs]:
+    """The sequence input's rows, each checked as a native step's input would be."""
     batch = len(main)
     if batch == 0:
         raise InvalidArgument(f"input {name!r} has batch size 0 (shape {list(main.shape)}); send at least one row")
@@ -238,10 +258,10 @@ def _rows(spec: ModelSpec, dataplane: DataPlane, name: str, main: np.ndarray) ->
     if batch > limit:
         raise InvalidArgument(f"input {name!r} has batch size {batch}, more than max_batch_size ({limit})")
     if spec.input_kind == TOKENS:
-        return np.array([dataplane.tokens_input(spec, row, f"{name}[{b}]") for b, row in enumerate(main)], np.int64)
-    return np.stack([
-        dataplane.features_input(spec, row.reshape(-1), spec.feature_size, f"{name}[{b}]") for b, row in enumerate(main)
-    ])
+        # One tolist() for the whole input: a list per row from numpy costs more than checking it.
+        return [dataplane.tokens_input(spec, row, f"{name}[{b}]") for b, row in enumerate(main.tolist())]
+    return [dataplane.features_input(spec, row.reshape(-1), spec.feature_size, f"{name}[{b}]")
+            for b, row in enumerate(main)]
 
 
 def _state(arrays: dict[str, np.ndarray], name: str, batch: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -269,8 +289,8 @@ def read_inputs(request: pb.ModelInferRequest, spec: ModelSpec, dataplane: DataP
         main = sig.inputs[sig.main]
         raise InvalidArgument(f"missing input {main.name!r} ({main.datatype} {list(main.shape)} {main.axes}) "
                               f"for model {spec.name!r}; h0 and c0 are optional")
-    main = _rows(spec, dataplane, sig.main, arrays[sig.main])
-    return Inputs(sig.main, main, _state(arrays, sig.main, len(main)))
+    main = arrays[sig.main]
+    return Inputs(sig.main, main.shape, _rows(spec, dataplane, sig.main, main), _state(arrays, sig.main, len(main)))
 
 
 # --- outputs ------------------------------------------------------------------------------------
@@ -282,13 +302,16 @@ def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[st
     sig = signature(spec)
     names: list[str] = []
     for output in request.outputs:
-        if output.name not in sig.outputs:
-            raise InvalidArgument(f"unknown output {output.name!r} for model {spec.name!r}; its outputs are "
+        name = output.name
+        if name not in sig.outputs:
+            raise InvalidArgument(f"unknown output {name!r} for model {spec.name!r}; its outputs are "
                                   f"{', '.join(sig.outputs)}")
-        if output.name in names:
-            raise InvalidArgument(f"output {output.name!r} is requested twice")
-        _check_parameters(f"output {output.name!r}", output.parameters)
-        names.append(output.name)
+        if name in names:
+            raise InvalidArgument(f"output {name!r} is requested twice")
+        params = output.parameters
+        if params:
+            _check_parameters(f"output {name!r}", params)
+        names.append(name)
     return names or [spec.output_name]
 
 
