@@ -2,13 +2,16 @@
 
 An empty grpc.aio server on the same event loop, fed the same bytes by the same client processes at the
 same concurrency, costs what gRPC in Python costs on this machine before any work: no service built on
-it can answer faster, or step more often, than this.
+it can answer faster, or step more often, than this. The KServe rows drive it with the real tritonclient,
+as figure 2's KServe rows drive cellstream, and it answers with a reply as large as theirs.
 """
 
 from __future__ import annotations
 
-from bench.jobs import EchoLoad
-from bench.options import KSERVE, TRANSPORT, Options
+from collections.abc import Sequence
+
+from bench.jobs import EchoLoad, Job, KServeLoad
+from bench.options import API_KSERVE_STREAM, KSERVE, KSERVE_OUTPUT, TRANSPORT, Options
 from bench.pool import WorkerPool
 from bench.progress import say
 from bench.server import ServedProcess
@@ -24,8 +27,19 @@ def measure_floor(pool: WorkerPool, server: ServedProcess, options: Options) -> 
         for calls in levels:
             say(f"  floor: {api}, {calls} calls")
             jobs = [EchoLoad(api, n, call_timeout(options)) if n else None for n in pool.spread(calls)]
-            window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
-            summary = window.summary("message")
-            del summary["mean_batch"]  # nothing is batched
-            runs.append({"api": api, "calls": calls, **summary})
+            runs.append(_run(pool, server, api, calls, jobs, options))
+    for api in (api for api in KSERVE if api in options.apis):
+        for calls in options.kserve_levels:
+            say(f"  floor: {api} (tritonclient), {calls} calls")
+            jobs = [KServeLoad(n, api == API_KSERVE_STREAM, options.model, KSERVE_OUTPUT, call_timeout(options))
+                    if n else None for n in pool.spread(calls)]
+            runs.append(_run(pool, server, api, calls, jobs, options))
     return runs
+
+
+def _run(pool: WorkerPool, server: ServedProcess, api: str, calls: int, jobs: Sequence[Job | None],
+         options: Options) -> dict[str, object]:
+    window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
+    summary = window.summary("message")
+    del summary["mean_batch"]  # nothing is batched
+    return {"api": api, "calls": calls, **summary}

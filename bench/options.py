@@ -20,6 +20,7 @@ NATIVE_APIS = (API_STREAM, API_UNARY, *MULTIPLEXED)
 APIS = (*NATIVE_APIS, *KSERVE, API_KSERVE_HTTP)
 TRANSPORT = {API_STREAM: API_STREAM, API_UNARY: API_UNARY, API_KSERVE_STREAM: API_STREAM, API_KSERVE_UNARY: API_UNARY}
 """The empty server's run that bounds each per-session api: its streams or its unary calls."""
+KSERVE_OUTPUT = "logits"  # what every KServe request asks for: the measured models are byte-level LMs
 
 
 def shipped_model_dir() -> Path:

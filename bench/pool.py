@@ -17,6 +17,7 @@ from bench import worker
 from bench.errors import BenchError
 from bench.gate import READY
 from bench.jobs import Assignment, Job
+from bench.procfs import cpu_seconds
 from bench.stats import split_evenly
 
 POLL_SECONDS = 0.1
@@ -88,6 +89,10 @@ class WorkerPool:
 
     def go(self) -> None:
         self._go.set()
+
+    def cpu_seconds(self) -> float:
+        """CPU time the client processes have used so far (the idle ones' is near zero)."""
+        return sum(cpu_seconds(process.pid) for process, _ in self._workers if process.pid is not None)
 
     def stop(self) -> None:
         self._stop.set()

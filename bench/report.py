@@ -42,10 +42,11 @@ def _header(results: dict) -> str:
 
 
 def _floor(results: dict) -> str:
-    rows = [(r["api"], r["calls"], r["messages_per_s"], r["p50_ms"], r["p99_ms"], r["server_cpu_us_per_message"])
-            for r in results["floor"]]
-    return ("0. Floor: an empty gRPC server (same loop, bytes and load; no work): the best any service on it can do\n"
-            + _table(("api", "calls", "msgs/s", "p50 ms", "p99 ms", "server us/msg"), rows))
+    rows = [(r["api"], r["calls"], r["messages_per_s"], r["p50_ms"], r["p99_ms"], r["server_cpu_us_per_message"],
+             r["client_cpu_us_per_message"]) for r in results["floor"]]
+    return ("0. Floor: an empty gRPC server (same loop, bytes and load; no work): the best any service on it can do; "
+            "kserve rows: driven by tritonclient\n"
+            + _table(("api", "calls", "msgs/s", "p50 ms", "p99 ms", "server us/msg", "client us/msg"), rows))
 
 
 def _limit(results: dict) -> str:
@@ -64,11 +65,11 @@ def _service(results: dict) -> str:
             key = (config, run["api"], run["sessions"], run["calls"])
             floor = floor_run(results, run["api"], run["calls"])
             rows.append((*key, run["steps_per_s"], run["p50_ms"], run["p99_ms"], run["mean_batch"],
-                         run["server_cpu_us_per_step"], efficiency[key],
+                         run["server_cpu_us_per_step"], run["client_cpu_us_per_step"], efficiency[key],
                          "" if floor is None else floor["messages_per_s"],
                          "" if floor is None else floor["server_cpu_us_per_message"]))
     headers = ("config", "api", "sessions", "calls", "steps/s", "p50 ms", "p99 ms", "mean batch", "server us/step",
-               "efficiency", "floor msgs/s", "floor us/msg")
+               "client us/step", "efficiency", "floor msgs/s", "floor us/msg")
     return ("2-3. Service: 1-token steps (calls: streams or unary calls in flight; p50/p99: per message); "
             "efficiency = steps/s / limit at the mean batch; floor: the empty server's streams or unary calls "
             "at as many calls (figure 0)\n" + _table(headers, rows))

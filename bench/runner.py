@@ -18,7 +18,7 @@ from bench.generation import measure_generate
 from bench.limit import measure_limit
 from bench.machine import machine_info, model_info
 from bench.memory import WARMUP_SESSIONS, measure_idle_memory, startup_summary
-from bench.options import NATIVE_APIS, Options
+from bench.options import KSERVE_OUTPUT, NATIVE_APIS, Options
 from bench.pool import WorkerPool
 from bench.progress import restart, say
 from bench.server import EchoProcess, ServerProcess
@@ -64,7 +64,7 @@ def _limit(options: Options, results: dict) -> None:
 
 def _floor(pool: WorkerPool, servers: Servers, options: Options, results: dict) -> None:
     say("0. floor: an empty gRPC server")
-    with EchoProcess(servers.log_dir / "echo.log") as server:
+    with EchoProcess(servers.log_dir / "echo.log", KSERVE_OUTPUT, results["model"]["vocab_size"]) as server:
         results["floor"] = measure_floor(pool, server, options)
 
 

@@ -142,9 +142,9 @@ class ServerProcess(ServedProcess):
 
 
 class EchoProcess(ServedProcess):
-    """The empty gRPC server of bench/echo.py."""
+    """The empty gRPC server of bench/echo.py; its KServe replies carry `outputs` FP32 values of `output`."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, output: str, outputs: int) -> None:
         [port] = free_ports(1)
-        super().__init__([sys.executable, "-m", "bench.echo", "--host", HOST, "--port", str(port)], port, None,
-                         log_path)
+        super().__init__([sys.executable, "-m", "bench.echo", "--host", HOST, "--port", str(port),
+                          "--output", output, "--outputs", str(outputs)], port, None, log_path)

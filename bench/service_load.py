@@ -4,7 +4,7 @@ the multiplexed StreamMany and StepMany (many sessions per message) spread over 
 from __future__ import annotations
 
 from bench.jobs import HttpLoad, KServeLoad, ManyLoad, StepLoad
-from bench.options import API_KSERVE_HTTP, API_KSERVE_STREAM, KSERVE, MULTIPLEXED, Options
+from bench.options import API_KSERVE_HTTP, API_KSERVE_STREAM, KSERVE, KSERVE_OUTPUT, MULTIPLEXED, Options
 from bench.pool import WorkerPool
 from bench.progress import say
 from bench.server import HOST, ServerProcess
@@ -29,7 +29,7 @@ def measure_steps(pool: WorkerPool, server: ServerProcess, api: str, sessions: i
 def measure_kserve(pool: WorkerPool, server: ServerProcess, api: str, sessions: int,
                    options: Options) -> dict[str, object]:
     """`sessions` KServe sequences stepped by tritonclient, unary or one stream each."""
-    jobs = [KServeLoad(n, api == API_KSERVE_STREAM, options.model, "logits", call_timeout(options)) if n else None
+    jobs = [KServeLoad(n, api == API_KSERVE_STREAM, options.model, KSERVE_OUTPUT, call_timeout(options)) if n else None
             for n in pool.spread(sessions)]
     window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
     return {"api": api, "sessions": sessions, "calls": sessions, **window.summary("step")}
@@ -38,7 +38,7 @@ def measure_kserve(pool: WorkerPool, server: ServerProcess, api: str, sessions: 
 def measure_http(pool: WorkerPool, server: ServerProcess, sessions: int, options: Options) -> dict[str, object]:
     """`sessions` KServe sequences stepped over the HTTP port by tritonclient.http, a request in flight each."""
     url = f"{HOST}:{server.http_port}"
-    jobs = [HttpLoad(url, n, options.model, "logits", call_timeout(options)) if n else None
+    jobs = [HttpLoad(url, n, options.model, KSERVE_OUTPUT, call_timeout(options)) if n else None
             for n in pool.spread(sessions)]
     window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
     return {"api": API_KSERVE_HTTP, "sessions": sessions, "calls": sessions, **window.summary("step")}

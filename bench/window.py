@@ -22,6 +22,7 @@ class Window:
     events: Events  # operations that ended inside the window
     seconds: float
     server_cpu_seconds: float
+    client_cpu_seconds: float  # of the client processes that generated the load
     batches: float  # onnxruntime calls
     batch_steps: float  # session steps in them
 
@@ -30,7 +31,9 @@ class Window:
         return self.batch_steps / self.batches if self.batches else math.nan
 
     def summary(self, per: str) -> dict[str, float]:
-        """Rate, latency percentiles, mean batch and server CPU per counted unit (`per`: step, token)."""
+        """Rate, latency percentiles, mean batch, and server and client CPU per counted unit (`per`: step,
+        token). Server and clients share the machine's cores: the client's CPU says how much of them the load
+        generator itself took."""
         latencies = self.events.latencies
         total = self.events.total
         return {
@@ -40,6 +43,7 @@ class Window:
             "p99_ms": percentile_ms(latencies, 99),
             "mean_batch": self.mean_batch,
             f"server_cpu_us_per_{per}": self.server_cpu_seconds / total * 1e6,
+            f"client_cpu_us_per_{per}": self.client_cpu_seconds / total * 1e6,
         }
 
 
@@ -48,12 +52,13 @@ def measure_window(pool: WorkerPool, server: ServedProcess, jobs: Sequence[Job |
     pool.start(server.target, jobs, READY_TIMEOUT_SECONDS)
     pool.go()
     time.sleep(warmup)
-    before = server.snapshot()
+    before, clients_before = server.snapshot(), pool.cpu_seconds()
     time.sleep(duration)
-    after = server.snapshot()
+    after, clients_after = server.snapshot(), pool.cpu_seconds()
     pool.stop()
     events = Events.merge(pool.results(FINISH_TIMEOUT_SECONDS)).ended_within(before.time, after.time)
     if not events.end:
         raise BenchError(f"nothing completed within the {duration}s window; lengthen --duration")
     return Window(events, after.time - before.time, after.cpu_seconds - before.cpu_seconds,
-                  after.batches.batches - before.batches.batches, after.batches.steps - before.batches.steps)
+                  clients_after - clients_before, after.batches.batches - before.batches.batches,
+                  after.batches.steps - before.batches.steps)

@@ -16,12 +16,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FIGURES = ("floor", "limit", "service", "efficiency", "conversation", "generate", "memory", "startup")
-RUN_KEYS = {"steps_per_s", "p50_ms", "p99_ms", "mean_batch", "server_cpu_us_per_step", "calls"}
+RUN_KEYS = {"steps_per_s", "p50_ms", "p99_ms", "mean_batch", "server_cpu_us_per_step", "client_cpu_us_per_step",
+            "calls"}
 MULTIPLEXED = {"stream-many", "step-many"}
 KSERVE = {"kserve-unary", "kserve-stream"}
 NATIVE = {"stream", "unary", *MULTIPLEXED}
 TRANSPORT = {"stream": "stream", "unary": "unary", "kserve-stream": "stream", "kserve-unary": "unary"}
-FLOOR_KEYS = {"messages_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_message", "calls"}
+FLOOR_KEYS = {"messages_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_message", "client_cpu_us_per_message",
+              "calls"}
 
 
 def expected_runs(options: dict, config: str = "batching") -> set[tuple[str, int, int]]:
@@ -88,10 +90,12 @@ def test_each_figure_has_its_rows(quick_run):
         assert len(runs) == len(expected_runs(options, config))
         assert {(r["api"], r["sessions"], r["calls"]) for r in runs} == expected_runs(options, config)
         assert all(set(r) >= RUN_KEYS for r in runs)
-    # The empty server's streams and unary calls at every level a per-session api of either face ran at.
+    # The empty server's streams and unary calls at every level a per-session api of either face ran at, and
+    # driven by tritonclient at every KServe level.
     floor_levels = {*options["levels"], *options["kserve_levels"]}
     assert {(r["api"], r["calls"]) for r in results["floor"]} == {
-        (TRANSPORT[api], n) for api in options["apis"] if api in TRANSPORT for n in floor_levels}
+        (TRANSPORT[api], n) for api in options["apis"] if api in TRANSPORT for n in floor_levels} | {
+        (api, n) for api in KSERVE for n in options["kserve_levels"]}
     assert all(set(r) >= FLOOR_KEYS for r in results["floor"])
     assert len(results["efficiency"]) == len(expected_runs(options)) + len(expected_runs(options, "unbatched"))
     assert all("efficiency" in row for row in results["efficiency"])

@@ -36,7 +36,10 @@ RESULTS = {
     "startup": {"median_s": 0.7},
     "conversation": {"turns": 50, "stateful_ms": [2.0] * 50, "stateless_ms": [40.0] * 50},
     "floor": [floor("stream", 1, 3000, 0.3, 0.5), floor("stream", 256, 6000, 40, 55, cpu=100.0),
-              floor("unary", 1, 1500, 0.5, 1), floor("unary", 64, 2000, 30, 40), floor("unary", 256, 2000, 120, 150)],
+              floor("unary", 1, 1500, 0.5, 1), floor("unary", 64, 2000, 30, 40), floor("unary", 256, 2000, 120, 150),
+              # The empty server driven by tritonclient, as the KServe rows are.
+              floor("kserve-unary", 64, 1400, 40, 60), floor("kserve-unary", 256, 1800, 130, 170),
+              floor("kserve-stream", 256, 5500, 45, 70, cpu=130.0)],
 }
 
 
@@ -58,11 +61,12 @@ def test_each_target_gets_its_measured_value_and_floor():
         "unary Step, 256 sessions: mean batch": (12, None),
         "unary Step, 256 sessions: steps/s / floor unary calls/s": (0.75, None),
         "KServe ModelInfer, 64 sessions: mean batch": (30, None),
-        "KServe ModelInfer, 64 sessions: steps/s / floor unary calls/s": (0.5, None),
+        # Their floor: the same ratio for the empty server under tritonclient (1400 / 2000).
+        "KServe ModelInfer, 64 sessions: steps/s / floor unary calls/s": (0.5, 0.7),
         "KServe ModelInfer, 256 sessions: mean batch": (40, None),
-        "KServe ModelInfer, 256 sessions: steps/s / floor unary calls/s": (0.85, None),
+        "KServe ModelInfer, 256 sessions: steps/s / floor unary calls/s": (0.85, 0.9),
         "StreamSteps, 256 sessions: server us/step / floor us/msg": (1.2, None),  # 120 / 100
-        "KServe ModelStreamInfer, 256 sessions: server us/step / floor us/msg": (1.5, None),
+        "KServe ModelStreamInfer, 256 sessions: server us/step / floor us/msg": (1.5, 1.3),  # 130 / 100
     }
     assert set(checks) == set(expected)
     for name, (measured, bound) in expected.items():
