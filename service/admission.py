@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
+from types import TracebackType
 
 import grpc
 
@@ -72,14 +73,8 @@ class AdmissionInterceptor(ApiInterceptor):
         finally:
             self.inflight -= 1
 
-    @contextlib.asynccontextmanager
-    async def _admitted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        # Checked again: calls admitted above may have started since (a drain that began meanwhile lets it run).
-        refusal = self._refused(draining=False)
-        if refusal is not None:
-            await context.abort(refusal.code, refusal.message)
-        with self._held():
-            yield
+    def _admitted(self, context: grpc.aio.ServicerContext) -> _Admitted:
+        return _Admitted(self, context)
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -90,3 +85,26 @@ class AdmissionInterceptor(ApiInterceptor):
             raise refusal
         with self._held():
             yield
+
+
+class _Admitted:
+    """An admitted call's in-flight slot, held while its handler runs. A class rather than
+    @asynccontextmanager, as every API call enters one: the generator-based manager cost ~25,000 more
+    instructions a call (callgrind: 500k -> 475k for a unary call whose handler does nothing)."""
+
+    __slots__ = ("_admission", "_context")
+
+    def __init__(self, admission: AdmissionInterceptor, context: grpc.aio.ServicerContext) -> None:
+        self._admission = admission
+        self._context = context
+
+    async def __aenter__(self) -> None:
+        # Checked again: calls admitted above may have started since (a drain that began meanwhile lets it run).
+        refusal = self._admission._refused(draining=False)
+        if refusal is not None:
+            await self._context.abort(refusal.code, refusal.message)
+        self._admission.inflight += 1
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        self._admission.inflight -= 1

@@ -112,6 +112,13 @@ class Metrics:
 BULK_OBSERVE_FROM = 12  # measured crossover: numpy's fixed cost (~12 us) against ~1 us per observation
 
 
+def observe(histogram: Histogram, value: float, times: int = 1) -> None:
+    """`histogram.observe(value)`, `times` times, for a labelled child: its bucket found by bisection where
+    the client scans them one by one (every call's duration is observed: this is on every call's path)."""
+    histogram._buckets[bisect.bisect_left(histogram._upper_bounds, value)].inc(times)
+    histogram._sum.inc(value * times)
+
+
 def observe_many(histogram: Histogram, observations: Sequence[tuple[float, int]]) -> None:
     """`histogram.observe(value)`, `times` times, for every (value, times) of a labelled child.
 
@@ -120,13 +127,12 @@ def observe_many(histogram: Histogram, observations: Sequence[tuple[float, int]]
     (a value lands in the first bucket whose upper bound is >= it) once per observation, or in bulk once
     per bucket; a batch's steps that waited together (a multiplexed message's) are one observation.
     """
-    upper = histogram._upper_bounds  # the client's own fields: it has no bulk observe
-    buckets = histogram._buckets
     if len(observations) < BULK_OBSERVE_FROM:
         for value, times in observations:
-            buckets[bisect.bisect_left(upper, value)].inc(times)
-            histogram._sum.inc(value * times)
+            observe(histogram, value, times)
         return
+    upper = histogram._upper_bounds  # the client's own fields: it has no bulk observe
+    buckets = histogram._buckets
     values, times = np.array(observations, dtype=np.float64).T
     counts = np.bincount(np.searchsorted(upper, values, side="left"), weights=times, minlength=len(upper))
     for bucket, count in zip(buckets, counts.tolist(), strict=True):

@@ -14,7 +14,7 @@ import grpc
 
 from service.dataplane import DataPlane
 from service.errors import CellstreamError, Unavailable
-from service.metrics import CallSeries, Metrics
+from service.metrics import CallSeries, Metrics, observe
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class _CallRecord:
     def _done(self, context: grpc.aio.ServicerContext) -> None:
         code = grpc.StatusCode.CANCELLED if context.cancelled() else self.code
         self.series.count(code.name)
-        self.series.duration.observe(time.perf_counter() - self.started)
+        observe(self.series.duration, time.perf_counter() - self.started)
 
     def interrupted(self, context: grpc.aio.ServicerContext) -> None:
         """gRPC cancelled the handler: the client went away or its deadline passed. context.cancelled() says

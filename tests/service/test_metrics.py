@@ -163,7 +163,7 @@ def histogram_samples(registry: CollectorRegistry, name: str) -> dict[tuple, flo
             for sample in family.samples if not sample.name.endswith("_created")}
 
 
-@pytest.mark.parametrize("count", [3, 40])  # below and above BULK_OBSERVE_FROM: both paths
+@pytest.mark.parametrize("count", [3, 40])  # below (observe() per value) and above BULK_OBSERVE_FROM: both paths
 def test_observe_many_equals_one_observe_per_value(count):
     registry = CollectorRegistry()
     bulk = Histogram("bulk", "values observed at once", ["m"], registry=registry)
