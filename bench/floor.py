@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.jobs import EchoLoad, Job, KServeLoad
-from bench.options import API_KSERVE_STREAM, KSERVE, KSERVE_OUTPUT, TRANSPORT, Options
+from bench.jobs import EchoLoad, Job
+from bench.options import KSERVE, TRANSPORT, Options
 from bench.pool import WorkerPool
 from bench.progress import say
 from bench.server import ServedProcess
-from bench.service_load import call_timeout
+from bench.service_load import call_timeout, kserve_jobs
 from bench.window import measure_window
 
 
@@ -31,9 +31,7 @@ def measure_floor(pool: WorkerPool, server: ServedProcess, options: Options) -> 
     for api in (api for api in KSERVE if api in options.apis):
         for calls in options.kserve_levels:
             say(f"  floor: {api} (tritonclient), {calls} calls")
-            jobs = [KServeLoad(n, api == API_KSERVE_STREAM, options.model, KSERVE_OUTPUT, call_timeout(options))
-                    if n else None for n in pool.spread(calls)]
-            runs.append(_run(pool, server, api, calls, jobs, options))
+            runs.append(_run(pool, server, api, calls, kserve_jobs(pool, api, calls, options), options))
     return runs
 
 

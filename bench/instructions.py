@@ -31,18 +31,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench.echo import MODEL_INFER
+from bench.echo import UNARY as ECHO_UNARY
 from bench.errors import BenchError
 from bench.options import KSERVE_OUTPUT, shipped_model_dir
 from bench.server import EchoProcess, ServedProcess, ServerProcess
+from bench.wire import OPEN_REQUEST, OPEN_SESSION, STEP, step_request
 from service._proto.cellstream.v1 import inference_pb2 as pb
-from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 
 MODEL = "cellstream-chat"
 WARMUP_CALLS = 50
 CALL_TIMEOUT_SECONDS = 60.0
-STEP = "/cellstream.v1.Inference/Step"
-MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-ECHO_UNARY = "/cellstream.bench.Echo/Unary"
 SEQUENCE_ID = 7
 
 
@@ -95,9 +94,8 @@ def measure_servers(model_dir: Path, calls: int, work: Path) -> dict[str, float]
     out_file = work / "echo.callgrind"
     echo = EchoProcess(work / "echo.log", KSERVE_OUTPUT, 1)
     echo.argv = [*callgrind(out_file), *echo.argv]
-    step = pb.StepRequest(session_id="0" * 32, tokens=pb.TokenSequence(ids=[97]))
-    with echo:
-        results["echo unary call"] = per_call(echo, out_file, ECHO_UNARY, step.SerializeToString(), calls)
+    with echo:  # a session id as long as a real one: the same bytes as the Step below
+        results["echo unary call"] = per_call(echo, out_file, ECHO_UNARY, step_request("0" * 32), calls)
     for name, method in (("unary Step", STEP), ("KServe ModelInfer", MODEL_INFER)):
         out_file = work / f"{method.rsplit('/', 1)[1]}.callgrind"
         server = ServerProcess(model_dir, MODEL, {"ort_intra_op_threads": 1}, (), work / "serve.log")
@@ -105,10 +103,8 @@ def measure_servers(model_dir: Path, calls: int, work: Path) -> dict[str, float]
         with server:
             if method == STEP:
                 with grpc.insecure_channel(server.target) as channel:
-                    opened = pb_grpc.InferenceStub(channel).OpenSession(pb.OpenSessionRequest(),
-                                                                         timeout=CALL_TIMEOUT_SECONDS)
-                step.session_id = opened.session_id
-                request = step.SerializeToString()
+                    opened = channel.unary_unary(OPEN_SESSION)(OPEN_REQUEST, timeout=CALL_TIMEOUT_SECONDS)
+                request = step_request(pb.SessionInfo.FromString(opened).session_id)
             else:
                 with grpc.insecure_channel(server.target) as channel:
                     channel.unary_unary(MODEL_INFER)(kserve_request(start=True), timeout=CALL_TIMEOUT_SECONDS)
@@ -158,7 +154,7 @@ async def _in_process(kind: str, model_dir: Path, sessions: int, steps: int) -> 
             (await kserve.infer(requests[k], CALL_TIMEOUT_SECONDS, reply_limited=True)).SerializeToString()
     else:
         ids = [(await dataplane.open_session("")).session_id for _ in range(sessions)]
-        request = pb.StepRequest(tokens=pb.TokenSequence(ids=[97]))
+        request = pb.StepRequest.FromString(step_request())
 
         async def one(k: int) -> None:
             (await step(dataplane, request, ids[k], CALL_TIMEOUT_SECONDS, reply_limited=True)).SerializeToString()

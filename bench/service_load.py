@@ -26,11 +26,16 @@ def measure_steps(pool: WorkerPool, server: ServerProcess, api: str, sessions: i
     return {"api": api, "sessions": sessions, "calls": sessions, **window.summary("step")}
 
 
+def kserve_jobs(pool: WorkerPool, api: str, sessions: int, options: Options) -> list[KServeLoad | None]:
+    """`sessions` KServe sequences of tritonclient, unary or one stream each, spread over the client processes."""
+    return [KServeLoad(n, api == API_KSERVE_STREAM, options.model, KSERVE_OUTPUT, call_timeout(options)) if n else None
+            for n in pool.spread(sessions)]
+
+
 def measure_kserve(pool: WorkerPool, server: ServerProcess, api: str, sessions: int,
                    options: Options) -> dict[str, object]:
     """`sessions` KServe sequences stepped by tritonclient, unary or one stream each."""
-    jobs = [KServeLoad(n, api == API_KSERVE_STREAM, options.model, KSERVE_OUTPUT, call_timeout(options)) if n else None
-            for n in pool.spread(sessions)]
+    jobs = kserve_jobs(pool, api, sessions, options)
     window = measure_window(pool, server, jobs, options.warmup_seconds, options.duration_seconds)
     return {"api": api, "sessions": sessions, "calls": sessions, **window.summary("step")}
 
