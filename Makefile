@@ -57,21 +57,21 @@ bench: $(VENV)/.bench
 
 # What a request with gates costs beside 16 sessions of small steps, against plain large requests (~1 minute).
 bench-gates: $(VENV)/.bench
-	$(BIN)/python -m bench.gates
+	$(BIN)/python -m cellstream.bench.gates
 
 # Instructions per call and per step, counted by valgrind's callgrind: repeatable where timings drift (~3 minutes).
 bench-instructions: $(VENV)/.bench
-	$(BIN)/python -m bench.instructions
+	$(BIN)/python -m cellstream.bench.instructions
 
 protos: $(VENV)/.dev
-	$(BIN)/python -m service.protogen
+	$(BIN)/python -m cellstream.service.protogen
 
 # Full training + export + quality report of the shipped models (about 60 minutes on 2 cores: the chat model 58.5).
 model: $(VENV)/.dev
-	$(BIN)/python -m model.train --out runs/default/model.pt --quiet
-	$(BIN)/python -m model.export runs/default/model.pt --out $(MODEL)
-	$(BIN)/python -m model.evaluate $(MODEL) --out model/artifacts/cellstream-chat.quality.json
-	$(BIN)/python -m model.forecaster --out model/artifacts/cellstream-sensor.onnx \
+	$(BIN)/python -m cellstream.model.train --out runs/default/model.pt --quiet
+	$(BIN)/python -m cellstream.model.export runs/default/model.pt --out $(MODEL)
+	$(BIN)/python -m cellstream.model.evaluate $(MODEL) --out model/artifacts/cellstream-chat.quality.json
+	$(BIN)/python -m cellstream.model.forecaster --out model/artifacts/cellstream-sensor.onnx \
 		--quality model/artifacts/cellstream-sensor.quality.json
 
 clean:

@@ -1,8 +1,8 @@
-"""`python -m bench`: see `bench.cli`."""
+"""`python -m cellstream.bench`: see `cellstream.bench.cli`."""
 
 import sys
 
-from bench.cli import main
+from cellstream.bench.cli import main
 
 # Client processes are spawned: they re-import this module, and must not rerun the benchmark.
 if __name__ == "__main__":

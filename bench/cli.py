@@ -1,4 +1,4 @@
-"""`cellstream bench` / `python -m bench`: flags, the run, the table, results.json and the plots."""
+"""`cellstream bench` / `python -m cellstream.bench`: flags, the run, the table, results.json and the plots."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench.errors import BenchError
-from bench.options import APIS, QUICK, Options, flag_fields
-from bench.plots import write_plots
-from bench.progress import say
-from bench.report import render
-from bench.runner import run, write_json
-from bench.targets import evaluate
+from cellstream.bench.errors import BenchError
+from cellstream.bench.options import APIS, QUICK, Options, flag_fields
+from cellstream.bench.plots import write_plots
+from cellstream.bench.progress import say
+from cellstream.bench.report import render
+from cellstream.bench.runner import run, write_json
+from cellstream.bench.targets import evaluate
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 import statistics
 
-from bench.jobs import Conversation, TurnLatencies
-from bench.pool import WorkerPool
-from bench.server import ServerProcess
-from bench.window import READY_TIMEOUT_SECONDS
-from model.corpus import FillerGenerator, line
+from cellstream.bench.jobs import Conversation, TurnLatencies
+from cellstream.bench.pool import WorkerPool
+from cellstream.bench.server import ServerProcess
+from cellstream.bench.window import READY_TIMEOUT_SECONDS
+from cellstream.model.corpus import FillerGenerator, line
 
 TURN_TIMEOUT_SECONDS = 60.0
 SEED = 2024

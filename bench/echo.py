@@ -2,7 +2,7 @@
 
 It sends back the bytes it receives, on a unary and on a bidirectional-streaming method, on the same
 event loop as `cellstream serve` (uvloop), and reports SERVING over gRPC health so the harness starts,
-times and observes it like the real server: `python -m bench.echo --port PORT`.
+times and observes it like the real server: `python -m cellstream.bench.echo --port PORT`.
 
 For tritonclient, it also answers KServe's ModelInfer and ModelStreamInfer, without reading the request,
 with one fixed reply as large as a 1-token step's: `--outputs N` FP32 values of output `--output` (the
@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service._proto.inference import grpc_service_pb2 as kserve_pb
-from service.cli import run_event_loop
-from service.config import Settings
-from service.server import grpc_options
+from cellstream.service._proto.inference import grpc_service_pb2 as kserve_pb
+from cellstream.service.cli import run_event_loop
+from cellstream.service.config import Settings
+from cellstream.service.server import grpc_options
 
 UNARY = "/cellstream.bench.Echo/Unary"
 STREAM = "/cellstream.bench.Echo/Stream"
@@ -87,7 +87,7 @@ async def serve(host: str, port: int, reply: kserve_pb.ModelInferResponse) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cellstream.bench.echo", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--output", default="logits", help="name of the output tensor of the KServe reply")

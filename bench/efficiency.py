@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.stats import log2_interpolate
+from cellstream.bench.stats import log2_interpolate
 
 
 def efficiency(service: dict[str, dict], limit: dict) -> list[dict[str, object]]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.jobs import EchoLoad, Job
-from bench.options import KSERVE, TRANSPORT, Options
-from bench.pool import WorkerPool
-from bench.progress import say
-from bench.server import ServedProcess
-from bench.service_load import call_timeout, kserve_jobs
-from bench.window import measure_window
+from cellstream.bench.jobs import EchoLoad, Job
+from cellstream.bench.options import KSERVE, TRANSPORT, Options
+from cellstream.bench.pool import WorkerPool
+from cellstream.bench.progress import say
+from cellstream.bench.server import ServedProcess
+from cellstream.bench.service_load import call_timeout, kserve_jobs
+from cellstream.bench.window import measure_window
 
 
 def measure_floor(pool: WorkerPool, server: ServedProcess, options: Options) -> list[dict[str, object]]:

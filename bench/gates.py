@@ -1,4 +1,5 @@
-"""What asking for gates costs, and what it does to other sessions: `python -m bench.gates` (`make bench-gates`).
+"""What asking for gates costs, and what it does to other sessions (`make bench-gates`,
+`python -m cellstream.bench.gates`).
 
 A `cellstream serve` process on the shipped model; SESSIONS sessions step one byte at a time back to back
 (unary Step), while one more session sends a large request over and over: nothing; a plain request of the most
@@ -18,11 +19,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.server import ServerProcess
-from bench.stats import percentile_ms
-from service.client import Client
-from service.config import Settings
-from service.dataplane import FLOAT_BYTES, GATE_BYTES_PER_UNIT, REPLY_FRAMING_BYTES
+from cellstream.bench.server import ServerProcess
+from cellstream.bench.stats import percentile_ms
+from cellstream.service.client import Client
+from cellstream.service.config import Settings
+from cellstream.service.dataplane import FLOAT_BYTES, GATE_BYTES_PER_UNIT, REPLY_FRAMING_BYTES
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "model" / "artifacts"
 SESSIONS = 16
@@ -75,7 +76,7 @@ async def measure(port: int, length: int, outputs: dict[str, bool], seconds: flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gates", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cellstream.bench.gates", description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="per case (default 10)")
     args = parser.parse_args(argv)
     rows = []

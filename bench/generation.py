@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from bench.conversation import chat_turns
-from bench.jobs import GenerateLoad
-from bench.options import Options
-from bench.pool import WorkerPool
-from bench.progress import say
-from bench.server import ServerProcess
-from bench.service_load import CALL_MARGIN_SECONDS
-from bench.window import measure_window
+from cellstream.bench.conversation import chat_turns
+from cellstream.bench.jobs import GenerateLoad
+from cellstream.bench.options import Options
+from cellstream.bench.pool import WorkerPool
+from cellstream.bench.progress import say
+from cellstream.bench.server import ServerProcess
+from cellstream.bench.service_load import CALL_MARGIN_SECONDS
+from cellstream.bench.window import measure_window
 
 
 def reply_prompt() -> str:

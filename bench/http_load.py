@@ -11,9 +11,9 @@ from __future__ import annotations
 from tritonclient.http import InferInput, InferRequestedOutput
 from tritonclient.http.aio import InferenceServerClient
 
-from bench.gate import Gate
-from bench.jobs import Events, HttpLoad
-from bench.kserve_load import TOKEN, drive_sequences, sequence_ids
+from cellstream.bench.gate import Gate
+from cellstream.bench.jobs import Events, HttpLoad
+from cellstream.bench.kserve_load import TOKEN, drive_sequences, sequence_ids
 
 
 def _inputs() -> list[InferInput]:

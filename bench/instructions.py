@@ -12,7 +12,7 @@ how much faster a server is; `make bench` says that.
   serialised), with `--sessions` sessions stepping back to back so that batches form. Instructions per
   step; batch sizes depend on timing, which valgrind slows down.
 
-`python -m bench.instructions --help` for the counts. Needs valgrind (Debian's package).
+`python -m cellstream.bench.instructions --help` for the counts. Needs valgrind (Debian's package).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.echo import MODEL_INFER
-from bench.echo import UNARY as ECHO_UNARY
-from bench.errors import BenchError
-from bench.options import KSERVE_OUTPUT, shipped_model_dir
-from bench.server import EchoProcess, ServedProcess, ServerProcess
-from bench.wire import OPEN_REQUEST, OPEN_SESSION, STEP, step_request
-from service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.bench.echo import MODEL_INFER
+from cellstream.bench.echo import UNARY as ECHO_UNARY
+from cellstream.bench.errors import BenchError
+from cellstream.bench.options import KSERVE_OUTPUT, shipped_model_dir
+from cellstream.bench.server import EchoProcess, ServedProcess, ServerProcess
+from cellstream.bench.wire import OPEN_REQUEST, OPEN_SESSION, STEP, step_request
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 
 MODEL = "cellstream-chat"
 WARMUP_CALLS = 50
@@ -115,7 +115,7 @@ def measure_servers(model_dir: Path, calls: int, work: Path) -> dict[str, float]
 
 def measure_in_process(model_dir: Path, kind: str, sessions: int, steps: int, work: Path) -> float:
     out_file = work / f"{kind}.callgrind"
-    argv = [*callgrind(out_file), sys.executable, "-m", "bench.instructions", "--worker", kind,
+    argv = [*callgrind(out_file), sys.executable, "-m", "cellstream.bench.instructions", "--worker", kind,
             "--model-dir", str(model_dir), "--sessions", str(sessions), "--steps", str(steps)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
@@ -125,11 +125,11 @@ def measure_in_process(model_dir: Path, kind: str, sessions: int, steps: int, wo
 
 async def _in_process(kind: str, model_dir: Path, sessions: int, steps: int) -> None:
     """The worker (run under callgrind): `sessions` sessions step back to back; counting is on for `steps`."""
-    from service.api.kserve import KServeServicer
-    from service.api.native_codec import step
-    from service.config import Settings
-    from service.metrics import Metrics
-    from service.server import _load, tune_gc
+    from cellstream.service.api.kserve import KServeServicer
+    from cellstream.service.api.native_codec import step
+    from cellstream.service.config import Settings
+    from cellstream.service.metrics import Metrics
+    from cellstream.service.server import _load, tune_gc
 
     metrics = Metrics()
     settings = Settings(model_dir=model_dir, default_model=MODEL, ort_intra_op_threads=1)
@@ -137,7 +137,7 @@ async def _in_process(kind: str, model_dir: Path, sessions: int, steps: int) -> 
     tune_gc()
     one: Callable[[int], object]
     if kind == "kserve":
-        from service._proto.inference import grpc_service_pb2 as kserve_pb
+        from cellstream.service._proto.inference import grpc_service_pb2 as kserve_pb
 
         kserve = KServeServicer(metrics)
         kserve.attach(dataplane)
@@ -178,7 +178,7 @@ async def _in_process(kind: str, model_dir: Path, sessions: int, steps: int) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cellstream.bench.instructions", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=shipped_model_dir(), help="directory of the chat model")
     parser.add_argument("--calls", type=int, default=300, help="counted calls per server figure [300]")

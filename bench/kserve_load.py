@@ -16,8 +16,8 @@ import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 
-from bench.gate import Gate
-from bench.jobs import Events, KServeLoad
+from cellstream.bench.gate import Gate
+from cellstream.bench.jobs import Events, KServeLoad
 
 TOKEN = np.ones((1, 1), np.int64)
 

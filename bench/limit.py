@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.engine import Engine
+from cellstream.service.engine import Engine
 
 MIN_CALLS = 5
 

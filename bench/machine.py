@@ -7,7 +7,7 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from service.engine import Engine
+from cellstream.service.engine import Engine
 
 PACKAGES = ("cellstream", "onnxruntime", "grpcio", "protobuf", "numpy", "prometheus_client")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import statistics
 
-from bench.jobs import OpenIdle
-from bench.pool import WorkerPool
-from bench.procfs import rss_bytes
-from bench.server import ServerProcess
-from bench.window import READY_TIMEOUT_SECONDS
+from cellstream.bench.jobs import OpenIdle
+from cellstream.bench.pool import WorkerPool
+from cellstream.bench.procfs import rss_bytes
+from cellstream.bench.server import ServerProcess
+from cellstream.bench.window import READY_TIMEOUT_SECONDS
 
 WARMUP_SESSIONS = 200  # per client process, opened before the first RSS reading
 OPEN_CONCURRENCY = 64  # OpenSession calls in flight per client process

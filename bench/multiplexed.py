@@ -12,10 +12,10 @@ import time
 
 import grpc
 
-from bench import wire
-from bench.gate import Gate
-from bench.jobs import Events, ManyLoad
-from bench.options import API_STREAM_MANY
+from cellstream.bench import wire
+from cellstream.bench.gate import Gate
+from cellstream.bench.jobs import Events, ManyLoad
+from cellstream.bench.options import API_STREAM_MANY
 
 
 async def many_load(channel: grpc.aio.Channel, job: ManyLoad, gate: Gate) -> Events:

@@ -25,7 +25,7 @@ KSERVE_OUTPUT = "logits"  # what every KServe request asks for: the measured mod
 
 def shipped_model_dir() -> Path:
     """model/artifacts of this distribution (a checkout or an installed wheel)."""
-    return Path(str(importlib.resources.files("model") / "artifacts"))
+    return Path(str(importlib.resources.files("cellstream.model") / "artifacts"))
 
 
 def _help(text: str) -> dict[str, str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.options import MULTIPLEXED
-from bench.targets import BATCHING
+from cellstream.bench.options import MULTIPLEXED
+from cellstream.bench.targets import BATCHING
 
 
 def _pyplot():

@@ -13,12 +13,12 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from types import TracebackType
 
-from bench import worker
-from bench.errors import BenchError
-from bench.gate import READY
-from bench.jobs import Assignment, Job
-from bench.procfs import cpu_seconds
-from bench.stats import split_evenly
+from cellstream.bench import worker
+from cellstream.bench.errors import BenchError
+from cellstream.bench.gate import READY
+from cellstream.bench.jobs import Assignment, Job
+from cellstream.bench.procfs import cpu_seconds
+from cellstream.bench.stats import split_evenly
 
 POLL_SECONDS = 0.1
 SPAWN_TIMEOUT_SECONDS = 60.0

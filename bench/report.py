@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.targets import Check, floor_run
+from cellstream.bench.targets import Check, floor_run
 
 TURNS_SHOWN = 6  # turns of the conversation printed (first, last, evenly between)
 

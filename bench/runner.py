@@ -10,22 +10,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.conversation import chat_turns, history_bytes, measure_conversation
-from bench.efficiency import efficiency
-from bench.errors import BenchError
-from bench.floor import measure_floor
-from bench.generation import measure_generate
-from bench.limit import measure_limit
-from bench.machine import machine_info, model_info
-from bench.memory import WARMUP_SESSIONS, measure_idle_memory, startup_summary
-from bench.options import KSERVE_OUTPUT, NATIVE_APIS, Options
-from bench.pool import WorkerPool
-from bench.progress import restart, say
-from bench.server import EchoProcess, ServerProcess
-from bench.service_load import measure_service
-from bench.targets import BATCHING, UNBATCHED
-from service.config import Settings
-from service.engine import Engine
+from cellstream.bench.conversation import chat_turns, history_bytes, measure_conversation
+from cellstream.bench.efficiency import efficiency
+from cellstream.bench.errors import BenchError
+from cellstream.bench.floor import measure_floor
+from cellstream.bench.generation import measure_generate
+from cellstream.bench.limit import measure_limit
+from cellstream.bench.machine import machine_info, model_info
+from cellstream.bench.memory import WARMUP_SESSIONS, measure_idle_memory, startup_summary
+from cellstream.bench.options import KSERVE_OUTPUT, NATIVE_APIS, Options
+from cellstream.bench.pool import WorkerPool
+from cellstream.bench.progress import restart, say
+from cellstream.bench.server import EchoProcess, ServerProcess
+from cellstream.bench.service_load import measure_service
+from cellstream.bench.targets import BATCHING, UNBATCHED
+from cellstream.service.config import Settings
+from cellstream.service.engine import Engine
 
 SCHEMA = 1
 DEFAULT_MAX_BATCH_SIZE = Settings.model_fields["max_batch_size"].default

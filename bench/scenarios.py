@@ -8,12 +8,12 @@ import time
 
 import grpc
 
-from bench import wire
-from bench.echo import STREAM as ECHO_STREAM
-from bench.echo import UNARY as ECHO_UNARY
-from bench.gate import Gate
-from bench.http_load import http_load
-from bench.jobs import (
+from cellstream.bench import wire
+from cellstream.bench.echo import STREAM as ECHO_STREAM
+from cellstream.bench.echo import UNARY as ECHO_UNARY
+from cellstream.bench.gate import Gate
+from cellstream.bench.http_load import http_load
+from cellstream.bench.jobs import (
     Conversation,
     EchoLoad,
     Events,
@@ -26,10 +26,10 @@ from bench.jobs import (
     StepLoad,
     TurnLatencies,
 )
-from bench.kserve_load import kserve_load
-from bench.multiplexed import many_load
-from bench.options import API_STREAM
-from bench.stats import split_evenly
+from cellstream.bench.kserve_load import kserve_load
+from cellstream.bench.multiplexed import many_load
+from cellstream.bench.options import API_STREAM
+from cellstream.bench.stats import split_evenly
 
 
 async def run_job(target: str, job: Job, gate: Gate) -> Events | TurnLatencies | int:

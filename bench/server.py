@@ -15,9 +15,9 @@ from typing import Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.errors import BenchError
-from bench.procfs import cpu_seconds
-from bench.scrape import BatchCounters, batch_counters
+from cellstream.bench.errors import BenchError
+from cellstream.bench.procfs import cpu_seconds
+from cellstream.bench.scrape import BatchCounters, batch_counters
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_SECONDS = 60.0
@@ -134,7 +134,7 @@ class ServerProcess(ServedProcess):
         flags = {"host": HOST, "port": port, "metrics_host": HOST, "metrics_port": metrics_port,
                  "http_port": self.http_port, "model_dir": model_dir, "default_model": model, "log_level": "WARNING",
                  "shutdown_grace_seconds": SHUTDOWN_GRACE_SECONDS, **settings}
-        argv = [sys.executable, "-m", "service.cli", "serve"]
+        argv = [sys.executable, "-m", "cellstream.service.cli", "serve"]
         for name, value in flags.items():
             argv += ["--" + name.replace("_", "-"), str(value)]
         argv += extra_args  # argparse keeps the last value of a repeated flag: the user's wins
@@ -146,5 +146,5 @@ class EchoProcess(ServedProcess):
 
     def __init__(self, log_path: Path, output: str, outputs: int) -> None:
         [port] = free_ports(1)
-        super().__init__([sys.executable, "-m", "bench.echo", "--host", HOST, "--port", str(port),
+        super().__init__([sys.executable, "-m", "cellstream.bench.echo", "--host", HOST, "--port", str(port),
                           "--output", output, "--outputs", str(outputs)], port, None, log_path)

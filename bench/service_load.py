@@ -3,13 +3,13 @@ the multiplexed StreamMany and StepMany (many sessions per message) spread over 
 
 from __future__ import annotations
 
-from bench.jobs import HttpLoad, KServeLoad, ManyLoad, StepLoad
-from bench.options import API_KSERVE_HTTP, API_KSERVE_STREAM, KSERVE, KSERVE_OUTPUT, MULTIPLEXED, Options
-from bench.pool import WorkerPool
-from bench.progress import say
-from bench.server import HOST, ServerProcess
-from bench.stats import split_evenly
-from bench.window import measure_window
+from cellstream.bench.jobs import HttpLoad, KServeLoad, ManyLoad, StepLoad
+from cellstream.bench.options import API_KSERVE_HTTP, API_KSERVE_STREAM, KSERVE, KSERVE_OUTPUT, MULTIPLEXED, Options
+from cellstream.bench.pool import WorkerPool
+from cellstream.bench.progress import say
+from cellstream.bench.server import HOST, ServerProcess
+from cellstream.bench.stats import split_evenly
+from cellstream.bench.window import measure_window
 
 CALL_MARGIN_SECONDS = 60.0  # a call outlives the run by this much before gRPC gives up on it
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from bench.memory import session_bound_bytes
-from bench.options import API_KSERVE_STREAM, API_KSERVE_UNARY, API_STREAM, API_STREAM_MANY, API_UNARY, TRANSPORT
+from cellstream.bench.memory import session_bound_bytes
+from cellstream.bench.options import (
+    API_KSERVE_STREAM,
+    API_KSERVE_UNARY,
+    API_STREAM,
+    API_STREAM_MANY,
+    API_UNARY,
+    TRANSPORT,
+)
 
 BATCHING, UNBATCHED = "batching", "max_batch_size_1"
 SINGLE, BUSY = 1, 256

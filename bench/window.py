@@ -7,11 +7,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.errors import BenchError
-from bench.jobs import Events, Job
-from bench.pool import WorkerPool
-from bench.server import ServedProcess
-from bench.stats import percentile_ms
+from cellstream.bench.errors import BenchError
+from cellstream.bench.jobs import Events, Job
+from cellstream.bench.pool import WorkerPool
+from cellstream.bench.server import ServedProcess
+from cellstream.bench.stats import percentile_ms
 
 READY_TIMEOUT_SECONDS = 120.0  # opening 1024 sessions and their streams on a busy 2-core box
 FINISH_TIMEOUT_SECONDS = 60.0  # in-flight operations after stop

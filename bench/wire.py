@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 
 METHOD = "/cellstream.v1.Inference/"
 OPEN_SESSION = METHOD + "OpenSession"

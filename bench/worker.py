@@ -6,9 +6,9 @@ import asyncio
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 
-from bench.gate import READY, Gate
-from bench.jobs import Assignment
-from bench.scenarios import run_job
+from cellstream.bench.gate import READY, Gate
+from cellstream.bench.jobs import Assignment
+from cellstream.bench.scenarios import run_job
 
 
 def main(conn: Connection, go: Event, stop: Event) -> None:

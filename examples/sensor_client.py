@@ -29,7 +29,7 @@ def readings(count: int, seed: int = 0) -> Iterator[tuple[float, float]]:
 
 
 async def native(target: str, count: int) -> list[tuple[float, float, float]]:
-    from service.client import Client
+    from cellstream.service.client import Client
 
     rows = []
     async with Client(target) as client:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import corpus, tokenizer
-from model.languages import CITIES, JOBS, JOBS_FR, NAMES
+from cellstream.model import corpus, tokenizer
+from cellstream.model.languages import CITIES, JOBS, JOBS_FR, NAMES
 
 # What the probe names, per kind: the values of every language (French jobs after the English ones).
 FACT_VALUES: dict[str, tuple[str, ...]] = {"name": tuple(NAMES), "city": tuple(CITIES), "job": (*JOBS, *JOBS_FR)}

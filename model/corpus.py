@@ -4,7 +4,7 @@ A dialogue, in English or in French, states facts early (name, city, job), wande
 turns of unrelated small talk, may change one fact on the way ("i moved to berlin."), then asks for
 the facts back. Recalling them needs the LSTM's cell state to hold a few bytes across hundreds of
 steps of noise, and to let an old value go when a new one is stated: what makes state carry
-observable end to end. The lines themselves are in `model.languages`.
+observable end to end. The lines themselves are in `cellstream.model.languages`.
 
 The filler generator has a training half and a held-out half (disjoint words and sentence shapes),
 so evaluation measures recall across text the model never saw.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from model.languages import ENGLISH, KINDS, LANGUAGES, Language
+from cellstream.model.languages import ENGLISH, KINDS, LANGUAGES, Language
 
 
 def _half(items: tuple[str, ...], heldout: bool) -> tuple[str, ...]:

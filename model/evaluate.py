@@ -25,8 +25,8 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from model import corpus, tokenizer
-from model.languages import KINDS, LANGUAGES
+from cellstream.model import corpus, tokenizer
+from cellstream.model.languages import KINDS, LANGUAGES
 
 EVAL_SEED = 20_261_125
 MAX_REPLY_TOKENS = 48

@@ -3,8 +3,8 @@
 Graph: tokens int64 (B, T), h0/c0 float32 (L, B, H) -> logits float32 (B, T, V), hn/cn (L, B, H),
 batch and time dynamic. The metadata carries everything the service needs to serve it without torch.
 After writing, the file is run under onnxruntime and judged against a float64 run of the same weights
-(model.parity); an unfaithful export is rejected. Beside it goes the glass-box graph of the same weights
-(model.glassbox: `<name>.gates.onnx`), from which the server reads the gates, judged the same way.
+(cellstream.model.parity); an unfaithful export is rejected. Beside it goes the glass-box graph of the same weights
+(cellstream.model.glassbox: `<name>.gates.onnx`), from which the server reads the gates, judged the same way.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from model import corpus, glassbox, tokenizer
-from model.languages import LANGUAGES
-from model.network import LSTMLanguageModel, ModelConfig
-from model.parity import ExportError, ExportErrors, judge
+from cellstream.model import corpus, glassbox, tokenizer
+from cellstream.model.languages import LANGUAGES
+from cellstream.model.network import LSTMLanguageModel, ModelConfig
+from cellstream.model.parity import ExportError, ExportErrors, judge
 
 FORMAT_VERSION = "1"
 OPSET = 17
@@ -116,7 +116,7 @@ def parity_inputs(config: ModelConfig, seed: int) -> Iterator[tuple[str, np.ndar
 
 
 def measure_parity(model: LSTMLanguageModel, path: Path, seed: int = 0) -> Iterator[tuple[str, ExportErrors]]:
-    """(which output on which inputs, its errors) for every parity input and output (model.parity):
+    """(which output on which inputs, its errors) for every parity input and output (cellstream.model.parity):
     onnxruntime against torch float32 and both against a float64 copy of the model."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     exact = copy.deepcopy(model).double()
@@ -145,7 +145,7 @@ def export_checkpoint(checkpoint_path: Path, out: Path) -> tuple[ExportErrors, E
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg == "--module" or arg.startswith("--module=") for arg in argv):
-        from model.user_export import main as export_user_module  # your own LSTM: docs/MODELS.md
+        from cellstream.model.user_export import main as export_user_module  # your own LSTM: docs/MODELS.md
 
         return export_user_module(argv)
     parser = argparse.ArgumentParser(prog="cellstream export", description="Export a checkpoint to ONNX "

@@ -1,5 +1,5 @@
 """How good the shipped forecaster is, measured on the exported file under onnxruntime (no torch), on
-held-out streams of model.signal: forecast error with the state carried and with it reset, against
+held-out streams of cellstream.model.signal: forecast error with the state carried and with it reset, against
 the noise floor and a persistence forecast, and how many readings a reset costs: what the state holds
 (the level of the current regime and the phase) is learnt again only from tens of noisy readings.
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from model.signal import SIGNAL, SignalConfig, make_streams
+from cellstream.model.signal import SIGNAL, SignalConfig, make_streams
 
 SEED = 99  # held-out: training draws from the seed 1234
 STREAMS, LENGTH, WARM_UP = 64, 2000, 400

@@ -1,6 +1,6 @@
-"""The shipped features model: an LSTM that forecasts the next reading of a sensor stream (model.signal),
-trained here, exported through the user-module path (model.user_export) as any user's LSTM would be,
-and measured (model.forecast_quality): `python -m model.forecaster` (part of `make model`).
+"""The shipped features model: an LSTM that forecasts the next reading of a sensor stream (cellstream.model.signal),
+trained here, exported through the user-module path (cellstream.model.user_export) as any user's LSTM would be,
+and measured (cellstream.model.forecast_quality): `python -m cellstream.model.forecaster` (part of `make model`).
 
 Network: reading (1 float) -> LSTM 1 layer x 48 -> linear 1: the forecast of the next reading. It is
 written the way a user writes one, called as `module(x, (h0, c0)) -> (y, (hn, cn))`.
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import forecast_quality, glassbox
-from model.signal import SIGNAL, SignalConfig, make_streams
-from model.user_export import export_module
+from cellstream.model import forecast_quality, glassbox
+from cellstream.model.signal import SIGNAL, SignalConfig, make_streams
+from cellstream.model.user_export import export_module
 
 NAME = "cellstream-sensor"
 OUTPUT = "forecast"
@@ -82,7 +82,7 @@ def train(config: TrainConfig, signal: SignalConfig = SIGNAL, log: bool = True) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.forecaster", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cellstream.model.forecaster", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(f"model/artifacts/{NAME}.onnx"))
     parser.add_argument("--quality", type=Path, default=Path(f"model/artifacts/{NAME}.quality.json"))
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)

@@ -20,10 +20,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from model import parity
-from model.parity import ExportError, ExportErrors, Inputs, judge, scaled_max_diff
-from model.reference import Gates, LayerWeights, ReferenceLSTM
-from service.gates import GATE_NAMES, path_for
+from cellstream.model import parity
+from cellstream.model.parity import ExportError, ExportErrors, Inputs, judge, scaled_max_diff
+from cellstream.model.reference import Gates, LayerWeights, ReferenceLSTM
+from cellstream.service.gates import GATE_NAMES, path_for
 
 OPSET = 17
 RANDOM_SHAPES = ((1, 1), (1, 17), (3, 5), (8, 1), (4, 200))  # (batch, time); the last: a long trained-memory drift
@@ -155,7 +155,7 @@ def in_float64(reference: ReferenceLSTM) -> ReferenceLSTM:
 
 def measure(reference: ReferenceLSTM, glass_box: Path, fast_graph: Path,
             inputs: Iterable[Inputs]) -> Iterator[tuple[str, ExportErrors]]:
-    """(which output, its worst errors over all `inputs`), against the reference in float64 (model.parity's
+    """(which output, its worst errors over all `inputs`), against the reference in float64 (cellstream.model.parity's
     rule): each gate of the glass-box graph, and its final state hn, cn beside the fast graph's (which must hold
     the same weights).
 

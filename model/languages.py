@@ -1,6 +1,6 @@
 """What the memory dialogues say, per language: fact phrasings, acknowledgements, questions, small talk.
 
-One `Language` holds every line a dialogue can contain; `model.corpus` decides their order. Names and
+One `Language` holds every line a dialogue can contain; `cellstream.model.corpus` decides their order. Names and
 cities are shared between languages; jobs are words of each language (French ones with accents).
 Small talk comes from word pools and sentence shapes, split into a training and a held-out half.
 """

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from model import tokenizer
+from cellstream.model import tokenizer
 
 SLOW_FORGET_BIAS = (3.0, 6.0)  # forget gates 0.95-0.998: memory over ~20-400 steps
 

@@ -81,7 +81,7 @@ class ExportError(RuntimeError):
 def judge(measured: Iterable[tuple[str, ExportErrors]], subject: str, float32: str = "torch float32"
           ) -> ExportErrors:
     """The worst of each error, or ExportError on the first output and inputs where the export is not the
-    `subject`'s computation (model.parity's rule, beside the float32 computation named `float32`)."""
+    `subject`'s computation (cellstream.model.parity's rule, beside the float32 computation named `float32`)."""
     worst = ExportErrors(0.0, 0.0, 0.0)
     for where, errors in measured:
         problem = errors.problem(float32)

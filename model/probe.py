@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.batches import FACT_VALUES, UNKNOWN
+from cellstream.model.batches import FACT_VALUES, UNKNOWN
 
 
 class FactProbe(nn.Module):

@@ -1,4 +1,4 @@
-"""Train the LSTM language model: `cellstream train` or `python -m model.train`.
+"""Train the LSTM language model: `cellstream train` or `python -m cellstream.model.train`.
 
 Truncated BPTT: a batch is cut into windows of `--bptt` steps; the state (h, c) flows from one window
 to the next (detached), so dialogues and text streams longer than a window keep their memory.
@@ -20,10 +20,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from model import corpus, tokenizer
-from model.batches import Batch, LossWeights, dialogue_batches, encode_dialogue, pad_batch, text_batches
-from model.network import LSTMLanguageModel, ModelConfig
-from model.probe import FactProbe
+from cellstream.model import corpus, tokenizer
+from cellstream.model.batches import Batch, LossWeights, dialogue_batches, encode_dialogue, pad_batch, text_batches
+from cellstream.model.network import LSTMLanguageModel, ModelConfig
+from cellstream.model.probe import FactProbe
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation dialogues never share a seed with training ones
 

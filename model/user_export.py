@@ -1,8 +1,8 @@
 """Export your own LSTM module for serving: `cellstream export --module pkg.mod:factory [--checkpoint W]`.
 
-`export_module` wraps the module into the serving contract (model.wrap), writes the ONNX graph and its
+`export_module` wraps the module into the serving contract (cellstream.model.wrap), writes the ONNX graph and its
 `cellstream.*` metadata, then judges the file against a float64 run of the same module with the rule of
-model.parity (ExportErrors): onnxruntime at most 4 x as far from float64 as torch float32 is, and within
+cellstream.model.parity (ExportErrors): onnxruntime at most 4 x as far from float64 as torch float32 is, and within
 1e-4 of torch float32. An unfaithful export is removed and refused. docs/MODELS.md is the user's guide.
 """
 
@@ -21,10 +21,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from model import glassbox
-from model.export import FORMAT_VERSION, OPSET, stamp
-from model.parity import ExportError, ExportErrors, Inputs, judge, random_inputs
-from model.wrap import TOKENS, Served, UnservableModule, serve
+from cellstream.model import glassbox
+from cellstream.model.export import FORMAT_VERSION, OPSET, stamp
+from cellstream.model.parity import ExportError, ExportErrors, Inputs, judge, random_inputs
+from cellstream.model.wrap import TOKENS, Served, UnservableModule, serve
 
 PARITY_SHAPES = ((1, 1), (1, 17), (3, 5), (8, 1), (16, 33))
 

@@ -13,9 +13,9 @@ from types import TracebackType
 
 import grpc
 
-from service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
-from service.errors import CellstreamError, ResourceExhausted, Unavailable
-from service.metrics import Metrics
+from cellstream.service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
+from cellstream.service.errors import CellstreamError, ResourceExhausted, Unavailable
+from cellstream.service.metrics import Metrics
 
 SHUTTING_DOWN = "server is shutting down: retry on another replica"
 DRAIN_POLL_SECONDS = 0.01

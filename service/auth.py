@@ -24,9 +24,9 @@ from pathlib import Path
 
 import grpc
 
-from service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
-from service.config import Settings
-from service.metrics import Metrics
+from cellstream.service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
+from cellstream.service.config import Settings
+from cellstream.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

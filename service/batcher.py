@@ -40,10 +40,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from service.engine import TOKENS, Engine
-from service.errors import Aborted, CellstreamError, DeadlineExceeded, ResourceExhausted, Unavailable, session_not_found
-from service.metrics import Metrics, observe_many
-from service.sessions.base import SessionRecord, SessionStore, StateUpdates, stack_states
+from cellstream.service.engine import TOKENS, Engine
+from cellstream.service.errors import (
+    Aborted,
+    CellstreamError,
+    DeadlineExceeded,
+    ResourceExhausted,
+    Unavailable,
+    session_not_found,
+)
+from cellstream.service.metrics import Metrics, observe_many
+from cellstream.service.sessions.base import SessionRecord, SessionStore, StateUpdates, stack_states
 
 log = logging.getLogger(__name__)
 

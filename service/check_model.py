@@ -1,6 +1,6 @@
 """`cellstream check-model FILE`: load a model file the way the server does and print its spec, or every
 way it breaks the contract (docs/MODELS.md) with what to change. Exit 0 when it can be served, 1 when
-not. Torch-free: it is the engine's own loading and checks (service.contract)."""
+not. Torch-free: it is the engine's own loading and checks (cellstream.service.contract)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.engine import TOKENS, Engine, ModelSpec
-from service.errors import ModelLoadError
+from cellstream.service.engine import TOKENS, Engine, ModelSpec
+from cellstream.service.errors import ModelLoadError
 
 
 def describe(spec: ModelSpec) -> list[str]:

@@ -12,13 +12,13 @@ from typing import Any
 
 import grpc
 
-from service.auth import SecurityConfigError
-from service.config import Settings, SettingsError, add_settings_arguments, load_settings
-from service.errors import ModelLoadError
-from service.sessions.snapshot import SnapshotError
+from cellstream.service.auth import SecurityConfigError
+from cellstream.service.config import Settings, SettingsError, add_settings_arguments, load_settings
+from cellstream.service.errors import ModelLoadError
+from cellstream.service.sessions.snapshot import SnapshotError
 
-TRAINING_COMMANDS = {"train": "model.train", "export": "model.export", "evaluate": "model.evaluate",
-                     "gates": "model.glassbox"}
+TRAINING_COMMANDS = {"train": "cellstream.model.train", "export": "cellstream.model.export",
+                     "evaluate": "cellstream.model.evaluate", "gates": "cellstream.model.glassbox"}
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -32,7 +32,7 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from cellstream.service.server import serve
 
     overrides = {name: getattr(args, name) for name in vars(args) if name not in ("command", "func")}
     try:
@@ -57,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _connection(args: argparse.Namespace) -> tuple[str | None, grpc.ChannelCredentials | None] | None:
     """(bearer token, TLS credentials) from the connection flags, or None once the reason is printed."""
-    from service.client import tls_credentials
+    from cellstream.service.client import tls_credentials
 
     if (args.cert is None) != (args.key is None):
         print(f"cellstream {args.command}: --cert and --key go together (mutual TLS)", file=sys.stderr)
@@ -72,7 +72,7 @@ def _connection(args: argparse.Namespace) -> tuple[str | None, grpc.ChannelCrede
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from service.client import chat
+    from cellstream.service.client import chat
 
     connection = _connection(args)
     if connection is None:
@@ -83,7 +83,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from service.health_check import SERVING, check, default_target
+    from cellstream.service.health_check import SERVING, check, default_target
 
     connection = _connection(args)
     if connection is None:
@@ -96,8 +96,8 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _bench(argv: Sequence[str]) -> int:
-    # Imported only here: the harness is a separate top-level package with its own flags.
-    from bench.cli import main as bench_main
+    # Imported only here: the harness (cellstream.bench) has its own flags, and no other command needs it.
+    from cellstream.bench.cli import main as bench_main
 
     return bench_main(argv)
 
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     if argv and argv[0] == "check-model":
-        from service.check_model import main as check_model
+        from cellstream.service.check_model import main as check_model
 
         return check_model(argv[1:])
     args = build_parser().parse_args(argv)

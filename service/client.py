@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Client:
         return await self.stub.StepMany(pb.StepBatch(items=requests), timeout=self.timeout, metadata=self.metadata)
 
     def stream_many(self) -> grpc.aio.StreamStreamCall:
-        """A StreamMany call, without deadline (see service.gateway.Gateway for the coalescing helper)."""
+        """A StreamMany call, without deadline (see cellstream.service.gateway.Gateway for the coalescing helper)."""
         return self.stub.StreamMany(metadata=self.metadata)
 
     def generate_many(self) -> grpc.aio.StreamStreamCall:

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.auth import current_principal
-from service.batcher import Batcher, StepGroup, StepInputs, StepJob, StepResult
-from service.config import Settings
-from service.engine import FEATURES, TOKENS, ModelRegistry, ModelSpec
-from service.errors import CellstreamError, FailedPrecondition, InvalidArgument, NotFound, session_not_found
-from service.gates import HOW_TO_EXPORT
-from service.metrics import Metrics
-from service.sessions.base import SessionRecord, SessionStore, new_session_id
-from service.sessions.watch import StoreWatch
-from service.textcodec import StreamDecoder, encode_text
+from cellstream.service.auth import current_principal
+from cellstream.service.batcher import Batcher, StepGroup, StepInputs, StepJob, StepResult
+from cellstream.service.config import Settings
+from cellstream.service.engine import FEATURES, TOKENS, ModelRegistry, ModelSpec
+from cellstream.service.errors import CellstreamError, FailedPrecondition, InvalidArgument, NotFound, session_not_found
+from cellstream.service.gates import HOW_TO_EXPORT
+from cellstream.service.metrics import Metrics
+from cellstream.service.sessions.base import SessionRecord, SessionStore, new_session_id
+from cellstream.service.sessions.watch import StoreWatch
+from cellstream.service.textcodec import StreamDecoder, encode_text
 
 log = logging.getLogger(__name__)
 

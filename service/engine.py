@@ -1,4 +1,4 @@
-"""onnxruntime engine: loads stateful LSTM graphs, checks their contract (service.contract), runs
+"""onnxruntime engine: loads stateful LSTM graphs, checks their contract (cellstream.service.contract), runs
 batched steps."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from service import contract, gates
-from service.contract import BYTE_TOKENIZER, FEATURES, LOGITS, TOKENS, ContractViolation, ModelSpec, Port
-from service.errors import ModelLoadError
-from service.gates import GlassBox
+from cellstream.service import contract, gates
+from cellstream.service.contract import BYTE_TOKENIZER, FEATURES, LOGITS, TOKENS, ContractViolation, ModelSpec, Port
+from cellstream.service.errors import ModelLoadError
+from cellstream.service.gates import GlassBox
 
 __all__ = ["BYTE_TOKENIZER", "FEATURES", "LOGITS", "TOKENS", "Engine", "ModelRegistry", "ModelSpec", "inspect_session"]
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def inspect_session(name: str, path: Path, session: ort.InferenceSession) -> ModelSpec:
-    """Check the graph honours the stateful LSTM contract (service.contract) and describe it, or
+    """Check the graph honours the stateful LSTM contract (cellstream.service.contract) and describe it, or
     ModelLoadError naming every violation."""
     inputs, outputs = ([Port(p.name, p.type, p.shape or []) for p in args]
                        for args in (session.get_inputs(), session.get_outputs()))

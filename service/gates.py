@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from service.contract import TOKENS, ModelSpec
-from service.errors import ModelLoadError
+from cellstream.service.contract import TOKENS, ModelSpec
+from cellstream.service.errors import ModelLoadError
 
 GATE_NAMES = ("forget", "input", "candidate", "cell", "output", "hidden")
 SUFFIX = ".gates.onnx"

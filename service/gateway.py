@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.client import Client
 
 DEFAULT_MAX_ITEMS = 1024  # the server's default max_items_per_message
 

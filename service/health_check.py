@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.config import Settings
+from cellstream.service.config import Settings
 
 SERVING = 0
 NOT_SERVING = 1

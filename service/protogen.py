@@ -1,7 +1,7 @@
 """Generate the protobuf/gRPC stubs under service/_proto from protos/ (`make protos`).
 
 The generated modules import each other as top-level packages (`from cellstream.v1 import ...`);
-they are rewritten to live under `service._proto` so the stubs need no sys.path tricks.
+they are rewritten to live under `cellstream.service._proto` so the stubs need no sys.path tricks.
 
 The Open Inference Protocol messages (`protos/inference/`) are registered in a descriptor pool of
 their own instead of protobuf's default one: tritonclient (like any client generated from the
@@ -21,8 +21,9 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 OUT_DIR = ROOT / "service" / "_proto"
-PACKAGE = "service._proto"
-_IMPORT = re.compile(r"^from ((?:cellstream|inference)[\w.]*) import", re.MULTILINE)
+PACKAGE = "cellstream.service._proto"
+# protoc's `from cellstream.v1 import ...`, not one already under PACKAGE (itself a `cellstream.` name).
+_IMPORT = re.compile(rf"^from (?!{re.escape(PACKAGE)}\.)((?:cellstream|inference)[\w.]*) import", re.MULTILINE)
 _DEFAULT_POOL = "_descriptor_pool.Default()"
 PRIVATE_POOL_PACKAGES = ("inference",)
 

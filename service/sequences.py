@@ -18,12 +18,12 @@ import contextlib
 
 import numpy as np
 
-from service.auth import current_principal
-from service.batcher import StepInputs, StepResult
-from service.dataplane import DataPlane
-from service.engine import ModelSpec
-from service.errors import InvalidArgument, NotFound
-from service.sessions.base import SessionRecord
+from cellstream.service.auth import current_principal
+from cellstream.service.batcher import StepInputs, StepResult
+from cellstream.service.dataplane import DataPlane
+from cellstream.service.engine import ModelSpec
+from cellstream.service.errors import InvalidArgument, NotFound
+from cellstream.service.sessions.base import SessionRecord
 
 SequenceId = int | str
 

@@ -16,20 +16,20 @@ from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from service import auth
-from service._proto.cellstream.v1 import inference_pb2, inference_pb2_grpc
-from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from service.admission import AdmissionInterceptor
-from service.api.decoding import DecodeGuardInterceptor
-from service.api.http.app import HttpServer, build_app
-from service.api.http.endpoint import Guards
-from service.api.kserve import KServeServicer
-from service.api.native import NativeServicer
-from service.config import Settings, redacted_url
-from service.dataplane import DataPlane
-from service.engine import ModelRegistry
-from service.metrics import Metrics
-from service.sessions.factory import open_store
+from cellstream.service import auth
+from cellstream.service._proto.cellstream.v1 import inference_pb2, inference_pb2_grpc
+from cellstream.service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from cellstream.service.admission import AdmissionInterceptor
+from cellstream.service.api.decoding import DecodeGuardInterceptor
+from cellstream.service.api.http.app import HttpServer, build_app
+from cellstream.service.api.http.endpoint import Guards
+from cellstream.service.api.kserve import KServeServicer
+from cellstream.service.api.native import NativeServicer
+from cellstream.service.config import Settings, redacted_url
+from cellstream.service.dataplane import DataPlane
+from cellstream.service.engine import ModelRegistry
+from cellstream.service.metrics import Metrics
+from cellstream.service.sessions.factory import open_store
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from model.parity import TOLERANCE, scaled_max_diff
+from cellstream.model.parity import TOLERANCE, scaled_max_diff
 
 # Test servers serve no HTTP unless a test asks (http_port=...): the default port, 8080, would be shared by
 # every server the tests start, in-process or as a subprocess, and by anything else on the machine.
@@ -32,8 +32,8 @@ END_TOKENS = {258, 259}  # eos, eot of the byte tokenizer
 
 def _write_glass_box(state_dict: dict, input_kind: str, path: Path) -> None:
     """The glass-box graph (the gates) of the module whose weights are `state_dict`, beside `path`."""
-    from model import glassbox
-    from model.reference import ReferenceLSTM
+    from cellstream.model import glassbox
+    from cellstream.model.reference import ReferenceLSTM
 
     glassbox.write(ReferenceLSTM.from_state_dict({k: v.numpy() for k, v in state_dict.items()}), input_kind, path)
 
@@ -41,8 +41,8 @@ def _write_glass_box(state_dict: dict, input_kind: str, path: Path) -> None:
 def _export_tokens_model(path: Path) -> None:
     import torch
 
-    from model.export import export_onnx, metadata_for
-    from model.network import LSTMLanguageModel, ModelConfig
+    from cellstream.model.export import export_onnx, metadata_for
+    from cellstream.model.network import LSTMLanguageModel, ModelConfig
 
     torch.manual_seed(1234)
     model = LSTMLanguageModel(ModelConfig(vocab_size=260, embed_dim=8, hidden_size=16, num_layers=2))
@@ -225,5 +225,5 @@ def ref(tiny_model_dir: Path) -> Reference:
 
 @pytest.fixture
 def close():
-    """assert_close(got, want, what): scaled max diff within model.parity.TOLERANCE."""
+    """assert_close(got, want, what): scaled max diff within cellstream.model.parity.TOLERANCE."""
     return assert_close

@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.api.interception import Behavior, rebuild
-from service.metrics import Metrics
+from cellstream.service.api.interception import Behavior, rebuild
+from cellstream.service.metrics import Metrics
 
 
 class _Undecodable:

@@ -13,14 +13,14 @@ import logging
 
 import grpc
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.api.handling import INTERNAL_MESSAGE
-from service.api.multiplex import ITEM_FRAMING_BYTES, check_item_count
-from service.api.native_codec import fill_chunk, fill_status, generate
-from service.api.outbox import Outbox
-from service.dataplane import DataPlane, GeneratedChunk
-from service.errors import CellstreamError, ResourceExhausted
-from service.metrics import Metrics
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.api.handling import INTERNAL_MESSAGE
+from cellstream.service.api.multiplex import ITEM_FRAMING_BYTES, check_item_count
+from cellstream.service.api.native_codec import fill_chunk, fill_status, generate
+from cellstream.service.api.outbox import Outbox
+from cellstream.service.dataplane import DataPlane, GeneratedChunk
+from cellstream.service.errors import CellstreamError, ResourceExhausted
+from cellstream.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

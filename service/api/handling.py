@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 
-from service.dataplane import DataPlane
-from service.errors import CellstreamError, Unavailable
-from service.metrics import CallSeries, Metrics, observe
+from cellstream.service.dataplane import DataPlane
+from cellstream.service.errors import CellstreamError, Unavailable
+from cellstream.service.metrics import CallSeries, Metrics, observe
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from importlib import metadata
 import grpc
 import numpy as np
 
-from service._proto.inference import grpc_service_pb2 as pb
-from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from service.api.handling import INTERNAL_MESSAGE, DataPlaneServicer, rpc
-from service.api.kserve_codec import (
+from cellstream.service._proto.inference import grpc_service_pb2 as pb
+from cellstream.service._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from cellstream.service.api.handling import INTERNAL_MESSAGE, DataPlaneServicer, rpc
+from cellstream.service.api.kserve_codec import (
     Options,
     read_inputs,
     read_options,
@@ -26,12 +26,12 @@ from service.api.kserve_codec import (
     signature,
     write_outputs,
 )
-from service.batcher import StepResult
-from service.dataplane import FLOAT_BYTES
-from service.engine import ModelSpec
-from service.errors import CellstreamError, DeadlineExceeded, NotFound
-from service.metrics import Metrics
-from service.sequences import sequence_key, step_sequence
+from cellstream.service.batcher import StepResult
+from cellstream.service.dataplane import FLOAT_BYTES
+from cellstream.service.engine import ModelSpec
+from cellstream.service.errors import CellstreamError, DeadlineExceeded, NotFound
+from cellstream.service.metrics import Metrics
+from cellstream.service.sequences import sequence_key, step_sequence
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service._proto.inference import grpc_service_pb2 as pb
-from service.batcher import StepInputs
-from service.dataplane import DataPlane
-from service.engine import TOKENS, ModelSpec
-from service.errors import InvalidArgument
-from service.sequences import SequenceId
+from cellstream.service._proto.inference import grpc_service_pb2 as pb
+from cellstream.service.batcher import StepInputs
+from cellstream.service.dataplane import DataPlane
+from cellstream.service.engine import TOKENS, ModelSpec
+from cellstream.service.errors import InvalidArgument
+from cellstream.service.sequences import SequenceId
 
 # Datatypes our models use: the little-endian numpy type of raw data and the typed `contents` field.
 DATATYPES = {"INT64": (np.dtype("<i8"), "int64_contents"), "FP32": (np.dtype("<f4"), "fp32_contents")}

@@ -22,8 +22,8 @@ from operator import methodcaller
 
 import grpc
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.api.native_codec import (
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.api.native_codec import (
     check_reply,
     expected_position,
     fill_response,
@@ -31,13 +31,13 @@ from service.api.native_codec import (
     reply_bytes,
     step_inputs,
 )
-from service.api.outbox import Outbox
-from service.auth import current_principal
-from service.batcher import StepGroup, StepInputs
-from service.dataplane import MAX_ID_CHARS, REPLY_FRAMING_BYTES, DataPlane, deadline_after
-from service.engine import ModelSpec
-from service.errors import CellstreamError, InvalidArgument
-from service.metrics import Metrics
+from cellstream.service.api.outbox import Outbox
+from cellstream.service.auth import current_principal
+from cellstream.service.batcher import StepGroup, StepInputs
+from cellstream.service.dataplane import MAX_ID_CHARS, REPLY_FRAMING_BYTES, DataPlane, deadline_after
+from cellstream.service.engine import ModelSpec
+from cellstream.service.errors import CellstreamError, InvalidArgument
+from cellstream.service.metrics import Metrics
 
 # (item, its session's model, the group its step is in and its index there, or the error that refused it)
 Entry = tuple[pb.StepRequest, ModelSpec | None, StepGroup | CellstreamError, int]

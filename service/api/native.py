@@ -6,14 +6,22 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
-from service.api.generate_many import Turns
-from service.api.handling import DataPlaneServicer, rpc
-from service.api.multiplex import StepItems
-from service.api.native_codec import fill_chunk, fill_state, generate, initial_state, list_models, session_info, step
-from service.api.outbox import relay
-from service.errors import InvalidArgument
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
+from cellstream.service.api.generate_many import Turns
+from cellstream.service.api.handling import DataPlaneServicer, rpc
+from cellstream.service.api.multiplex import StepItems
+from cellstream.service.api.native_codec import (
+    fill_chunk,
+    fill_state,
+    generate,
+    initial_state,
+    list_models,
+    session_info,
+    step,
+)
+from cellstream.service.api.outbox import relay
+from cellstream.service.errors import InvalidArgument
 
 
 class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):

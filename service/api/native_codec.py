@@ -12,14 +12,14 @@ import numpy as np
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.batcher import StepInputs, StepResult
-from service.dataplane import FLOAT_BYTES, DataPlane, GeneratedChunk, InitialState
-from service.engine import LOGITS, ModelRegistry, ModelSpec
-from service.errors import CellstreamError, InvalidArgument
-from service.gates import GATE_NAMES
-from service.sessions.base import SessionRecord
-from service.textcodec import token_text
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.batcher import StepInputs, StepResult
+from cellstream.service.dataplane import FLOAT_BYTES, DataPlane, GeneratedChunk, InitialState
+from cellstream.service.engine import LOGITS, ModelRegistry, ModelSpec
+from cellstream.service.errors import CellstreamError, InvalidArgument
+from cellstream.service.gates import GATE_NAMES
+from cellstream.service.sessions.base import SessionRecord
+from cellstream.service.textcodec import token_text
 
 TOP_TOKEN_BYTES = 32  # a TokenProb: id, probability, text of a few bytes, tags
 WIRE_LENGTH_DELIMITED = 2  # the protobuf wire type of packed repeated fields

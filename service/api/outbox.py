@@ -15,7 +15,7 @@ from typing import Generic, Protocol, TypeVar
 
 import grpc
 
-from service.dataplane import REPLY_FRAMING_BYTES
+from cellstream.service.dataplane import REPLY_FRAMING_BYTES
 
 Entry = TypeVar("Entry")
 Message = TypeVar("Message")

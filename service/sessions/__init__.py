@@ -1,5 +1,5 @@
 """Session stores: where each session's (h, C) and position live between steps."""
 
-from service.sessions.base import SessionRecord, SessionStore, StateUpdates
+from cellstream.service.sessions.base import SessionRecord, SessionStore, StateUpdates
 
 __all__ = ["SessionRecord", "SessionStore", "StateUpdates"]

@@ -9,13 +9,13 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from service.config import MEMORY, Settings
-from service.engine import ModelSpec
-from service.metrics import Metrics
-from service.sessions import snapshot
-from service.sessions.base import SessionStore
-from service.sessions.memory import MemoryStore
-from service.sessions.redis import RedisStore
+from cellstream.service.config import MEMORY, Settings
+from cellstream.service.engine import ModelSpec
+from cellstream.service.metrics import Metrics
+from cellstream.service.sessions import snapshot
+from cellstream.service.sessions.base import SessionStore
+from cellstream.service.sessions.memory import MemoryStore
+from cellstream.service.sessions.redis import RedisStore
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service.errors import ResourceExhausted, session_not_found
-from service.metrics import Metrics
-from service.sessions import snapshot
-from service.sessions.base import SessionRecord, StateUpdates
-from service.sessions.slab import StateSlab
+from cellstream.service.errors import ResourceExhausted, session_not_found
+from cellstream.service.metrics import Metrics
+from cellstream.service.sessions import snapshot
+from cellstream.service.sessions.base import SessionRecord, StateUpdates
+from cellstream.service.sessions.slab import StateSlab
 
 log = logging.getLogger(__name__)
 

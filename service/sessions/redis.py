@@ -24,11 +24,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.config import redacted_url
-from service.errors import ResourceExhausted, Unavailable, session_not_found
-from service.metrics import Metrics
-from service.sessions import redis_lua
-from service.sessions.base import SessionRecord, StateUpdates, stack_states
+from cellstream.service.config import redacted_url
+from cellstream.service.errors import ResourceExhausted, Unavailable, session_not_found
+from cellstream.service.metrics import Metrics
+from cellstream.service.sessions import redis_lua
+from cellstream.service.sessions.base import SessionRecord, StateUpdates, stack_states
 
 PREFIX = "cellstream:"
 SWEEP_BATCH = 1000  # index entries one sweep script looks at: bounds how long it holds Redis

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.sessions.base import SessionRecord
+from cellstream.service.sessions.base import SessionRecord
 
 INITIAL_COLUMNS = 64
 

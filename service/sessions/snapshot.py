@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.sessions.base import SessionRecord
+from cellstream.service.sessions.base import SessionRecord
 
 MAGIC = b"CELLSNAP"
 VERSION = 1

@@ -7,8 +7,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from service.errors import CellstreamError
-from service.sessions.base import SessionStore
+from cellstream.service.errors import CellstreamError
+from cellstream.service.sessions.base import SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ def numbers(value: object) -> Iterator[float]:
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
     out = tmp_path_factory.mktemp("bench")
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "bench", "--quick", "--out-dir", str(out)],
+        [sys.executable, "-m", "cellstream.service.cli", "bench", "--quick", "--out-dir", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=280,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

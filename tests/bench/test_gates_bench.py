@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.timeout(180)
 def test_the_gates_benchmark_prints_every_case():
-    done = subprocess.run([sys.executable, "-m", "bench.gates", "--seconds", "0.5"], cwd=REPO, capture_output=True,
-                          text=True, timeout=170)
+    done = subprocess.run([sys.executable, "-m", "cellstream.bench.gates", "--seconds", "0.5"], cwd=REPO,
+                          capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| large")]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.timeout(400)
 def test_the_instruction_counts_rank_the_paths_by_their_work():
-    done = subprocess.run([sys.executable, "-m", "bench.instructions", "--calls", "20", "--steps", "200",
+    done = subprocess.run([sys.executable, "-m", "cellstream.bench.instructions", "--calls", "20", "--steps", "200",
                            "--sessions", "8"], cwd=REPO, capture_output=True, text=True, timeout=390)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     counts = {}

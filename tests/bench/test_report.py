@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.report import _table
+from cellstream.bench.report import _table
 
 
 def test_a_table_without_rows_prints_its_headers():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.targets import evaluate
+from cellstream.bench.targets import evaluate
 
 
 def run(api: str, sessions: int, calls: int, steps_per_s: float, p50: float, p99: float, batch: float = 1.0,

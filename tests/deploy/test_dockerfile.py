@@ -16,8 +16,8 @@ import pytest
 from manifests import DOCKERFILE, REPO
 from packaging.specifiers import SpecifierSet
 
-from service.cli import build_parser
-from service.config import Settings
+from cellstream.service.cli import build_parser
+from cellstream.service.config import Settings
 
 STAGES = dockerfile.parse(DOCKERFILE)
 RUNTIME = STAGES[-1]

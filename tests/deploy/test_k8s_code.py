@@ -24,8 +24,8 @@ from manifests import (
     volume_of,
 )
 
-from service.cli import build_parser
-from service.config import Settings, SettingsError, load_settings
+from cellstream.service.cli import build_parser
+from cellstream.service.config import Settings, SettingsError, load_settings
 
 VARIANT_NAMES = ("single", "ha", "ha+tls")
 PREFIX = "CELLSTREAM_"

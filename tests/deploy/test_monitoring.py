@@ -17,12 +17,12 @@ from kustomize_subset import load_documents
 from manifests import DEPLOY, REPO, find
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.server import free_ports
-from service._proto.cellstream.v1 import inference_pb2
-from service._proto.inference import grpc_service_pb2
-from service.client import Client
-from service.config import load_settings
-from service.server import start_server
+from cellstream.bench.server import free_ports
+from cellstream.service._proto.cellstream.v1 import inference_pb2
+from cellstream.service._proto.inference import grpc_service_pb2
+from cellstream.service.client import Client
+from cellstream.service.config import load_settings
+from cellstream.service.server import start_server
 
 DASHBOARD = DEPLOY / "grafana" / "cellstream.json"
 RULES = DEPLOY / "prometheus" / "rules.yaml"

@@ -1,6 +1,7 @@
 """The image's install, reproduced without Docker: the build stage's files, the wheel, a fresh venv with
 the runtime dependencies only (as deploy/Dockerfile installs them), then `cellstream serve` from that
-venv on the shipped model, answered SERVING by `cellstream health`, with no torch to be found."""
+venv on the shipped model, answered SERVING by `cellstream health`, with no torch to be found; and what
+the wheel installs: the one package `cellstream`, importable without torch."""
 
 from __future__ import annotations
 
@@ -10,16 +11,21 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import dockerfile
 import pytest
 from manifests import DOCKERFILE, REPO
 
-from bench.server import free_ports
+from cellstream.bench.server import free_ports
 
 pytestmark = pytest.mark.timeout(180)
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+VERSION = PROJECT["project"]["version"]
 # Installed only by the extras: none of them may reach the image.
 EXTRAS_ONLY = ("torch", "onnx", "tqdm", "pytest", "hypothesis", "tritonclient", "grpc_tools", "matplotlib")
 
@@ -61,17 +67,60 @@ def wait_serving(health: list[str], env: dict[str, str], server: subprocess.Pope
     raise AssertionError(f"not SERVING after 60 s:\n{log.read_text()}")
 
 
-def test_the_runtime_install_serves_the_shipped_model_without_torch(tmp_path):
-    build_context(tmp_path / "src")
+@dataclass(frozen=True)
+class Install:
+    wheel: Path
+    venv: Path
+    python: Path
+
+
+@pytest.fixture(scope="module")
+def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Install:
+    """The wheel built from the build stage's files, installed without extras into a venv of its own."""
+    where = tmp_path_factory.mktemp("install")
+    build_context(where / "src")
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-        "--wheel-dir", tmp_path / "wheels", tmp_path / "src")
-    [wheel] = (tmp_path / "wheels").glob("cellstream-*.whl")
-    venv = tmp_path / "venv"
+        "--wheel-dir", where / "wheels", where / "src")
+    [wheel] = (where / "wheels").glob("cellstream-*.whl")
+    venv = where / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
     # As the Dockerfile's build stage: the wheel without extras, under the project's constraints.
     run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "-c", REPO / "constraints.txt", wheel,
         timeout=150)
+    return Install(wheel, venv, python)
+
+
+def test_the_wheel_installs_one_package_cellstream(runtime_install, tmp_path):
+    """service/, model/ and bench/ are folders of the repository; installed, they are cellstream.service,
+    cellstream.model and cellstream.bench, and no top-level `service`, `model` or `bench` exists."""
+    names = zipfile.ZipFile(runtime_install.wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"cellstream", f"cellstream-{VERSION}.dist-info"}
+    packages = {name.rpartition("/")[0].replace("/", ".") for name in names if name.endswith("/__init__.py")}
+    assert packages == set(PROJECT["tool"]["setuptools"]["packages"])
+    assert "cellstream/py.typed" in names
+    assert {"cellstream/service/api/http/page/page.js", "cellstream/model/artifacts/cellstream-chat.onnx"} <= set(names)
+
+    site = Path(run(runtime_install.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                    cwd=tmp_path, env=runtime_env()).stdout.strip())
+    assert site.is_relative_to(runtime_install.venv) and (site / "cellstream" / "service").is_dir()
+    for retired in ("service", "model", "bench"):
+        assert not (site / retired).exists(), f"a top-level {retired!r} in site-packages"
+    record = next(site.glob("cellstream-*.dist-info")) / "RECORD"
+    installed = {line.split(",")[0].split("/")[0] for line in record.read_text().splitlines()}
+    assert {name for name in installed if not name.startswith("..")} == {"cellstream", record.parent.name}
+
+    # Imported from elsewhere (not the repository), with torch absent: the package, its version, the tokenizer.
+    code = ("import sys, cellstream, cellstream.model.tokenizer as t; "
+            "print(cellstream.__version__, t.VOCAB_SIZE, cellstream.__file__, 'torch' in sys.modules)")
+    version, vocab, where, torch_loaded = run(runtime_install.python, "-c", code, cwd=tmp_path,
+                                              env=runtime_env()).stdout.split()
+    assert (version, vocab, torch_loaded) == (VERSION, "260", "False")
+    assert Path(where).is_relative_to(site)
+
+
+def test_the_runtime_install_serves_the_shipped_model_without_torch(runtime_install, tmp_path):
+    venv, python = runtime_install.venv, runtime_install.python
     found = run(python, "-c", f"import importlib.util as u; print([m for m in {EXTRAS_ONLY!r} if u.find_spec(m)])",
                 cwd=tmp_path, env=runtime_env())
     assert found.stdout.strip() == "[]"
@@ -85,7 +134,7 @@ def test_the_runtime_install_serves_the_shipped_model_without_torch(tmp_path):
         shutil.copy2(model, models)
     port, metrics_port, http_port = free_ports(3)
     env = runtime_env(CELLSTREAM_MODEL_DIR=str(models), CELLSTREAM_PORT=str(port))
-    before = sorted(p for p in tmp_path.rglob("*") if venv in p.parents or models in p.parents)
+    before = sorted(p for directory in (venv, models) for p in directory.rglob("*"))
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         server = subprocess.Popen([venv / "bin" / "cellstream", "serve", "--host", "127.0.0.1", "--metrics-host",
@@ -110,5 +159,5 @@ def test_the_runtime_install_serves_the_shipped_model_without_torch(tmp_path):
             server.kill()
             server.wait(10)
     assert "cellstream-chat" in log.read_text()
-    after = sorted(p for p in tmp_path.rglob("*") if venv in p.parents or models in p.parents)
+    after = sorted(p for directory in (venv, models) for p in directory.rglob("*"))
     assert after == before, "the server wrote into its install or model directory (the image's are read-only)"

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.server import free_ports
+from cellstream.bench.server import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = "tiny-chat"
@@ -25,7 +25,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class ServerProcess:
-    """`python -m service.cli serve` on free loopback ports; `flags` are settings (snake_case names)."""
+    """`python -m cellstream.service.cli serve` on free loopback ports; `flags` are settings (snake_case names)."""
 
     def __init__(self, model_dir: Path, log: Path, **flags: object) -> None:
         # Held open together: two ports picked one after the other can be the same one.
@@ -37,10 +37,9 @@ class ServerProcess:
                     "ort_intra_op_threads": 1, **flags}
         args = [item for name, value in settings.items() for item in ("--" + name.replace("_", "-"), str(value))]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CELLSTREAM_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         self._log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *args], cwd=REPO, env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "cellstream.service.cli", "serve", *args], cwd=REPO,
+                                     env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
     def target(self) -> str:

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(180)
 MAX_TOKENS = 64

@@ -31,7 +31,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from bench.server import free_ports
+from cellstream.bench.server import free_ports
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import Client
+from cellstream.service.client import Client
 
 CALLERS = 48  # each keeps one heavy step in flight, retrying at once: three times the in-flight bound
 INFLIGHT = 16

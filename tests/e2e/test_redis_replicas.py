@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import Client
+from cellstream.service.client import Client
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 REDIS_FLAGS = {"store_probe_interval_seconds": 0.2, "state_store_timeout_seconds": 0.5}

@@ -10,9 +10,9 @@ import signal
 import numpy as np
 import pytest
 
-from service.client import Client
-from service.sessions import snapshot
-from service.sessions.base import SessionRecord
+from cellstream.service.client import Client
+from cellstream.service.sessions import snapshot
+from cellstream.service.sessions.base import SessionRecord
 
 SESSIONS = 200
 

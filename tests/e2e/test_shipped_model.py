@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from model import corpus, tokenizer
-from model.evaluate import MAX_REPLY_TOKENS, GreedyChat, evaluate, says
-from service.client import Client
-from service.config import load_settings
-from service.server import start_server
+from cellstream.model import corpus, tokenizer
+from cellstream.model.evaluate import MAX_REPLY_TOKENS, GreedyChat, evaluate, says
+from cellstream.service.client import Client
+from cellstream.service.config import load_settings
+from cellstream.service.server import start_server
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "model" / "artifacts"
 SHIPPED = ARTIFACTS / "cellstream-chat.onnx"

@@ -14,9 +14,9 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
-from service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
+from cellstream.service.client import Client
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 STREAMS = 3

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from service.client import Client
+from cellstream.service.client import Client
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "15"))
 MIN_SESSIONS = int(1000 * SOAK_SECONDS / 15)  # "thousands": a sixth of what 2 cores did beside a training run

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.export import export_checkpoint
-from model.network import LSTMLanguageModel, ModelConfig
+from cellstream.model.export import export_checkpoint
+from cellstream.model.network import LSTMLanguageModel, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 # The machine has 2 cores and may be training in the background: one intra-op thread avoids
@@ -69,7 +69,7 @@ def write_checkpoint():
 
 @pytest.fixture
 def export_model(tmp_path):
-    """export_model(model, seed, name="model"): checkpoint + model.export.export_checkpoint -> .onnx path."""
+    """export_model(model, seed, name="model"): checkpoint + cellstream.model.export.export_checkpoint -> .onnx path."""
 
     def export(model: LSTMLanguageModel, seed: int, name: str = "model") -> Path:
         return _export(model, tmp_path, seed, name)

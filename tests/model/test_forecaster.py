@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import forecast_quality, forecaster
-from model.signal import SIGNAL, make_streams
+from cellstream.model import forecast_quality, forecaster
+from cellstream.model.signal import SIGNAL, make_streams
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter
 ARTIFACTS = Path(__file__).resolve().parents[2] / "model" / "artifacts"

@@ -1,4 +1,4 @@
-"""model.glassbox: the glass-box graph computes the gate equations of the fast graph's weights (the NumPy
+"""cellstream.model.glassbox: the glass-box graph computes the gate equations of the fast graph's weights (the NumPy
 reference, judged in float64), a wrong one fails that judgement by orders of magnitude, the weights read back
 from an exported graph are the torch module's, and the commands that write one (`cellstream export`, `cellstream
 gates`, the export of a user's module) do, or say why they cannot."""
@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from model import glassbox
-from model.parity import ExportError, judge
-from model.reference import ReferenceLSTM
-from model.user_export import export_module
-from service.gates import GATE_NAMES, path_for
+from cellstream.model import glassbox
+from cellstream.model.parity import ExportError, judge
+from cellstream.model.reference import ReferenceLSTM
+from cellstream.model.user_export import export_module
+from cellstream.service.gates import GATE_NAMES, path_for
 
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -80,7 +80,7 @@ def test_cellstream_gates_writes_one_for_an_exported_graph(exported, tmp_path, r
     _, path = exported
     fast = tmp_path / "copy.onnx"
     fast.write_bytes(path.read_bytes())
-    done = run_module("-m", "service.cli", "gates", str(fast))
+    done = run_module("-m", "cellstream.service.cli", "gates", str(fast))
     assert done.returncode == 0, done.stderr
     assert f"wrote {path_for(fast)}; worst scaled error: onnxruntime to float64" in done.stdout
     assert path_for(fast).read_bytes() == path_for(path).read_bytes()  # the same graph as the export's own
@@ -92,7 +92,7 @@ def test_cellstream_gates_refuses_a_graph_without_an_lstm(tmp_path, run_module):
                                    [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 1])])
     path = tmp_path / "plain.onnx"
     onnx.save(onnx.helper.make_model(graph), str(path))
-    done = run_module("-m", "service.cli", "gates", str(path))
+    done = run_module("-m", "cellstream.service.cli", "gates", str(path))
     assert done.returncode == 2
     assert "plain.onnx: the graph has no ONNX LSTM operator to read gates from" in done.stderr
     assert not path_for(path).exists()

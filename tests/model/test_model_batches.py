@@ -5,8 +5,8 @@ from itertools import islice, pairwise
 import pytest
 import torch
 
-from model import corpus, tokenizer
-from model.batches import (
+from cellstream.model import corpus, tokenizer
+from cellstream.model.batches import (
     FACT_VALUES,
     UNKNOWN,
     LossWeights,
@@ -19,11 +19,11 @@ from model.batches import (
     pad_batch,
     text_batches,
 )
-from model.languages import LANGUAGES
-from model.network import SLOW_FORGET_BIAS
-from model.parity import TOLERANCE, scaled_max_diff
-from model.probe import FactProbe
-from model.train import run_batch, weighted_loss
+from cellstream.model.languages import LANGUAGES
+from cellstream.model.network import SLOW_FORGET_BIAS
+from cellstream.model.parity import TOLERANCE, scaled_max_diff
+from cellstream.model.probe import FactProbe
+from cellstream.model.train import run_batch, weighted_loss
 
 
 def test_dialogue_weights_single_out_values_the_bot_says_back():

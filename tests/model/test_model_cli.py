@@ -1,4 +1,4 @@
-"""The train/export command lines, run as real subprocesses (`python -m model.train` / `model.export`)."""
+"""The train/export command lines, run as real subprocesses (`python -m cellstream.model.train` / `.export`)."""
 
 import math
 import re
@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+TRAIN, EXPORT = ("-m", "cellstream.model.train"), ("-m", "cellstream.model.export")
 TINY = [
     "--batch-size", "4", "--hidden-size", "32", "--embed-dim", "8", "--layers", "1", "--eval-every", "3",
     "--checkpoint-every", "3", "--eval-dialogues", "4", "--bptt", "64", "--threads", "1", "--quiet",
@@ -32,7 +33,7 @@ def assert_clean_failure(result, *fragments):
 def trained(run_module, tmp_path_factory):
     """Six steps on synthetic dialogues; bptt 64 < a dialogue's length, so state carries across windows."""
     out = tmp_path_factory.mktemp("train") / "model.pt"
-    result = run_module("-m", "model.train", "--steps", "6", *TINY, "--out", str(out))
+    result = run_module(*TRAIN, "--steps", "6", *TINY, "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
 
@@ -53,7 +54,7 @@ def test_train_writes_checkpoint_with_history(trained):
 
 def test_export_of_trained_checkpoint(run_module, trained, tmp_path):
     onnx_path = tmp_path / "model.onnx"
-    result = run_module("-m", "model.export", str(trained), "--out", str(onnx_path))
+    result = run_module(*EXPORT, str(trained), "--out", str(onnx_path))
     assert result.returncode == 0, result.stderr
     assert f"wrote {onnx_path}" in result.stdout
     found = re.search(r"onnxruntime to float64 (\S+) \(torch float32 (\S+)\), onnxruntime to torch float32 (\S+)",
@@ -66,7 +67,7 @@ def test_export_of_trained_checkpoint(run_module, trained, tmp_path):
 
 def test_resume_continues_from_checkpoint_step(run_module, trained, tmp_path):
     out = tmp_path / "model2.pt"
-    result = run_module("-m", "model.train", "--steps", "9", *TINY, "--resume", str(trained), "--out", str(out))
+    result = run_module(*TRAIN, "--steps", "9", *TINY, "--resume", str(trained), "--out", str(out))
     assert result.returncode == 0, result.stderr
     before, after = load(trained), load(out)
     assert after["step"] == 9
@@ -81,14 +82,14 @@ def test_resume_continues_from_checkpoint_step(run_module, trained, tmp_path):
 @pytest.mark.parametrize("steps", ["6", "4"])
 def test_resume_with_nothing_left_to_train_fails_cleanly(run_module, trained, tmp_path, steps):
     out = tmp_path / "never.pt"
-    result = run_module("-m", "model.train", "--steps", steps, *TINY, "--resume", str(trained), "--out", str(out))
+    result = run_module(*TRAIN, "--steps", steps, *TINY, "--resume", str(trained), "--out", str(out))
     assert_clean_failure(result, "cellstream train: error:", "already at step 6")
     assert not out.exists()
 
 
 def test_resume_with_another_model_config_fails_cleanly(run_module, trained, tmp_path):
     result = run_module(
-        "-m", "model.train", "--steps", "9", *TINY, "--hidden-size", "16", "--resume", str(trained),
+        *TRAIN, "--steps", "9", *TINY, "--hidden-size", "16", "--resume", str(trained),
         "--out", str(tmp_path / "never.pt"),
     )  # fmt: skip
     assert_clean_failure(result, "cellstream train: error:", "model config")
@@ -98,7 +99,7 @@ def test_train_on_plain_text_file(run_module, tmp_path):
     text_path = tmp_path / "french.txt"
     text_path.write_text(FRENCH * 30, encoding="utf-8")
     out = tmp_path / "text.pt"
-    result = run_module("-m", "model.train", "--corpus", str(text_path), "--steps", "4", *TINY, "--out", str(out))
+    result = run_module(*TRAIN, "--corpus", str(text_path), "--steps", "4", *TINY, "--out", str(out))
     assert result.returncode == 0, result.stderr
     checkpoint = load(out)
     assert checkpoint["step"] == 4
@@ -137,13 +138,13 @@ def test_train_rejects_bad_input(run_module, tmp_path, args, fragments):
     (tmp_path / "latin1.txt").write_bytes("crème brûlée\n".encode("latin-1"))
     args = [a.format(tmp=tmp_path) for a in args]
     out = tmp_path / "never.pt"
-    result = run_module("-m", "model.train", "--steps", "2", *TINY, *args, "--out", str(out))
+    result = run_module(*TRAIN, "--steps", "2", *TINY, *args, "--out", str(out))
     assert_clean_failure(result, *fragments)
     assert not out.exists()
 
 
 def test_export_rejects_missing_checkpoint(run_module, tmp_path):
     out = tmp_path / "never.onnx"
-    result = run_module("-m", "model.export", str(tmp_path / "nope.pt"), "--out", str(out))
+    result = run_module(*EXPORT, str(tmp_path / "nope.pt"), "--out", str(out))
     assert_clean_failure(result, "cellstream export: error:", "checkpoint not found", "nope.pt")
     assert not out.exists()

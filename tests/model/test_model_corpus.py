@@ -4,9 +4,9 @@ from itertools import islice
 
 import pytest
 
-from model import corpus
-from model.corpus import CorpusError, FillerGenerator, make_dialogue, read_text_corpus
-from model.languages import CITIES, ENGLISH, FRENCH, JOBS, JOBS_FR, LANGUAGES, NAMES
+from cellstream.model import corpus
+from cellstream.model.corpus import CorpusError, FillerGenerator, make_dialogue, read_text_corpus
+from cellstream.model.languages import CITIES, ENGLISH, FRENCH, JOBS, JOBS_FR, LANGUAGES, NAMES
 
 KINDS = ("noun", "adj", "verb", "feeling", "time")
 SHAPES = ENGLISH.small_talk.user_shapes + ENGLISH.small_talk.bot_shapes

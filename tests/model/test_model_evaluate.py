@@ -5,8 +5,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from model import corpus, tokenizer
-from model.evaluate import (
+from cellstream.model import corpus, tokenizer
+from cellstream.model.evaluate import (
     MAX_REPLY_TOKENS,
     NEWLINE,
     GreedyChat,
@@ -17,7 +17,7 @@ from model.evaluate import (
     evaluate_recall,
     says,
 )
-from model.parity import TOLERANCE, scaled_max_diff
+from cellstream.model.parity import TOLERANCE, scaled_max_diff
 
 # Exporting with torch's TorchScript exporter is noisy by design; model/export.py chose it on purpose.
 pytestmark = [

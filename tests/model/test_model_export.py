@@ -9,10 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from model import tokenizer
-from model.export import OPSET, ExportError, check_parity, export_onnx, measure_parity, metadata_for, parity_inputs
-from model.network import ModelConfig
-from model.parity import EXPORT_FACTOR, EXPORT_TO_TORCH, TOLERANCE, scaled_max_diff
+from cellstream.model import tokenizer
+from cellstream.model.export import (
+    OPSET,
+    ExportError,
+    check_parity,
+    export_onnx,
+    measure_parity,
+    metadata_for,
+    parity_inputs,
+)
+from cellstream.model.network import ModelConfig
+from cellstream.model.parity import EXPORT_FACTOR, EXPORT_TO_TORCH, TOLERANCE, scaled_max_diff
 
 # Exporting with torch's TorchScript exporter is noisy by design; model/export.py chose it on purpose.
 pytestmark = [

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.network import ModelConfig
-from model.parity import TOLERANCE, scaled_max_diff
-from model.reference import ReferenceLSTM
+from cellstream.model.network import ModelConfig
+from cellstream.model.parity import TOLERANCE, scaled_max_diff
+from cellstream.model.reference import ReferenceLSTM
 
 CONFIGS = [
     ModelConfig(vocab_size=260, embed_dim=8, hidden_size=16, num_layers=2),

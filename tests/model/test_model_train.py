@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from model import tokenizer
-from model.probe import FactProbe
-from model.train import evaluate_dialogues
+from cellstream.model import tokenizer
+from cellstream.model.probe import FactProbe
+from cellstream.model.train import evaluate_dialogues
 
 
 class Oracle(nn.Module):

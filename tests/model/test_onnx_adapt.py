@@ -1,4 +1,4 @@
-"""model.onnx_adapt: a graph exported elsewhere, with its own tensor names and one (batch, hidden) state per
+"""cellstream.model.onnx_adapt: a graph exported elsewhere, with its own tensor names and one (batch, hidden) state per
 layer (as Keras gives it), becomes a servable file that computes the same thing."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.onnx_adapt import add_metadata, rename, stack_states
-from service.engine import Engine
+from cellstream.model.onnx_adapt import add_metadata, rename, stack_states
+from cellstream.service.engine import Engine
 
 HIDDEN = 6
 

@@ -1,14 +1,12 @@
-"""model.user_export: what a user module must be (and the words when it is not), an unfaithful export
+"""cellstream.model.user_export: what a user module must be (and the words when it is not), an unfaithful export
 refused by the float64 rule, the metadata written, and `cellstream export --module` end to end."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -17,13 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from model.export import ExportError
-from model.user_export import export_module
-from model.wrap import UnservableModule
+from cellstream.model.export import ExportError
+from cellstream.model.user_export import export_module
+from cellstream.model.wrap import UnservableModule
 
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-REPO = Path(__file__).resolve().parents[2]
 
 
 class Recurrent(nn.Module):
@@ -141,11 +138,10 @@ def test_cli_exports_a_user_module_with_its_checkpoint(tmp_path):
     trained = Spotter().eval()
     torch.save({"state_dict": trained.state_dict()}, tmp_path / "spotter.pt")
     np.save(tmp_path / "samples.npy", np.random.default_rng(1).normal(size=(3, 50, 4)).astype(np.float32))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "export", "--module", "userpkg.spotter:Spotter",
+        [sys.executable, "-m", "cellstream.service.cli", "export", "--module", "userpkg.spotter:Spotter",
          "--checkpoint", "spotter.pt", "--out", "spotter.onnx", "--output-name", "scores", "--samples", "samples.npy"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote spotter.onnx" in result.stdout and "check-model spotter.onnx" in result.stdout
     # The file computes the checkpoint's weights (not the factory's fresh ones).
@@ -161,8 +157,7 @@ def test_cli_exports_a_user_module_with_its_checkpoint(tmp_path):
 
 
 def test_cli_names_a_missing_factory(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "model.export", "--module", "no_such_pkg:make", "--out", "x.onnx"],
-                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "cellstream.model.export", "--module", "no_such_pkg:make",
+                             "--out", "x.onnx"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "cellstream export: error: No module named 'no_such_pkg'" in result.stderr

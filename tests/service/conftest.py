@@ -19,10 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import aio as triton_aio
 
-from service.client import Client
-from service.config import load_settings
-from service.engine import Engine
-from service.server import RunningServer, start_server
+from cellstream.service.client import Client
+from cellstream.service.config import load_settings
+from cellstream.service.engine import Engine
+from cellstream.service.server import RunningServer, start_server
 
 CHAT = "tiny-chat"
 

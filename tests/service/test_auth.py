@@ -20,13 +20,13 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from bench.server import free_ports
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from service.auth import SecurityConfigError
-from service.client import Client, tls_credentials
-from service.config import SettingsError, load_settings
-from service.server import start_server
+from cellstream.bench.server import free_ports
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from cellstream.service.auth import SecurityConfigError
+from cellstream.service.client import Client, tls_credentials
+from cellstream.service.config import SettingsError, load_settings
+from cellstream.service.server import start_server
 
 pytestmark = pytest.mark.timeout(90)
 ALICE, BOB, CAROL = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef", "carol-token-0123456789abcdef"
@@ -184,7 +184,7 @@ async def test_token_file_changes_apply_and_a_broken_one_is_ignored(start, token
         await carol.list_models()
         unauthenticated(await rpc_error(bob.list_models()), "unknown or revoked")
 
-        with caplog.at_level(logging.ERROR, logger="service.auth"):
+        with caplog.at_level(logging.ERROR, logger="cellstream.service.auth"):
             token_file.write_text("carol short\n")
             await asyncio.sleep(1.2)
             await carol.list_models()  # the previous tokens stay in force
@@ -266,8 +266,8 @@ async def test_chat_cli_with_token_and_tls(start, pki, tmp_path, token_file):
     secret = tmp_path / "alice.token"
     secret.write_text(ALICE + "\n")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "chat", "--target", f"127.0.0.1:{server.port}", "--max-tokens", "3",
-        "--token-file", str(secret), "--ca", str(pki / "ca.pem"),
+        sys.executable, "-m", "cellstream.service.cli", "chat", "--target", f"127.0.0.1:{server.port}",
+        "--max-tokens", "3", "--token-file", str(secret), "--ca", str(pki / "ca.pem"),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(b"hello\n\n"), 60)

@@ -12,12 +12,12 @@ import threading
 import numpy as np
 import pytest
 
-from service.batcher import INLINE_MAX_TOKENS, Batcher, StepJob
-from service.engine import Engine
-from service.errors import Aborted, DeadlineExceeded, ResourceExhausted, Unavailable
-from service.metrics import Metrics
-from service.sessions.base import SessionRecord, StateUpdates, new_session_id
-from service.sessions.memory import MemoryStore
+from cellstream.service.batcher import INLINE_MAX_TOKENS, Batcher, StepJob
+from cellstream.service.engine import Engine
+from cellstream.service.errors import Aborted, DeadlineExceeded, ResourceExhausted, Unavailable
+from cellstream.service.metrics import Metrics
+from cellstream.service.sessions.base import SessionRecord, StateUpdates, new_session_id
+from cellstream.service.sessions.memory import MemoryStore
 
 MODEL = "tiny-chat"
 
@@ -314,7 +314,7 @@ async def test_a_batch_waits_for_sessions_that_stepped_recently_and_never_for_a_
     """A session that just stepped is expected back: a batch waits for it (at most its patience), so
     per-request steps of many sessions share batches; a lone session, one known to be done for now, or one
     idle for ACTIVE_SECONDS, is never waited for."""
-    import service.batcher as batcher_module
+    import cellstream.service.batcher as batcher_module
 
     monkeypatch.setattr(batcher_module, "PATIENCE_MIN_SECONDS", 5.0)  # a wait that could only end by an arrival
     monkeypatch.setattr(batcher_module, "PATIENCE_MAX_SECONDS", 5.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-CHAT = [sys.executable, "-m", "service.cli", "chat"]
+CHAT = [sys.executable, "-m", "cellstream.service.cli", "chat"]
 
 
 async def run_chat(port: int, stdin: str) -> tuple[int, str, str]:

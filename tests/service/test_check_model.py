@@ -13,20 +13,18 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.config import load_settings
-from service.errors import ModelLoadError
-from service.server import start_server
+from cellstream.service.config import load_settings
+from cellstream.service.errors import ModelLoadError
+from cellstream.service.server import start_server
 
-REPO = Path(__file__).resolve().parents[2]
 FLOAT, INT64, INT32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
 
 
 def check_model(path: Path) -> subprocess.CompletedProcess:
     """check-model in a fresh interpreter where importing torch fails: proof that it needs none."""
-    code = ("import sys; sys.modules['torch'] = None; from service.cli import main; "
+    code = ("import sys; sys.modules['torch'] = None; from cellstream.service.cli import main; "
             f"sys.exit(main(['check-model', {str(path)!r}]))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELLSTREAM_")}
-    env["PYTHONPATH"] = str(REPO)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
 
 

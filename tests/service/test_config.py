@@ -12,23 +12,19 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from bench.server import free_ports
-from service.config import Settings, SettingsError, load_settings
-from service.engine import Engine, ModelRegistry
-from service.errors import ModelLoadError
-from service.server import start_server
+from cellstream.bench.server import free_ports
+from cellstream.service.config import Settings, SettingsError, load_settings
+from cellstream.service.engine import Engine, ModelRegistry
+from cellstream.service.errors import ModelLoadError
+from cellstream.service.server import start_server
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    env = {k: v for k, v in env.items() if not k.startswith("CELLSTREAM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CELLSTREAM_")}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "cellstream.service.cli", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -8,7 +8,7 @@ import logging
 import grpc
 import pytest
 
-from service.client import Client
+from cellstream.service.client import Client
 
 pytestmark = pytest.mark.timeout(60)
 CORRUPT = b"\x00"  # field number 0: never valid protobuf

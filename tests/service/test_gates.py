@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 import pytest
 
-from bench.server import free_ports
-from model import glassbox
-from model.parity import TOLERANCE, scaled_max_diff
-from model.reference import ReferenceLSTM
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.errors import ModelLoadError
-from service.gates import GATE_NAMES
+from cellstream.bench.server import free_ports
+from cellstream.model import glassbox
+from cellstream.model.parity import TOLERANCE, scaled_max_diff
+from cellstream.model.reference import ReferenceLSTM
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.errors import ModelLoadError
+from cellstream.service.gates import GATE_NAMES
 
 CHAT, FEATURES = "tiny-chat", "tiny-features"
 SIGMOIDS = ("forget", "input", "output")

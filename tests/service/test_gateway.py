@@ -9,7 +9,7 @@ import asyncio
 import grpc
 import numpy as np
 
-from service.gateway import Gateway
+from cellstream.service.gateway import Gateway
 
 SESSIONS = 64
 

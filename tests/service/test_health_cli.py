@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from service.cli import main
+from cellstream.service.cli import main
 
 pytestmark = pytest.mark.timeout(90)
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.server import free_ports
-from service.sequences import sequence_key
+from cellstream.bench.server import free_ports
+from cellstream.service.sequences import sequence_key
 
 CHAT = "tiny-chat"
 INFER = f"/v2/models/{CHAT}/infer"

@@ -1,6 +1,6 @@
 """The KServe v2 REST face through the real tritonclient.http: health and metadata, stateless calls
 (JSON and binary tensors both ways) and client-held state, a Triton sequence stepped alternately over
-HTTP and gRPC, and HTTP steps batched with gRPC steps. Exact (model.parity's 1e-5) against in-process
+HTTP and gRPC, and HTTP steps batched with gRPC steps. Exact (cellstream.model.parity's 1e-5) against in-process
 onnxruntime on the whole sequence.
 
 tritonclient.http blocks (gevent): each conversation runs in one worker thread while the server serves
@@ -18,8 +18,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from bench.server import free_ports
-from service.sequences import sequence_key
+from cellstream.bench.server import free_ports
+from cellstream.service.sequences import sequence_key
 
 CHAT, FEATURES = "tiny-chat", "tiny-features"
 LAYERS, CHAT_HIDDEN, FEATURES_HIDDEN = 2, 16, 12

@@ -9,7 +9,7 @@ import asyncio
 import httpx
 import pytest
 
-from bench.server import free_ports
+from cellstream.bench.server import free_ports
 
 CHAT = "tiny-chat"
 

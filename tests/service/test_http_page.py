@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from bench.server import free_ports
-from service.api.http.page_routes import PAGE_DIR
+from cellstream.bench.server import free_ports
+from cellstream.service.api.http.page_routes import PAGE_DIR
 
 pytestmark = pytest.mark.timeout(120)
 

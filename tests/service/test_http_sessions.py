@@ -16,8 +16,8 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.server import free_ports
-from service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.bench.server import free_ports
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 
 CHAT = "tiny-chat"
 REPO = Path(__file__).resolve().parents[2]

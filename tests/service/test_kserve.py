@@ -2,7 +2,7 @@
 Triton-style sequences (unary and streamed) equal to in-process onnxruntime on the whole sequence,
 batching together with native Steps, and client-held state on stateless calls.
 
-Exactness is judged as everywhere else: scaled max difference <= 1e-5 (model.parity).
+Exactness is judged as everywhere else: scaled max difference <= 1e-5 (cellstream.model.parity).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from service.sequences import sequence_key
+from cellstream.service.sequences import sequence_key
 
 CHAT, FEATURES = "tiny-chat", "tiny-features"
 LAYERS, CHAT_HIDDEN, FEATURES_HIDDEN = 2, 16, 12

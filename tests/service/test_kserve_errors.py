@@ -17,7 +17,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, ser
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from service.sequences import sequence_key
+from cellstream.service.sequences import sequence_key
 
 CHAT, FEATURES = "tiny-chat", "tiny-features"
 INVALID, NOT_FOUND, DEADLINE = "INVALID_ARGUMENT", "NOT_FOUND", "DEADLINE_EXCEEDED"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from service.client import Client
-from service.metrics import observe_many
+from cellstream.service.client import Client
+from cellstream.service.metrics import observe_many
 
 CHAT_STATE_BYTES = 2 * 2 * 16 * 4
 FEATURES_STATE_BYTES = 2 * 2 * 12 * 4

@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.client import Client
 
 UNKNOWN = "0" * 32
 ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
@@ -274,7 +274,7 @@ async def test_one_model_server_finds_bad_sessions_when_their_batch_loads_them(s
 
 
 # tiny-chat's logits: 260 x 4 = 1,040 bytes a step. With max_message_bytes 20,000 a reply has room for 15,904
-# bytes of outcomes beside its framing (service.dataplane.REPLY_FRAMING_BYTES).
+# bytes of outcomes beside its framing (cellstream.service.dataplane.REPLY_FRAMING_BYTES).
 SMALL_REPLIES = 20_000
 
 

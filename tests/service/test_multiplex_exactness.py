@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.client import Client
 
 SESSIONS = 64
 METHODS = ("StepMany", "StreamMany")

@@ -8,8 +8,8 @@ import asyncio
 
 import grpc
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.client import Client
 
 PROMPT = "user: héllo\nbot: "
 

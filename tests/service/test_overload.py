@@ -11,8 +11,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.client import Client
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import service
-from service import protogen
+import cellstream.service
+from cellstream.service import protogen
 
-COMMITTED = Path(service.__file__).resolve().parent / "_proto"
+COMMITTED = Path(cellstream.service.__file__).resolve().parent / "_proto"
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -30,7 +30,8 @@ def test_generated_stubs_match_the_committed_ones(tmp_path):
     for name, data in fresh.items():
         assert data == committed[name], f"{name} is stale: run `make protos`"
     assert "cellstream/v1/inference_pb2_grpc.py" in fresh
-    assert b"from service._proto.cellstream.v1 import inference_pb2" in fresh["cellstream/v1/inference_pb2_grpc.py"]
+    stub = fresh["cellstream/v1/inference_pb2_grpc.py"]
+    assert b"from cellstream.service._proto.cellstream.v1 import inference_pb2" in stub
     assert "inference/grpc_service_pb2_grpc.py" in fresh
     assert b"_descriptor_pool.DescriptorPool()" in fresh["inference/grpc_service_pb2.py"]
 
@@ -50,7 +51,7 @@ def test_kserve_proto_is_wire_compatible_with_tritonclient():
     """Every message and RPC we define matches the public protocol as tritonclient ships it."""
     from tritonclient.grpc import service_pb2 as triton
 
-    from service._proto.inference import grpc_service_pb2 as ours
+    from cellstream.service._proto.inference import grpc_service_pb2 as ours
 
     assert ours.DESCRIPTOR.package == triton.DESCRIPTOR.package == "inference"
     for name, message in ours.DESCRIPTOR.message_types_by_name.items():
@@ -68,7 +69,7 @@ def test_kserve_proto_is_wire_compatible_with_tritonclient():
 
 def test_server_and_tritonclient_load_in_one_process_in_either_order():
     """Both define `inference.*` messages; ours live in a pool of their own, so neither import breaks."""
-    for modules in ("service.server, tritonclient.grpc", "tritonclient.grpc, service.server"):
+    for modules in ("cellstream.service.server, tritonclient.grpc", "tritonclient.grpc, cellstream.service.server"):
         result = subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=COMMITTED.parents[1],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import aio as triton_aio
 
-from service.config import SettingsError, load_settings
+from cellstream.service.config import SettingsError, load_settings
 
 pytestmark = pytest.mark.timeout(90)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from service.errors import NotFound, ResourceExhausted, Unavailable
-from service.metrics import Metrics
-from service.sessions.base import SessionRecord, StateUpdates, new_session_id
-from service.sessions.redis import RedisStore
+from cellstream.service.errors import NotFound, ResourceExhausted, Unavailable
+from cellstream.service.metrics import Metrics
+from cellstream.service.sessions.base import SessionRecord, StateUpdates, new_session_id
+from cellstream.service.sessions.redis import RedisStore
 
 pytestmark = pytest.mark.timeout(60)
 SHAPE = (2, 16)

@@ -34,7 +34,7 @@ def test_the_runtime_dependencies_are_the_chosen_few():
 
 def test_importing_the_server_loads_no_training_package():
     code = (
-        "import sys; import service.cli, service.server, service.client; "
+        "import sys; import cellstream.service.cli, cellstream.service.server, cellstream.service.client; "
         f"loaded = sorted(m for m in {TRAINING_ONLY!r} if m in sys.modules); print(loaded); "
         "sys.exit(1 if loaded else 0)"
     )
@@ -43,6 +43,6 @@ def test_importing_the_server_loads_no_training_package():
 
 
 def test_no_module_under_service_imports_model_or_torch():
-    pattern = re.compile(r"^\s*(import|from)\s+(torch|model)\b", re.MULTILINE)
+    pattern = re.compile(r"^\s*(import|from)\s+(torch|cellstream\.model)\b", re.MULTILINE)
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "service").rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []

@@ -1,4 +1,4 @@
-"""The shipped features model (cellstream-sensor) served beside the chat model from model/artifacts:
+"""The shipped features model (cellstream-sensor) served beside the chat model, both shipped in model/artifacts:
 readings streamed one at a time through the native API and KServe, the forecast under its own name,
 and the state matters: a session that carried its state through a regime forecasts far better than a
 fresh one given the same readings from then on (a reset loses what the readings taught it)."""
@@ -6,7 +6,6 @@ fresh one given the same readings from then on (a reset loses what the readings 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import pytest
 from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 
-from model.signal import make_streams
-from service.engine import Engine
+from cellstream.model.signal import make_streams
+from cellstream.service.engine import Engine
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "model" / "artifacts"
 SENSOR, CHAT = "cellstream-sensor", "cellstream-chat"
@@ -104,10 +103,10 @@ async def test_kserve_sequence_of_fp32_readings_gives_the_native_forecasts(shipp
 @pytest.mark.parametrize("api", ["native", "kserve"])
 async def test_the_example_client_streams_readings_and_prints_forecasts(shipped, api):
     example = Path(__file__).resolve().parents[2] / "examples" / "sensor_client.py"
-    env = {**os.environ, "PYTHONPATH": str(example.parents[1])}
+    # Run as a user runs it: a script beside the installed package, no path of the repository's own.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(example), "--target", f"127.0.0.1:{shipped.port}", "--api", api, "--readings", "120",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 100)
     assert proc.returncode == 0, err.decode()
     lines = out.decode().splitlines()

@@ -7,7 +7,7 @@ import time
 import grpc
 import numpy as np
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 
 PREFIX = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]  # "Hello, world"
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.metrics import Metrics
-from service.sessions.base import SessionRecord, StateUpdates, new_session_id
-from service.sessions.memory import MemoryStore
-from service.sessions.slab import INITIAL_COLUMNS
+from cellstream.service.metrics import Metrics
+from cellstream.service.sessions.base import SessionRecord, StateUpdates, new_session_id
+from cellstream.service.sessions.memory import MemoryStore
+from cellstream.service.sessions.slab import INITIAL_COLUMNS
 
 pytestmark = pytest.mark.timeout(60)
 SHAPE = (2, 16)

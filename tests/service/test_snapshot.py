@@ -12,14 +12,14 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import Client
-from service.config import load_settings
-from service.errors import NotFound
-from service.metrics import Metrics
-from service.server import start_server
-from service.sessions import snapshot
-from service.sessions.base import SessionRecord, new_session_id
-from service.sessions.memory import MemoryStore
+from cellstream.service.client import Client
+from cellstream.service.config import load_settings
+from cellstream.service.errors import NotFound
+from cellstream.service.metrics import Metrics
+from cellstream.service.server import start_server
+from cellstream.service.sessions import snapshot
+from cellstream.service.sessions.base import SessionRecord, new_session_id
+from cellstream.service.sessions.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(60)
 TOKENS = [99, 101, 108, 108, 115, 116, 114, 101, 97, 109]

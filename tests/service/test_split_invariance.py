@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import Client
+from cellstream.service.client import Client
 
 LENGTH = 40
 SPLIT_SEEDS = (1, 2, 3)

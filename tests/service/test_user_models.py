@@ -1,5 +1,5 @@
 """Bring your own LSTM: user modules (token and feature inputs, 1-3 layers, batch-first or time-first,
-linear and MLP heads) exported by model.user_export pass its float64 check, load in the server, and
+linear and MLP heads) exported by cellstream.model.user_export pass its float64 check, load in the server, and
 through the native API give the outputs and (h, C) of the torch module for any split of a sequence:
 within 1e-5 of onnxruntime on the whole sequence, and by the float64 rule against torch."""
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from model.parity import TOLERANCE, ExportErrors
-from model.user_export import export_module
-from model.wrap import serve
-from service.engine import Engine
+from cellstream.model.parity import TOLERANCE, ExportErrors
+from cellstream.model.user_export import export_module
+from cellstream.model.wrap import serve
+from cellstream.service.engine import Engine
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 VOCAB, FEATURES, OUTPUTS, HIDDEN = 40, 3, 5, 12

@@ -21,16 +21,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.api.handling import DataPlaneServicer
-from service.api.http.endpoint import Api, Call, Endpoint, Guards, json_response
-from service.api.http.errors import HttpError, error_response
-from service.api.http.kserve_routes import KServeRoutes
-from service.api.http.openapi import document
-from service.api.http.page_routes import page_apis
-from service.api.http.session_routes import SessionRoutes
-from service.api.kserve import KServeServicer
-from service.auth import SecurityConfigError
-from service.config import Settings
+from cellstream.service.api.handling import DataPlaneServicer
+from cellstream.service.api.http.endpoint import Api, Call, Endpoint, Guards, json_response
+from cellstream.service.api.http.errors import HttpError, error_response
+from cellstream.service.api.http.kserve_routes import KServeRoutes
+from cellstream.service.api.http.openapi import document
+from cellstream.service.api.http.page_routes import page_apis
+from cellstream.service.api.http.session_routes import SessionRoutes
+from cellstream.service.api.kserve import KServeServicer
+from cellstream.service.auth import SecurityConfigError
+from cellstream.service.config import Settings
 
 log = logging.getLogger(__name__)
 

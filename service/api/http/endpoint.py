@@ -18,13 +18,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from service import auth
-from service.admission import AdmissionInterceptor
-from service.api.handling import INTERNAL_MESSAGE
-from service.api.http.errors import INTERNAL, JSON, HttpError, error_response, from_cellstream
-from service.config import Settings
-from service.errors import CellstreamError, Unauthenticated
-from service.metrics import Metrics
+from cellstream.service import auth
+from cellstream.service.admission import AdmissionInterceptor
+from cellstream.service.api.handling import INTERNAL_MESSAGE
+from cellstream.service.api.http.errors import INTERNAL, JSON, HttpError, error_response, from_cellstream
+from cellstream.service.config import Settings
+from cellstream.service.errors import CellstreamError, Unauthenticated
+from cellstream.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import json
 import grpc
 from starlette.responses import Response
 
-from service.errors import CellstreamError
+from cellstream.service.errors import CellstreamError
 
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,

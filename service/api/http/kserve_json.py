@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from service._proto.inference import grpc_service_pb2 as pb
-from service.api.http.endpoint import parse_object
-from service.api.http.errors import JSON, HttpError
-from service.api.kserve_codec import DATATYPES
+from cellstream.service._proto.inference import grpc_service_pb2 as pb
+from cellstream.service.api.http.endpoint import parse_object
+from cellstream.service.api.http.errors import JSON, HttpError
+from cellstream.service.api.kserve_codec import DATATYPES
 
 BINARY_HEADER = "inference-header-content-length"
 OCTETS = "application/octet-stream"

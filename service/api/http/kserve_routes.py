@@ -6,11 +6,18 @@ from __future__ import annotations
 
 from starlette.responses import Response
 
-from service.api.http.endpoint import Api, Call, json_response
-from service.api.http.errors import HttpError
-from service.api.http.kserve_json import BINARY_HEADER, read_request, write_response
-from service.api.kserve import EXTENSIONS, MODEL_VERSION, PLATFORM, SERVER_NAME, SERVER_VERSION, KServeServicer
-from service.api.kserve_codec import signature
+from cellstream.service.api.http.endpoint import Api, Call, json_response
+from cellstream.service.api.http.errors import HttpError
+from cellstream.service.api.http.kserve_json import BINARY_HEADER, read_request, write_response
+from cellstream.service.api.kserve import (
+    EXTENSIONS,
+    MODEL_VERSION,
+    PLATFORM,
+    SERVER_NAME,
+    SERVER_VERSION,
+    KServeServicer,
+)
+from cellstream.service.api.kserve_codec import signature
 
 NOT_READY = 503
 

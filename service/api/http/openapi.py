@@ -7,9 +7,9 @@ from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from service._proto.cellstream.v1 import inference_pb2
-from service.api.http.endpoint import TIMEOUT_HEADER, Api
-from service.api.kserve import SERVER_VERSION
+from cellstream.service._proto.cellstream.v1 import inference_pb2
+from cellstream.service.api.http.endpoint import TIMEOUT_HEADER, Api
+from cellstream.service.api.kserve import SERVER_VERSION
 
 SCALARS: dict[int, dict[str, Any]] = {
     FieldDescriptor.TYPE_BOOL: {"type": "boolean"},

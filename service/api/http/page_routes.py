@@ -11,7 +11,7 @@ from pathlib import Path
 
 from starlette.responses import Response
 
-from service.api.http.endpoint import Api, Call, Handler
+from cellstream.service.api.http.endpoint import Api, Call, Handler
 
 PAGE_DIR = Path(__file__).with_name("page")
 INDEX = "index.html"

@@ -15,14 +15,14 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.responses import Response
 
-from service._proto.cellstream.v1 import inference_pb2 as pb
-from service.api import native_codec
-from service.api.handling import DataPlaneServicer
-from service.api.http.endpoint import Api, Call, json_response
-from service.api.http.errors import HttpError
-from service.api.http.sse import stream_turn
-from service.dataplane import GeneratedChunk
-from service.gates import GATE_NAMES
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service.api import native_codec
+from cellstream.service.api.handling import DataPlaneServicer
+from cellstream.service.api.http.endpoint import Api, Call, json_response
+from cellstream.service.api.http.errors import HttpError
+from cellstream.service.api.http.sse import stream_turn
+from cellstream.service.dataplane import GeneratedChunk
+from cellstream.service.gates import GATE_NAMES
 
 M = TypeVar("M", bound=Message)
 SESSION = "/v1/sessions/{session_id}"

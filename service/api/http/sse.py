@@ -16,11 +16,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from starlette.responses import Response, StreamingResponse
 
-from service.api.handling import INTERNAL_MESSAGE
-from service.api.http.endpoint import CLIENT_GONE, Call
-from service.api.http.errors import INTERNAL, HttpError, from_cellstream
-from service.dataplane import GeneratedChunk
-from service.errors import CellstreamError
+from cellstream.service.api.handling import INTERNAL_MESSAGE
+from cellstream.service.api.http.endpoint import CLIENT_GONE, Call
+from cellstream.service.api.http.errors import INTERNAL, HttpError, from_cellstream
+from cellstream.service.dataplane import GeneratedChunk
+from cellstream.service.errors import CellstreamError
 
 log = logging.getLogger(__name__)
 
