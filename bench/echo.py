@@ -20,9 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cellstream.service._proto.inference import grpc_service_pb2 as kserve_pb
-from cellstream.service.cli import run_event_loop
 from cellstream.service.config import Settings
-from cellstream.service.server import grpc_options
+from cellstream.service.server import grpc_options, run_event_loop
 
 UNARY = "/cellstream.bench.Echo/Unary"
 STREAM = "/cellstream.bench.Echo/Stream"

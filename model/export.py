@@ -15,21 +15,19 @@ import json
 import random
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
 from cellstream.model import corpus, glassbox, tokenizer
 from cellstream.model.languages import LANGUAGES
 from cellstream.model.network import LSTMLanguageModel, ModelConfig
+from cellstream.model.onnx_file import FORMAT_VERSION, OPSET, stamp
 from cellstream.model.parity import ExportError, ExportErrors, judge
 
-FORMAT_VERSION = "1"
-OPSET = 17
 PARITY_SHAPES = ((1, 1), (1, 17), (3, 5), (8, 1), (16, 33))
 PARITY_DIALOGUES = 8
 
@@ -83,17 +81,6 @@ def export_onnx(model: LSTMLanguageModel, metadata: dict[str, str], out: Path) -
             },
         )
     stamp(out, metadata)
-
-
-def stamp(path: Path, metadata: Mapping[str, str]) -> None:
-    """Write the cellstream metadata into an exported file and check the graph (onnx's full check)."""
-    graph = onnx.load(str(path))
-    for key, value in metadata.items():
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = key, value
-    graph.producer_name = "cellstream"
-    onnx.checker.check_model(graph, full_check=True)
-    onnx.save(graph, str(path))
 
 
 def parity_inputs(config: ModelConfig, seed: int) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:

@@ -21,11 +21,15 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from cellstream.model import parity
+from cellstream.model.onnx_file import OPSET
 from cellstream.model.parity import ExportError, ExportErrors, Inputs, judge, scaled_max_diff
 from cellstream.model.reference import Gates, LayerWeights, ReferenceLSTM
-from cellstream.service.gates import GATE_NAMES, path_for
 
-OPSET = 17
+# What the server looks for: the gate outputs, and the file beside the fast graph. service/gates.py holds the same
+# two (the server imports nothing of the training side, as with the metadata keys); tests/model/test_glassbox.py
+# checks that they agree.
+GATE_NAMES = ("forget", "input", "candidate", "cell", "output", "hidden")
+SUFFIX = ".gates.onnx"
 RANDOM_SHAPES = ((1, 1), (1, 17), (3, 5), (8, 1), (4, 200))  # (batch, time); the last: a long trained-memory drift
 FLOAT32 = "float32 reference"  # what the glass-box graph is judged beside: NumPy's gates, the fast graph's state
 FLOAT = TensorProto.FLOAT
@@ -122,6 +126,11 @@ def build(reference: ReferenceLSTM, input_kind: str, metadata: dict[str, str] | 
         entry.key, entry.value = key, value
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def path_for(fast_graph: Path) -> Path:
+    """Where the glass-box graph of `fast_graph` goes: `cellstream-chat.onnx` -> `cellstream-chat.gates.onnx`."""
+    return fast_graph.with_name(fast_graph.stem + SUFFIX)
 
 
 def write(reference: ReferenceLSTM, input_kind: str, fast_graph: Path) -> Path:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cellstream.model import glassbox
-from cellstream.model.export import FORMAT_VERSION, OPSET, stamp
+from cellstream.model.onnx_file import FORMAT_VERSION, OPSET, stamp
 from cellstream.model.parity import ExportError, ExportErrors, Inputs, judge, random_inputs
 from cellstream.model.wrap import TOKENS, Served, UnservableModule, serve
 

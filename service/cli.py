@@ -6,9 +6,8 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -21,18 +20,8 @@ TRAINING_COMMANDS = {"train": "cellstream.model.train", "export": "cellstream.mo
                      "evaluate": "cellstream.model.evaluate", "gates": "cellstream.model.glassbox"}
 
 
-def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
-    """uvloop where it exists (not on Windows): the server's steps/s at load depend on the loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
-
-
 def _serve(args: argparse.Namespace) -> int:
-    from cellstream.service.server import serve
+    from cellstream.service.server import run_event_loop, serve
 
     overrides = {name: getattr(args, name) for name in vars(args) if name not in ("command", "func")}
     try:

@@ -18,6 +18,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from cellstream.service.contract import TOKENS, ModelSpec
 from cellstream.service.errors import ModelLoadError
 
+# The names cellstream.model.glassbox gives the outputs, and where it writes the file (SUFFIX): the same two
+# there, kept apart because the server imports nothing of the training side (tests/model/test_glassbox.py).
 GATE_NAMES = ("forget", "input", "candidate", "cell", "output", "hidden")
 SUFFIX = ".gates.onnx"
 # Two float32 graphs of the same weights over CHECK_STEPS steps agree to ~1e-6; other weights differ by ~1e-1.

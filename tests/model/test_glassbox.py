@@ -5,6 +5,8 @@ gates`, the export of a user's module) do, or say why they cannot."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -23,6 +25,13 @@ pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
 
 def torch_reference(model: nn.Module) -> ReferenceLSTM:
     return ReferenceLSTM.from_state_dict({k: v.numpy() for k, v in model.state_dict().items()})
+
+
+def test_the_writer_and_the_server_agree_on_the_file():
+    """model/glassbox.py writes what service/gates.py reads; each keeps its copy (neither imports the other)."""
+    assert glassbox.GATE_NAMES == GATE_NAMES
+    for fast in (Path("cellstream-chat.onnx"), Path("/models/a.b.onnx")):
+        assert glassbox.path_for(fast) == path_for(fast)
 
 
 def test_export_writes_a_faithful_glass_box_beside_the_model(exported):

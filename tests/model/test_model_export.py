@@ -11,7 +11,6 @@ from onnx import numpy_helper
 
 from cellstream.model import tokenizer
 from cellstream.model.export import (
-    OPSET,
     ExportError,
     check_parity,
     export_onnx,
@@ -20,6 +19,7 @@ from cellstream.model.export import (
     parity_inputs,
 )
 from cellstream.model.network import ModelConfig
+from cellstream.model.onnx_file import OPSET
 from cellstream.model.parity import EXPORT_FACTOR, EXPORT_TO_TORCH, TOLERANCE, scaled_max_diff
 
 # Exporting with torch's TorchScript exporter is noisy by design; model/export.py chose it on purpose.

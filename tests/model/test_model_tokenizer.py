@@ -57,7 +57,7 @@ def test_decode_replaces_broken_utf8():
 
 # model/__init__.py's list: what imports without the train extra.
 TORCH_FREE = ("tokenizer", "languages", "corpus", "signal", "parity", "reference", "forecast_quality", "evaluate",
-              "onnx_adapt", "glassbox")
+              "onnx_file", "onnx_adapt", "glassbox")
 
 
 def test_the_torch_free_modules_import_without_torch(run_module):
