@@ -1,7 +1,8 @@
-"""The image's install, reproduced without Docker: the build stage's files, the wheel, a fresh venv with
-the runtime dependencies only (as deploy/Dockerfile installs them), then `cellstream serve` from that
-venv on the shipped model, answered SERVING by `cellstream health`, with no torch to be found; and what
-the wheel installs: the one package `cellstream`, importable without torch."""
+"""The plain install, without a container: the build stage's files, the wheel, a fresh venv with the runtime
+dependencies only (deploy/Dockerfile adds the tracing extra; tests/deploy/test_image.py runs the image itself),
+then `cellstream serve` from that venv on the shipped model, answered SERVING by `cellstream health`, with no
+torch and no OpenTelemetry to be found; and what the wheel installs: the one package `cellstream`, importable
+without torch."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.timeout(180)
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PROJECT["project"]["version"]
 # Installed only by the extras: none of them may reach the image.
-EXTRAS_ONLY = ("torch", "onnx", "tqdm", "pytest", "hypothesis", "tritonclient", "grpc_tools", "matplotlib")
+EXTRAS_ONLY = ("torch", "onnx", "tqdm", "pytest", "hypothesis", "tritonclient", "grpc_tools", "matplotlib",
+               "opentelemetry")
 
 
 def run(*argv: str | Path, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess:
@@ -85,7 +87,7 @@ def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Install:
     venv = where / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
-    # As the Dockerfile's build stage: the wheel without extras, under the project's constraints.
+    # As the Dockerfile's build stage, but without extras: the server as it runs without the tracing extra.
     run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "-c", REPO / "constraints.txt", wheel,
         timeout=150)
     return Install(wheel, venv, python)
