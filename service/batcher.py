@@ -283,24 +283,34 @@ class Batcher:
                 await self._wakeup.wait()
             await self._gather()
             batch = self._take_batch()
-            if batch:
-                try:
-                    if self._tracing is None:
-                        await self._execute(batch)
-                    else:
-                        with self._tracing.batch_span(self.model, [entry.trace for entry in batch]) as span:
-                            await self._execute(batch, span)
-                except CellstreamError as exc:
-                    for entry in batch:
-                        entry.fail(exc)
-                except asyncio.CancelledError:
-                    for entry in batch:
-                        entry.fail(Unavailable("server shut down while this step ran; nothing was applied"))
-                    raise
-                except Exception:  # the loop must survive anything, or every later caller hangs
-                    log.exception("batch of %d entries on model %s failed", len(batch), self.model)
-                    for entry in batch:
-                        entry.fail(CellstreamError(f"internal error running model {self.model!r}"))
+            if not batch:
+                continue
+            if self._tracing is None:
+                await self._run(batch)
+                continue
+            with self._tracing.batch_span(self.model, [entry.trace for entry in batch]) as span:
+                await self._run(batch, span)
+
+    async def _run(self, batch: list[QueueEntry], span: Span | None = None) -> None:
+        """Run a batch; whatever fails, its callers get an answer (`span`, tracing on: the batch's, the failure's
+        status and the log line's trace id)."""
+        try:
+            await self._execute(batch, span)
+        except CellstreamError as exc:
+            if span is not None:
+                self._tracing.failed(span, exc)  # type: ignore[union-attr]  # a span: tracing is on
+            for entry in batch:
+                entry.fail(exc)
+        except asyncio.CancelledError:
+            for entry in batch:
+                entry.fail(Unavailable("server shut down while this step ran; nothing was applied"))
+            raise
+        except Exception as exc:  # the loop must survive anything, or every later caller hangs
+            if span is not None:
+                self._tracing.failed(span, exc)  # type: ignore[union-attr]
+            log.exception("batch of %d entries on model %s failed", len(batch), self.model)
+            for entry in batch:
+                entry.fail(CellstreamError(f"internal error running model {self.model!r}"))
 
     async def _gather(self) -> None:
         """Wait for the steps this batch can expect (the module's docstring says which), until none is expected,

@@ -178,6 +178,12 @@ class Telemetry:
             span.set_status(Status(StatusCode.ERROR))
 
     @staticmethod
+    def failed(span: Span, error: BaseException) -> None:
+        """The span's work failed with `error` (handled, so the span's own exit does not see it)."""
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+    @staticmethod
     def annotate(session_id: str, model: str) -> None:
         """Name the session (and its model) on the current request span."""
         span = trace.get_current_span()

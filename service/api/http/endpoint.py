@@ -137,7 +137,7 @@ class Endpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         tracing = self.guards.tracing
-        if tracing is None:
+        if tracing is None or self.open:  # like gRPC's health and reflection, probes and the API's files: no span
             await self._serve(scope, receive, send)
             return
         name = f"{scope['method']} {self.route}"
