@@ -20,6 +20,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any
+from urllib.parse import unquote
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -118,13 +119,15 @@ def exporter_for(name: str, environ: Mapping[str, str]) -> SpanExporter:
 
 
 def resource_from(environ: Mapping[str, str]) -> Resource:
-    """OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, with service.name `cellstream` when neither names one."""
-    attributes = {SERVICE_VERSION: _installed_version()}
-    pairs = environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
-    named = environ.get("OTEL_SERVICE_NAME", "").strip() or any(
-        pair.split("=", 1)[0].strip() == SERVICE_NAME for pair in pairs)
-    if not named:
-        attributes[SERVICE_NAME] = "cellstream"
+    """OTEL_RESOURCE_ATTRIBUTES (`key=value,...`, values percent-encoded) and OTEL_SERVICE_NAME over them; the
+    service is `cellstream` when neither names it."""
+    attributes: dict[str, str] = {SERVICE_NAME: "cellstream", SERVICE_VERSION: _installed_version()}
+    for pair in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, equals, value = pair.partition("=")
+        if equals and key.strip():
+            attributes[key.strip()] = unquote(value.strip())
+    if environ.get("OTEL_SERVICE_NAME", "").strip():
+        attributes[SERVICE_NAME] = environ["OTEL_SERVICE_NAME"].strip()
     return Resource.create(attributes)
 
 

@@ -285,3 +285,14 @@ def test_without_the_extra_tracing_asked_for_is_refused_naming_the_extra(monkeyp
     with pytest.raises(TracingError) as refused:
         start_tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
     assert str(refused.value) == f"OTEL_EXPORTER_OTLP_ENDPOINT ask for traces, but {EXTRA_MISSING}"
+
+
+def test_the_service_is_named_by_the_otel_variables_or_cellstream():
+    from cellstream.service.telemetry import resource_from
+
+    assert resource_from({}).attributes["service.name"] == "cellstream"
+    assert resource_from({"OTEL_SERVICE_NAME": "chat-eu"}).attributes["service.name"] == "chat-eu"
+    resource = resource_from({"OTEL_RESOURCE_ATTRIBUTES": "service.name=chat%20eu, deployment.environment=prod"})
+    assert (resource.attributes["service.name"], resource.attributes["deployment.environment"]) == ("chat eu", "prod")
+    both = {"OTEL_RESOURCE_ATTRIBUTES": "service.name=a", "OTEL_SERVICE_NAME": "b"}
+    assert resource_from(both).attributes["service.name"] == "b"  # the specification's precedence
