@@ -45,5 +45,5 @@ def start_tracing(environ: Mapping[str, str] | None = None) -> Telemetry | None:
         if not (exc.name or "").startswith("opentelemetry"):
             raise
         variables = sorted(name for name in environ if name.startswith("OTEL_"))
-        raise TracingError(f"{', '.join(variables)} ask for traces, but {EXTRA_MISSING}") from None
+        raise TracingError(f"tracing is configured ({', '.join(variables)}), but {EXTRA_MISSING}") from None
     return Telemetry.from_environment(environ, exporters)

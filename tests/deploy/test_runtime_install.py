@@ -163,3 +163,17 @@ def test_the_runtime_install_serves_the_shipped_model_without_torch(runtime_inst
     assert "cellstream-chat" in log.read_text()
     after = sorted(p for directory in (venv, models) for p in directory.rglob("*"))
     assert after == before, "the server wrote into its install or model directory (the image's are read-only)"
+
+
+def test_without_the_tracing_extra_a_server_asked_to_trace_refuses_to_start(runtime_install, tmp_path):
+    """Tracing asked for (an OTLP endpoint) where OpenTelemetry is not installed: exit 2, naming the extra."""
+    port, metrics_port = free_ports(2)
+    env = runtime_env(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318", CELLSTREAM_PORT=str(port),
+                      CELLSTREAM_METRICS_PORT=str(metrics_port), CELLSTREAM_HTTP_PORT="0",
+                      CELLSTREAM_MODEL_DIR=str(REPO / "model" / "artifacts"))
+    refused = subprocess.run([runtime_install.venv / "bin" / "cellstream", "serve", "--host", "127.0.0.1"],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.strip() == (
+        "cellstream serve: tracing is configured (OTEL_EXPORTER_OTLP_ENDPOINT), but OpenTelemetry is not "
+        "installed: install the tracing extra (pip install 'cellstream[tracing]'), or unset the OTEL_* variables")

@@ -284,7 +284,7 @@ def test_without_the_extra_tracing_asked_for_is_refused_naming_the_extra(monkeyp
     monkeypatch.delitem(__import__("sys").modules, "cellstream.service.telemetry", raising=False)
     with pytest.raises(TracingError) as refused:
         start_tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
-    assert str(refused.value) == f"OTEL_EXPORTER_OTLP_ENDPOINT ask for traces, but {EXTRA_MISSING}"
+    assert str(refused.value) == f"tracing is configured (OTEL_EXPORTER_OTLP_ENDPOINT), but {EXTRA_MISSING}"
 
 
 def test_the_service_is_named_by_the_otel_variables_or_cellstream():
@@ -296,3 +296,27 @@ def test_the_service_is_named_by_the_otel_variables_or_cellstream():
     assert (resource.attributes["service.name"], resource.attributes["deployment.environment"]) == ("chat eu", "prod")
     both = {"OTEL_RESOURCE_ATTRIBUTES": "service.name=a", "OTEL_SERVICE_NAME": "b"}
     assert resource_from(both).attributes["service.name"] == "b"  # the specification's precedence
+
+
+def test_text_log_lines_made_inside_a_span_end_with_its_ids(capsys):
+    telemetry = start_tracing({"OTEL_TRACES_EXPORTER": "console"})
+    assert telemetry is not None
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    handler.addFilter(logs.TraceIdFilter())
+    logger = logging.getLogger("tests.tracing.text")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("outside")
+        with telemetry.server_span("a call", {}, {}) as span:
+            logger.info("inside")
+    finally:
+        logger.removeHandler(handler)
+        telemetry.shutdown()
+    outside, inside = stream.getvalue().splitlines()
+    ids = span.get_span_context()
+    assert outside.endswith("INFO tests.tracing.text: outside")
+    assert inside.endswith(f"INFO tests.tracing.text: inside trace_id={ids.trace_id:032x} span_id={ids.span_id:016x}")
+    assert '"name": "a call"' in capsys.readouterr().out  # the console exporter printed the span at shutdown
