@@ -14,7 +14,8 @@ how much faster a server is; `make bench` says that.
 
 `--tracing`: the server figures with OpenTelemetry tracing on, as OTEL_EXPORTER_OTLP_ENDPOINT alone turns it on
 (OTLP over HTTP, the default sampler: every call traced), exporting to a receiver in this process
-(bench/otlp.py); the export thread's work is counted too. Needs the tracing extra.
+(bench/otlp.py); the export thread's work is counted too. Other OTEL_* variables set for this command reach the
+server (e.g. OTEL_TRACES_SAMPLER, OTEL_EXPORTER_OTLP_PROTOCOL=grpc). Needs the tracing extra.
 
 `python -m cellstream.bench.instructions --help` for the counts. Needs valgrind (Debian's package).
 """
@@ -188,7 +189,8 @@ def traced_servers() -> Iterator[None]:
     from cellstream.bench.otlp import TraceSink  # the tracing extra
 
     with TraceSink() as sink:
-        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.http_endpoint
+        grpc_protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") == "grpc"
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.grpc_endpoint if grpc_protocol else sink.http_endpoint
         try:
             yield
         finally:
