@@ -112,6 +112,7 @@ async def test_a_clients_trace_reaches_the_request_spans_of_both_apis_on_both_po
     trace_grpc, span_grpc, header_grpc = traceparent()
     trace_http, span_http, header_http = traceparent()
     trace_kserve, span_kserve, header_kserve = traceparent()
+    trace_turn, _, header_turn = traceparent()
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as http:
         opened = (await http.post("/v1/sessions", json={})).json()["session_id"]
         stepped = await http.post(f"/v1/sessions/{opened}/step", json={"text": "hi"},
@@ -127,9 +128,12 @@ async def test_a_clients_trace_reaches_the_request_spans_of_both_apis_on_both_po
         await triton.close()
     async with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
         await client.stub.GetState(pb.SessionRef(session_id=opened), metadata=(("traceparent", header_grpc),))
+        before = (await client.get_state(opened)).position
+        turn = [chunk async for chunk in client.stub.Generate(
+            pb.GenerateRequest(session_id=opened, prompt="ok", max_tokens=6), metadata=(("traceparent", header_turn),))]
 
     def complete(spans: list[ReceivedSpan]) -> bool:
-        return {trace_grpc, trace_http, trace_kserve} <= {span.trace_id for span in spans}
+        return {trace_grpc, trace_http, trace_kserve, trace_turn} <= {span.trace_id for span in spans}
 
     spans = await asyncio.to_thread(sink.wait_for, complete)
     [http_step] = [s for s in spans if s.trace_id == trace_http and s.kind == SERVER]
@@ -142,6 +146,9 @@ async def test_a_clients_trace_reaches_the_request_spans_of_both_apis_on_both_po
     [state] = [s for s in spans if s.trace_id == trace_grpc]
     assert state.name == "cellstream.v1.Inference/GetState" and state.parent_id == span_grpc
     assert state.attributes["cellstream.session_id"] == opened
+    # A chat turn's span counts every token its steps fed: the prompt's, then each sampled one's.
+    [generate] = [s for s in spans if s.trace_id == trace_turn]
+    assert generate.attributes["cellstream.tokens"] == turn[-1].position - before > 2
     assert {span.protocol for span in spans} == {"http"}
     # Health probes make no span (as gRPC's health and reflection make none).
     assert not [s for s in spans if "health" in s.name]
