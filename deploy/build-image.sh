@@ -30,7 +30,7 @@ if ! "$engine" image inspect "$base" >/dev/null 2>&1 && ! "$engine" pull --quiet
     base=$(ENGINE="$engine" deploy/stand-in-base.sh)
 fi
 
-cert=${PIP_CERT:-$(python3 -m pip config list 2>/dev/null | sed -n "s/^global\.cert='\(.*\)'$/\1/p")}
+cert=${PIP_CERT:-$( (python3 -m pip config list 2>/dev/null || true) | sed -n "s/^global\.cert='\(.*\)'$/\1/p")}
 options=()
 if [ "$engine" = podman ]; then
     options+=(--format docker)  # the OCI format has no HEALTHCHECK
