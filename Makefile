@@ -9,7 +9,7 @@ PORT ?= 50051
 # Extra flags for `make bench`, e.g. BENCH_ARGS="--quick --out-dir /tmp/bench".
 BENCH_ARGS ?=
 
-.PHONY: serve test soak latency lint protos model bench bench-gates bench-instructions venv venv-dev clean
+.PHONY: image serve test soak latency lint protos model bench bench-gates bench-instructions venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,11 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
 
 # Every extra in one install, so they resolve together.
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PIP) -e '.[train,dev,bench]'
+	$(PIP) -e '.[train,dev,bench,tracing]'
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.runtime
-	$(PIP) -e '.[bench]'
+	$(PIP) -e '.[bench,tracing]'
 	touch $@
 
 venv: $(VENV)/.runtime
@@ -62,6 +62,10 @@ bench-gates: $(VENV)/.bench
 # Instructions per call and per step, counted by valgrind's callgrind: repeatable where timings drift (~3 minutes).
 bench-instructions: $(VENV)/.bench
 	$(BIN)/python -m cellstream.bench.instructions
+
+# The server image (deploy/Dockerfile) with docker or podman; offline, on a stand-in base made once (docs/DEPLOY.md).
+image:
+	deploy/build-image.sh
 
 protos: $(VENV)/.dev
 	$(BIN)/python -m cellstream.service.protogen

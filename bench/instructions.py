@@ -12,6 +12,11 @@ how much faster a server is; `make bench` says that.
   serialised), with `--sessions` sessions stepping back to back so that batches form. Instructions per
   step; batch sizes depend on timing, which valgrind slows down.
 
+`--tracing`: the server figures with OpenTelemetry tracing on, as OTEL_EXPORTER_OTLP_ENDPOINT alone turns it on
+(OTLP over HTTP, the default sampler: every call traced), exporting to a receiver in this process
+(bench/otlp.py); the export thread's work is counted too. Other OTEL_* variables set for this command reach the
+server (e.g. OTEL_TRACES_SAMPLER, OTEL_EXPORTER_OTLP_PROTOCOL=grpc). Needs the tracing extra.
+
 `python -m cellstream.bench.instructions --help` for the counts. Needs valgrind (Debian's package).
 """
 
@@ -19,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -177,6 +183,21 @@ async def _in_process(kind: str, model_dir: Path, sessions: int, steps: int) -> 
     await dataplane.close()
 
 
+@contextlib.contextmanager
+def traced_servers() -> Iterator[None]:
+    """Servers started meanwhile (they inherit this environment) trace every call to a receiver of this process."""
+    from cellstream.bench.otlp import TraceSink  # the tracing extra
+
+    with TraceSink() as sink:
+        grpc_protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") == "grpc"
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.grpc_endpoint if grpc_protocol else sink.http_endpoint
+        try:
+            yield
+        finally:
+            del os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        print(f"tracing: the receiver got {len(sink.spans):,} spans in {sink.requests} exports", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cellstream.bench.instructions", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=300, help="counted calls per server figure [300]")
     parser.add_argument("--sessions", type=int, default=64, help="sessions of the in-process figures [64]")
     parser.add_argument("--steps", type=int, default=3200, help="counted steps per in-process figure [3200]")
+    parser.add_argument("--tracing", action="store_true", help="the server figures only, with tracing on (OTLP to a "
+                        "receiver in this process, the default sampler); needs the tracing extra")
     parser.add_argument("--worker", choices=("native", "kserve"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -195,11 +218,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="cellstream-instructions-") as work:
+        if args.tracing:
+            with traced_servers():
+                figures = measure_servers(args.model_dir, args.calls, Path(work))
+            return report(figures)
         figures = measure_servers(args.model_dir, args.calls, Path(work))
         for kind, name in (("native", "in-process step (native_codec.step)"),
                            ("kserve", "in-process step (KServeServicer.infer)")):
             figures[f"{name}, {args.sessions} sessions"] = measure_in_process(args.model_dir, kind, args.sessions,
                                                                             args.steps, Path(work))
+    return report(figures)
+
+
+def report(figures: dict[str, float]) -> int:
     width = max(map(len, figures))
     print(f"{'figure':<{width}}  instructions")
     for name, count in figures.items():

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -51,6 +51,11 @@ from cellstream.service.errors import (
 )
 from cellstream.service.metrics import Metrics, observe_many
 from cellstream.service.sessions.base import SessionRecord, SessionStore, StateUpdates, stack_states
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, SpanContext
+
+    from cellstream.service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,7 @@ class StepJob:
     enqueued: float = 0.0
     owner: str | None = None  # if set: the session must be this principal's (checked when it is loaded)
     gates: bool = False  # also run the glass-box graph on this step (its model has one)
+    trace: SpanContext | None = None  # tracing on: the sampled request span that queued it (the batch links it)
 
     def succeed(self, result: StepResult) -> None:
         self.future.set_result(result)
@@ -117,6 +123,7 @@ class StepGroup:
     columns: Sequence[int] = ()  # each step's column in `outputs` (failed steps: unused)
     outputs: tuple[np.ndarray, np.ndarray, np.ndarray, list[int]] | None = None
     """The batch's logits (B, T, V), hn, cn (L, B, H) and positions after the step, by column."""
+    trace: SpanContext | None = None  # tracing on: the sampled request span that queued it (the batch links it)
 
     def __len__(self) -> int:
         return len(self.session_ids)
@@ -174,6 +181,7 @@ class Batcher:
         max_queue_size: int,
         max_queue_wait: float | None = None,
         inline_max_tokens: int = INLINE_MAX_TOKENS,
+        tracing: Telemetry | None = None,
     ) -> None:
         self.engine = engine
         self.model = engine.spec.name
@@ -201,6 +209,7 @@ class Batcher:
         self._compute = metrics.compute.labels(self.model)
         self._batch_size = metrics.batch_size.labels(self.model)
         self._tokens = metrics.tokens.labels(self.model)
+        self._tracing = tracing
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
@@ -252,6 +261,8 @@ class Batcher:
             self._last_queued = now
             if isinstance(entry, StepJob) and entry.state is None:  # a session's step, not a multiplexed group's
                 self._active[entry.session_id] = now
+            if self._tracing is not None:
+                self._note(entry)
             queue.append(entry)
             self._queued_steps += queued
             # A gathering batcher is woken only when this step ends its wait: the batch is full or nothing more
@@ -272,20 +283,34 @@ class Batcher:
                 await self._wakeup.wait()
             await self._gather()
             batch = self._take_batch()
-            if batch:
-                try:
-                    await self._execute(batch)
-                except CellstreamError as exc:
-                    for entry in batch:
-                        entry.fail(exc)
-                except asyncio.CancelledError:
-                    for entry in batch:
-                        entry.fail(Unavailable("server shut down while this step ran; nothing was applied"))
-                    raise
-                except Exception:  # the loop must survive anything, or every later caller hangs
-                    log.exception("batch of %d entries on model %s failed", len(batch), self.model)
-                    for entry in batch:
-                        entry.fail(CellstreamError(f"internal error running model {self.model!r}"))
+            if not batch:
+                continue
+            if self._tracing is None:
+                await self._run(batch)
+                continue
+            with self._tracing.batch_span(self.model, [entry.trace for entry in batch]) as span:
+                await self._run(batch, span)
+
+    async def _run(self, batch: list[QueueEntry], span: Span | None = None) -> None:
+        """Run a batch; whatever fails, its callers get an answer (`span`, tracing on: the batch's, the failure's
+        status and the log line's trace id)."""
+        try:
+            await self._execute(batch, span)
+        except CellstreamError as exc:
+            if span is not None:
+                self._tracing.failed(span, exc)  # type: ignore[union-attr]  # a span: tracing is on
+            for entry in batch:
+                entry.fail(exc)
+        except asyncio.CancelledError:
+            for entry in batch:
+                entry.fail(Unavailable("server shut down while this step ran; nothing was applied"))
+            raise
+        except Exception as exc:  # the loop must survive anything, or every later caller hangs
+            if span is not None:
+                self._tracing.failed(span, exc)  # type: ignore[union-attr]
+            log.exception("batch of %d entries on model %s failed", len(batch), self.model)
+            for entry in batch:
+                entry.fail(CellstreamError(f"internal error running model {self.model!r}"))
 
     async def _gather(self) -> None:
         """Wait for the steps this batch can expect (the module's docstring says which), until none is expected,
@@ -373,7 +398,17 @@ class Batcher:
         self._queued_steps -= removed
         return chosen
 
-    async def _execute(self, batch: list[QueueEntry]) -> None:
+    def _note(self, entry: QueueEntry) -> None:
+        """Tracing: the queued steps on the span of the request that queued them, and that span on the entry."""
+        assert self._tracing is not None
+        if isinstance(entry, StepGroup):
+            entry.trace = self._tracing.note_steps(self.model, len(entry) * entry.length, items=len(entry))
+        else:  # a step of a session, or a row of a stateless KServe call (no session to name)
+            entry.trace = self._tracing.note_steps(self.model, len(entry.inputs),
+                                                   entry.session_id if entry.state is None else None)
+
+    async def _execute(self, batch: list[QueueEntry], span: Span | None = None) -> None:
+        """Run a batch; `span` (tracing on) gets its size, length, queue waits and onnxruntime time."""
         loop = asyncio.get_running_loop()
         ready, inputs_list, taken = self._arrange(batch, await self._starting_points(batch))
         if not ready:
@@ -382,9 +417,9 @@ class Batcher:
                     entry.finish()
             return
         started = loop.time()
-        observe_many(self._queue_wait, [
-            (started - entry.enqueued, 1 if isinstance(entry, StepJob) else len(entry) - len(entry.errors))
-            for entry, _ in taken])
+        waits = [(started - entry.enqueued, 1 if isinstance(entry, StepJob) else len(entry) - len(entry.errors))
+                 for entry, _ in taken]
+        observe_many(self._queue_wait, waits)
         inputs = np.array(inputs_list, dtype=self._input_dtype)  # (B, T[, F])
         # Read now, before any await: a commit of another batch may overwrite these states in place.
         held = any(isinstance(entry, StepJob) and entry.state is not None for entry, _ in taken)
@@ -400,8 +435,15 @@ class Batcher:
             logits, hn, cn = self.engine.run(inputs, h0, c0)
         else:
             logits, hn, cn = await loop.run_in_executor(self._executor, self.engine.run, inputs, h0, c0)
-        self._compute.observe(loop.time() - started)
+        computed = loop.time() - started
+        self._compute.observe(computed)
         self._batch_size.observe(len(ready))
+        if span is not None:
+            span.set_attributes({
+                "cellstream.batch.size": len(ready), "cellstream.batch.steps": inputs.shape[1],
+                "cellstream.batch.queue_wait_max_seconds": max(wait for wait, _ in waits),
+                "cellstream.batch.queue_wait_mean_seconds": sum(w * n for w, n in waits) / max(len(ready), 1),
+                "cellstream.batch.onnxruntime_seconds": computed, "cellstream.batch.gates": bool(gated)})
         steps = inputs.shape[1]
         after = [position + steps for position in positions]
         # What a result holds are views of the batch's arrays, which nothing writes again: the store

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
+from cellstream.service import logs
 from cellstream.service.auth import SecurityConfigError
 from cellstream.service.config import Settings, SettingsError, add_settings_arguments, load_settings
-from cellstream.service.errors import ModelLoadError
+from cellstream.service.errors import ModelLoadError, TracingError
 from cellstream.service.sessions.snapshot import SnapshotError
 
 TRAINING_COMMANDS = {"train": "cellstream.model.train", "export": "cellstream.model.export",
@@ -29,13 +29,13 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"cellstream serve: invalid settings: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     try:
         run_event_loop(serve(settings))
     except ModelLoadError as exc:
         print(f"cellstream serve: cannot serve the models: {exc}", file=sys.stderr)
         return 2
-    except (SnapshotError, SecurityConfigError) as exc:
+    except (SnapshotError, SecurityConfigError, TracingError) as exc:
         print(f"cellstream serve: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

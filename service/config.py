@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     """On SIGTERM, how long in-flight calls get to finish."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text, or one JSON object each (time, level, logger, message, and trace_id/span_id inside a
+    traced call)."""
 
     @model_validator(mode="after")
     def _state_store_known(self) -> Settings:

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from cellstream.service.metrics import Metrics
 from cellstream.service.sessions.base import SessionRecord, SessionStore, new_session_id
 from cellstream.service.sessions.watch import StoreWatch
 from cellstream.service.textcodec import StreamDecoder, encode_text
+
+if TYPE_CHECKING:
+    from cellstream.service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +68,17 @@ REPLY_FRAMING_BYTES = 4096  # a reply's ids, names, shapes and field tags, besid
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore, metrics: Metrics,
+                 tracing: Telemetry | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
         self.metrics = metrics
+        self.tracing = tracing  # on: request spans name their session (the batchers add model and tokens)
         self.batchers = {
             name: Batcher(engine, store, metrics, max_batch_size=settings.max_batch_size,
-                          max_queue_size=settings.max_queue_size, max_queue_wait=settings.max_queue_wait_ms / 1000)
+                          max_queue_size=settings.max_queue_size, max_queue_wait=settings.max_queue_wait_ms / 1000,
+                          tracing=tracing)
             for name, engine in registry.engines.items()
         }
         self._sweeper: asyncio.Task[None] | None = None
@@ -242,6 +249,8 @@ class DataPlane:
             c = np.zeros(spec.state_shape, np.float32)
             position = 0
         record = SessionRecord(new_session_id(), spec.name, h, c, position, ttl, current_principal())
+        if self.tracing is not None:
+            self.tracing.annotate(record.session_id, record.model)
         return await self.store.create(record)
 
     @staticmethod
@@ -260,6 +269,8 @@ class DataPlane:
         record = await self.store.get(session_id)
         if record.owner != current_principal():
             raise session_not_found(session_id)
+        if self.tracing is not None:
+            self.tracing.annotate(session_id, record.model)
         return record
 
     async def sessions(self, session_ids: Sequence[str]) -> list[SessionRecord | CellstreamError]:

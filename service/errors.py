@@ -61,3 +61,8 @@ class ModelLoadError(Exception):
     def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.problems = list(problems) or [message]
+
+
+class TracingError(ValueError):
+    """The OTEL_* variables ask for tracing the server cannot do; raised at start-up, the message says what to
+    change (service/tracing.py)."""

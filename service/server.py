@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -31,6 +31,10 @@ from cellstream.service.dataplane import DataPlane
 from cellstream.service.engine import ModelRegistry
 from cellstream.service.metrics import Metrics
 from cellstream.service.sessions.factory import open_store
+from cellstream.service.tracing import start_tracing
+
+if TYPE_CHECKING:
+    from cellstream.service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class RunningServer:
     kserve: KServeServicer
     http: HttpServer | None = None  # None: http_port 0
     admission: AdmissionInterceptor | None = None
+    tracing: Telemetry | None = None  # None: tracing off
 
     @property
     def http_port(self) -> int:
@@ -75,6 +80,8 @@ class RunningServer:
         if self.dataplane is not None:
             await self.dataplane.close()
         self.metrics.stop_http()
+        if self.tracing is not None:  # the last spans out, off the event loop (it may wait for the collector)
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def _stop_grpc(self, grace: float) -> None:
         """New API calls are refused (UNAVAILABLE) while those in flight finish, within `grace`; then gRPC stops
@@ -134,10 +141,13 @@ async def start_server(
     session store's clock for idle TTLs (tests pass one they advance by hand)."""
     metrics = metrics or Metrics()
     options = grpc_options(settings)
-    # Authentication first: a call refused for its credentials takes no in-flight slot.
+    tracing = start_tracing()
+    # Tracing outermost, so refusals are traced too; then authentication: a call refused for its credentials
+    # takes no in-flight slot.
     tokens = auth.token_file(settings)
     admission = AdmissionInterceptor(settings.max_inflight_requests, metrics)
-    interceptors = [*auth.interceptors(tokens, metrics),
+    interceptors = [*_tracing_interceptors(tracing),
+                    *auth.interceptors(tokens, metrics),
                     admission,
                     DecodeGuardInterceptor(metrics)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
@@ -157,20 +167,22 @@ async def start_server(
         raise OSError(f"cannot bind gRPC port {settings.host}:{settings.port}")
     http = None
     if settings.http_port:
-        http = HttpServer(build_app(Guards(settings, metrics, tokens, admission), kserve, native), settings)
+        http = HttpServer(build_app(Guards(settings, metrics, tokens, admission, tracing), kserve, native), settings)
     metrics_port = metrics.serve_http(settings.metrics_host, settings.metrics_port)
     await server.start()
     running = RunningServer(server, health_servicer, None, metrics, port, metrics_port, settings, kserve, http,
-                            admission)
+                            admission, tracing)
     if http is not None:
         await http.start()  # health and readiness answer while the models load, as on gRPC
     try:
-        running.dataplane = await _load(settings, metrics, clock)
+        running.dataplane = await _load(settings, metrics, clock, tracing)
     except BaseException:
         await server.stop(0)
         if http is not None:
             await http.stop(0)
         metrics.stop_http()
+        if tracing is not None:
+            tracing.shutdown()
         raise
     native.attach(running.dataplane)
     kserve.attach(running.dataplane)
@@ -187,14 +199,23 @@ async def start_server(
     return running
 
 
-async def _load(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> DataPlane:
+def _tracing_interceptors(tracing: Telemetry | None) -> list[grpc.aio.ServerInterceptor]:
+    if tracing is None:
+        return []
+    from cellstream.service.api.traced import TracingInterceptor  # imports OpenTelemetry: only when tracing
+
+    return [TracingInterceptor(tracing)]
+
+
+async def _load(settings: Settings, metrics: Metrics, clock: Callable[[], float],
+                tracing: Telemetry | None = None) -> DataPlane:
     registry = await asyncio.get_running_loop().run_in_executor(
         None, lambda: ModelRegistry.from_directory(
             settings.model_dir, default=settings.default_model, intra_op_threads=settings.ort_intra_op_threads)
     )
     specs = {name: engine.spec for name, engine in registry.engines.items()}
-    store = await open_store(settings, metrics, specs, clock=clock)
-    dataplane = DataPlane(settings, registry, store, metrics)
+    store = await open_store(settings, metrics, specs, clock=clock, tracing=tracing)
+    dataplane = DataPlane(settings, registry, store, metrics, tracing)
     await dataplane.start()
     return dataplane
 

@@ -59,13 +59,8 @@ class _CallRecord:
         observe(self.series.duration, time.perf_counter() - self.started)
 
     def interrupted(self, context: grpc.aio.ServicerContext) -> None:
-        """gRPC cancelled the handler: the client went away or its deadline passed. context.cancelled() says
-        neither (it is still false when the done callback runs), so the deadline tells them apart. A client
-        whose deadline passes resets the stream a few ms before the server's own deadline (which starts when
-        the call arrives): 5.6-7.1 ms measured on loopback, so within DEADLINE_SLACK_SECONDS is the deadline."""
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
-        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        """gRPC cancelled the handler: the client went away or its deadline passed (interruption_code)."""
+        self.code = interruption_code(context)
 
     async def fail(self, exc: Exception, context: grpc.aio.ServicerContext) -> None:
         """Abort the call with the status `exc` stands for; unexpected errors become INTERNAL, logged once."""
@@ -79,6 +74,16 @@ class _CallRecord:
         log.exception("unexpected error in %s", self.method, exc_info=exc)
         self.code = grpc.StatusCode.INTERNAL
         await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def interruption_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status of a call gRPC cancelled: the client went away, or its deadline passed. context.cancelled() says
+    neither (it is still false when the done callback runs), so the deadline tells them apart. A client whose
+    deadline passes resets the stream a few ms before the server's own deadline (which starts when the call
+    arrives): 5.6-7.1 ms measured on loopback, so within DEADLINE_SLACK_SECONDS is the deadline."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 def rpc(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellstream.service.config import MEMORY, Settings
 from cellstream.service.engine import ModelSpec
@@ -17,22 +18,26 @@ from cellstream.service.sessions.base import SessionStore
 from cellstream.service.sessions.memory import MemoryStore
 from cellstream.service.sessions.redis import RedisStore
 
+if TYPE_CHECKING:
+    from cellstream.service.telemetry import Telemetry
+
 log = logging.getLogger(__name__)
 
 
 async def open_store(
     settings: Settings, metrics: Metrics, specs: Mapping[str, ModelSpec], *,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.monotonic, tracing: Telemetry | None = None,
 ) -> SessionStore:
     """The store, ready to serve; SnapshotError when its snapshot is unusable and the settings refuse it.
-    `clock` measures the memory store's idle TTLs (tests advance one by hand); Redis keeps its own time."""
+    `clock` measures the memory store's idle TTLs (tests advance one by hand); Redis keeps its own time.
+    `tracing`: Redis operations are traced (the memory store's take microseconds: they are not)."""
     evict = settings.when_full == "evict"
     per_principal = settings.max_sessions_per_principal
     if settings.state_store != MEMORY:
         # Not pinged here: a replica that starts while Redis is down serves NOT_SERVING until it is back.
         return RedisStore(settings.state_store, metrics, max_sessions=settings.max_sessions, evict_when_full=evict,
                           max_sessions_per_principal=per_principal,
-                          timeout_seconds=settings.state_store_timeout_seconds)
+                          timeout_seconds=settings.state_store_timeout_seconds, tracing=tracing)
     store = MemoryStore(metrics, max_sessions=settings.max_sessions, evict_when_full=evict,
                         max_sessions_per_principal=per_principal, snapshot_path=settings.snapshot_path, clock=clock)
     path = settings.snapshot_path

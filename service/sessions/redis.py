@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -29,6 +30,9 @@ from cellstream.service.errors import ResourceExhausted, Unavailable, session_no
 from cellstream.service.metrics import Metrics
 from cellstream.service.sessions import redis_lua
 from cellstream.service.sessions.base import SessionRecord, StateUpdates, stack_states
+
+if TYPE_CHECKING:
+    from cellstream.service.telemetry import Telemetry
 
 PREFIX = "cellstream:"
 SWEEP_BATCH = 1000  # index entries one sweep script looks at: bounds how long it holds Redis
@@ -70,6 +74,7 @@ class RedisStore:
         evict_when_full: bool = True,
         max_sessions_per_principal: int = 0,
         timeout_seconds: float = 1.0,
+        tracing: Telemetry | None = None,
     ) -> None:
         # No client-side retries: a step fails fast with UNAVAILABLE and the client decides; a resent
         # commit could not tell "applied before the connection dropped" from "lost the race".
@@ -77,6 +82,11 @@ class RedisStore:
             url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, retry=Retry(NoBackoff(), 0),
         )
         self.where = redacted_url(url)
+        self._tracing = tracing
+        parts = urlsplit(url)
+        self._span_attributes = {"db.system.name": "redis", "server.address": parts.hostname or parts.path}
+        if parts.port:
+            self._span_attributes["server.port"] = parts.port
         self._metrics = metrics
         self._max_sessions = max_sessions
         self._evict = evict_when_full
@@ -94,8 +104,15 @@ class RedisStore:
     def _key(self, session_id: str) -> str:
         return f"{PREFIX}s:{session_id}"
 
-    async def _guarded(self, action: Callable[[], Awaitable[T]], doing: str) -> T:
-        """Run `action`, registering the scripts and rerunning it once if Redis had forgotten them."""
+    async def _guarded(self, action: Callable[[], Awaitable[T]], doing: str, operation: str, sessions: int = 1) -> T:
+        """Run `action` (traced as `operation` on `sessions` sessions when tracing is on), registering the scripts
+        and rerunning it once if Redis had forgotten them."""
+        if self._tracing is None:
+            return await self._run_guarded(action, doing)
+        with self._tracing.store_span(operation, {**self._span_attributes, "cellstream.sessions": sessions}):
+            return await self._run_guarded(action, doing)
+
+    async def _run_guarded(self, action: Callable[[], Awaitable[T]], doing: str) -> T:
         try:
             try:
                 return await action()
@@ -119,7 +136,8 @@ class RedisStore:
         args = (PREFIX, record.session_id, record.model, record.owner, record.position, record.h.shape[0],
                 _raw(record.h), _raw(record.c), max(1, round(record.ttl_seconds * 1000)), self._max_sessions,
                 int(self._evict), self._max_per_owner)
-        status, expires_ms, evicted = await self._guarded(lambda: self._run("CREATE", (), args), "opening a session")
+        status, expires_ms, evicted = await self._guarded(lambda: self._run("CREATE", (), args), "opening a session",
+                                                           "CREATE")
         if status == b"full":
             raise ResourceExhausted(f"session store is full ({self._max_sessions} sessions, max_sessions); "
                                     "close idle sessions or retry later")
@@ -139,7 +157,7 @@ class RedisStore:
 
     async def load_many(self, session_ids: list[str]) -> list[SessionRecord | None]:
         keys = [self._key(sid) for sid in session_ids]
-        reply = await self._guarded(lambda: self._run("LOAD", keys, ()), "loading sessions")
+        reply = await self._guarded(lambda: self._run("LOAD", keys, ()), "loading sessions", "LOAD", len(keys))
         now_ms, fields = reply[0], len(redis_lua.FIELDS)
         return [_record(sid, reply[1 + i * fields:1 + (i + 1) * fields], now_ms) for i, sid in enumerate(session_ids)]
 
@@ -165,10 +183,11 @@ class RedisStore:
 
         doing = "saving steps (each may or may not have been applied: read the position, or retry with " \
                 "expected_position)"
-        return [reply == 1 for reply in await self._guarded(pipelined, doing)]
+        return [reply == 1 for reply in await self._guarded(pipelined, doing, "COMMIT", len(updates.session_ids))]
 
     async def delete(self, session_id: str) -> SessionRecord:
-        reply = await self._guarded(lambda: self._run("DELETE", (), (PREFIX, session_id)), "closing a session")
+        reply = await self._guarded(lambda: self._run("DELETE", (), (PREFIX, session_id)), "closing a session",
+                                    "DELETE")
         record = None if reply is None else _record(session_id, reply[1:], reply[0])
         if record is None:
             raise session_not_found(session_id)
@@ -179,7 +198,7 @@ class RedisStore:
         forgotten = 0
         while True:
             gone, seen, self._count, self._bytes = await self._guarded(
-                lambda: self._run("SWEEP", (), (PREFIX, SWEEP_BATCH)), "sweeping expired sessions")
+                lambda: self._run("SWEEP", (), (PREFIX, SWEEP_BATCH)), "sweeping expired sessions", "SWEEP", 0)
             forgotten += gone
             if seen < SWEEP_BATCH:
                 break
@@ -195,7 +214,7 @@ class RedisStore:
             pipe.get(f"{PREFIX}bytes")
             return await pipe.execute()
 
-        count, state_bytes = await self._guarded(stats, "checking the store")
+        count, state_bytes = await self._guarded(stats, "checking the store", "PING", 0)
         self._count, self._bytes = int(count), int(state_bytes or 0)
 
     async def close(self) -> None:

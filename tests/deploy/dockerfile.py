@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,16 +63,32 @@ def logical_lines(text: str) -> list[str]:
     return lines
 
 
+def global_args(path: Path) -> dict[str, str]:
+    """The ARGs before the first FROM (those FROM lines may use) and their defaults."""
+    defaults = {}
+    for line in logical_lines(path.read_text()):
+        keyword, _, arguments = line.partition(" ")
+        if keyword.upper() == "FROM":
+            break
+        assert keyword.upper() == "ARG", f"{keyword} before the first FROM"
+        name, _, default = arguments.strip().partition("=")
+        defaults[name] = default
+    return defaults
+
+
 def parse(path: Path) -> list[Stage]:
+    """The stages, their FROM images with the global ARGs' defaults substituted."""
     stages: list[Stage] = []
+    defaults = global_args(path)
     for line in logical_lines(path.read_text()):
         keyword, _, arguments = line.partition(" ")
         instruction = Instruction(keyword.upper(), " ".join(arguments.split()))
         if instruction.keyword == "FROM":
             words = instruction.words()
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else ""
-            stages.append(Stage(words[0], name))
+            image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m.group(1) or m.group(2)], words[0])
+            stages.append(Stage(image, name))
             continue
-        assert stages, f"{instruction.keyword} before the first FROM"
-        stages[-1].instructions.append(instruction)
+        if stages:
+            stages[-1].instructions.append(instruction)
     return stages

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import dockerfile
 import pytest
+import yaml
 from manifests import (
     DOCKERFILE,
     REPO,
@@ -26,6 +27,7 @@ from manifests import (
 
 from cellstream.service.cli import build_parser
 from cellstream.service.config import Settings, SettingsError, load_settings
+from cellstream.service.tracing import start_tracing
 
 VARIANT_NAMES = ("single", "ha", "ha+tls")
 PREFIX = "CELLSTREAM_"
@@ -258,3 +260,24 @@ def test_every_secret_the_manifests_reference_is_explained_in_deploy_md(rendered
     for secret in referenced:
         assert f"kubectl create secret generic {secret}" in text or f"kubectl create secret tls {secret}" in text, \
             secret
+
+
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_the_commented_tracing_settings_start_tracing_once_uncommented(rendered, variant, monkeypatch):
+    """The ConfigMap's commented OTEL_* lines are what an operator uncomments: the pod's environment with them
+    is valid, and tracing starts from it (and is off as shipped)."""
+    lines = (REPO / "deploy/k8s/base/configmap.yaml").read_text().splitlines()
+    commented = [line.strip().removeprefix("# ") for line in lines if line.strip().startswith("# OTEL_")]
+    tracing = yaml.safe_load("\n".join(commented))
+    assert set(tracing) >= {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
+    environment_as_shipped = environment(rendered[variant], server_container(rendered[variant]))
+    assert start_tracing(environment_as_shipped) is None
+    telemetry = start_tracing({**environment_as_shipped, **tracing})
+    try:
+        assert telemetry is not None
+        assert telemetry.provider.sampler.get_description().startswith(
+            "LinkedBatchSampler{ParentBased{root:TraceIdRatioBased{0.05}")
+        assert telemetry.provider.resource.attributes["service.name"] == "cellstream"
+    finally:
+        telemetry.shutdown()
+    settings_of(rendered[variant], monkeypatch)  # CELLSTREAM_LOG_FORMAT and the rest still load

@@ -1,7 +1,8 @@
-"""The image's install, reproduced without Docker: the build stage's files, the wheel, a fresh venv with
-the runtime dependencies only (as deploy/Dockerfile installs them), then `cellstream serve` from that
-venv on the shipped model, answered SERVING by `cellstream health`, with no torch to be found; and what
-the wheel installs: the one package `cellstream`, importable without torch."""
+"""The plain install, without a container: the build stage's files, the wheel, a fresh venv with the runtime
+dependencies only (deploy/Dockerfile adds the tracing extra; tests/deploy/test_image.py runs the image itself),
+then `cellstream serve` from that venv on the shipped model, answered SERVING by `cellstream health`, with no
+torch and no OpenTelemetry to be found; and what the wheel installs: the one package `cellstream`, importable
+without torch."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.timeout(180)
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PROJECT["project"]["version"]
 # Installed only by the extras: none of them may reach the image.
-EXTRAS_ONLY = ("torch", "onnx", "tqdm", "pytest", "hypothesis", "tritonclient", "grpc_tools", "matplotlib")
+EXTRAS_ONLY = ("torch", "onnx", "tqdm", "pytest", "hypothesis", "tritonclient", "grpc_tools", "matplotlib",
+               "opentelemetry")
 
 
 def run(*argv: str | Path, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess:
@@ -85,7 +87,7 @@ def runtime_install(tmp_path_factory: pytest.TempPathFactory) -> Install:
     venv = where / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
-    # As the Dockerfile's build stage: the wheel without extras, under the project's constraints.
+    # As the Dockerfile's build stage, but without extras: the server as it runs without the tracing extra.
     run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "-c", REPO / "constraints.txt", wheel,
         timeout=150)
     return Install(wheel, venv, python)
@@ -161,3 +163,17 @@ def test_the_runtime_install_serves_the_shipped_model_without_torch(runtime_inst
     assert "cellstream-chat" in log.read_text()
     after = sorted(p for directory in (venv, models) for p in directory.rglob("*"))
     assert after == before, "the server wrote into its install or model directory (the image's are read-only)"
+
+
+def test_without_the_tracing_extra_a_server_asked_to_trace_refuses_to_start(runtime_install, tmp_path):
+    """Tracing asked for (an OTLP endpoint) where OpenTelemetry is not installed: exit 2, naming the extra."""
+    port, metrics_port = free_ports(2)
+    env = runtime_env(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318", CELLSTREAM_PORT=str(port),
+                      CELLSTREAM_METRICS_PORT=str(metrics_port), CELLSTREAM_HTTP_PORT="0",
+                      CELLSTREAM_MODEL_DIR=str(REPO / "model" / "artifacts"))
+    refused = subprocess.run([runtime_install.venv / "bin" / "cellstream", "serve", "--host", "127.0.0.1"],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.strip() == (
+        "cellstream serve: tracing is configured (OTEL_EXPORTER_OTLP_ENDPOINT), but OpenTelemetry is not "
+        "installed: install the tracing extra (pip install 'cellstream[tracing]'), or unset the OTEL_* variables")

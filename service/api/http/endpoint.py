@@ -12,8 +12,9 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
@@ -25,6 +26,9 @@ from cellstream.service.api.http.errors import INTERNAL, JSON, HttpError, error_
 from cellstream.service.config import Settings
 from cellstream.service.errors import CellstreamError, Unauthenticated
 from cellstream.service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from cellstream.service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ class Guards:
     metrics: Metrics
     tokens: auth.TokenFile | None
     admission: AdmissionInterceptor  # the gRPC port's: one in-flight bound for the whole process
+    tracing: Telemetry | None = None  # a span per request when tracing is on
 
 
 class Call:
@@ -131,6 +136,17 @@ class Endpoint:
         self.open = open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tracing = self.guards.tracing
+        if tracing is None or self.open:  # like gRPC's health and reflection, probes and the API's files: no span
+            await self._serve(scope, receive, send)
+            return
+        name = f"{scope['method']} {self.route}"
+        attributes = {"http.request.method": scope["method"], "http.route": self.route}
+        with tracing.server_span(name, Headers(scope=scope), attributes) as span:
+            tracing.http_outcome(span, await self._serve(scope, receive, send))
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Answer the request; returns the status counted for it."""
         started = time.perf_counter()
         status = 0
 
@@ -153,6 +169,7 @@ class Endpoint:
             metrics = self.guards.metrics
             metrics.http_requests.labels(self.route, str(call.outcome or status)).inc()
             metrics.http_latency.labels(self.route).observe(time.perf_counter() - started)
+        return call.outcome or status
 
     async def _respond(self, call: Call, held: contextlib.ExitStack) -> Response:
         try:
