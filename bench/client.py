@@ -124,6 +124,7 @@ async def run(target: str, server: ServerProcess, sessions: int, warmup: float, 
         opened = [await client.open_session(MODEL) for _ in range(sessions)]
         rows = [await measure(f"client, {sessions} sessions (StreamMany by itself)", server, through_client(opened),
                               warmup, seconds)]
+        per_message = client.steps_per_message
         # The same sessions, attached where the first run left them, by a client that does not multiplex.
         same = [await unary.attach(s.session_id) for s in opened]
         rows += [
@@ -136,7 +137,7 @@ async def run(target: str, server: ServerProcess, sessions: int, warmup: float, 
         rows.append(await measure("client, 1 session (StreamMany)", server, through_client([lone]), warmup, seconds))
         rows.append(await measure("client, 1 session, unary Step", server,
                                   through_client([await unary.attach(lone.session_id)]), warmup, seconds))
-        return rows, client.steps_per_message
+        return rows, per_message
 
 
 def print_table(rows: list[Row], steps_per_message: float) -> None:
@@ -148,7 +149,7 @@ def print_table(rows: list[Row], steps_per_message: float) -> None:
     many, unary, hand, lone, lone_unary = rows
     print(f"\nclient / unary Step: {many.steps_per_s / unary.steps_per_s:.2f}x steps/s; hand-written loop / client: "
           f"{hand.steps_per_s / many.steps_per_s:.2f}x; a lone step's p50: {percentile_ms(lone.latencies, 50):.2f} ms "
-          f"multiplexed, {percentile_ms(lone_unary.latencies, 50):.2f} ms unary; the client sent "
+          f"multiplexed, {percentile_ms(lone_unary.latencies, 50):.2f} ms unary; the first run's client sent "
           f"{steps_per_message:.1f} steps per StreamMany message")
 
 

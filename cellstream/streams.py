@@ -23,6 +23,11 @@ Batch = TypeVar("Batch")  # pb.StepBatch or pb.GenerateBatch: `items`
 STREAM_ENDED = "the {name} stream ended before this request's outcome arrived"
 # What a message holds besides its items (gRPC and protobuf framing), kept free under max_message_bytes.
 MESSAGE_FRAMING_BYTES = 1024
+# A reply of at least twice this many outcomes is handed out in two halves, the event loop running the first half's
+# callers in between: their next requests leave while the client still works through the second half, so the
+# client's work overlaps the server's instead of alternating with it (256 sessions stepping back to back on 2
+# cores: 1.5x the steps/s; the server then runs two batches of 128 instead of one of 256).
+MIN_SHARE = 64
 
 
 class Route(Protocol):
@@ -111,13 +116,17 @@ class CoalescingStream(Generic[Batch]):
         code, details = grpc.StatusCode.UNAVAILABLE, STREAM_ENDED.format(name=self.name)
         try:
             async for reply in call:
-                for outcome in outcomes(reply):
+                delivered = outcomes(reply)
+                half = len(delivered) // 2 if len(delivered) >= 2 * MIN_SHARE else len(delivered)
+                for k, outcome in enumerate(delivered, 1):
                     if final is None or final(outcome):
                         route = routes.pop(outcome.tag, None)
                     else:
                         route = routes.get(outcome.tag)
                     if route is not None:
                         route.deliver(outcome)
+                    if k == half:  # let the first half's callers go on (and their next requests leave)
+                        await asyncio.sleep(0)
                 if not routes:
                     self._idle.set()
         except grpc.aio.AioRpcError as exc:
