@@ -4,6 +4,7 @@ harmless (no glass-box graph, too many steps, a multiplexed item, a glass-box gr
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,11 @@ SIGMOIDS = ("forget", "input", "output")
 # Exactly 1 (or 0) from σ only where the exact value is this close: a few float32 steps (6e-8 each just below 1),
 # as onnxruntime's vectorised σ rounds.
 NEAR_THE_END = 1e-6
+# The bound docs/API.md states for the gates against float64 over a conversation's first max_gate_steps bytes
+# (float32's drift through a trained memory: 1.17e-5 was seen on a 256-byte UTF-8 input of the shipped model;
+# `python -m cellstream.bench.gate_precision` measures it).
+GATE_BOUND_STATED = "5e-5"
+GATE_BOUND = float(GATE_BOUND_STATED)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,7 +64,7 @@ def assert_gates(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: 
     for name in GATE_NAMES:
         assert got[name].shape == want[name].shape, (what, name, got[name].shape, want[name].shape)
         diff = scaled_max_diff(got[name], want[name])
-        assert diff <= TOLERANCE, f"{what}: {name} is {diff:.3g} from the float64 reference"
+        assert diff <= GATE_BOUND, f"{what}: {name} is {diff:.3g} from the float64 reference"
     for name in SIGMOIDS:
         # σ is in (0, 1); float32 rounds it to exactly 1 (or 0) only where the exact value is that close to it.
         assert ((got[name] >= 0) & (got[name] <= 1)).all(), f"{what}: {name} outside [0, 1]"
@@ -271,22 +277,45 @@ async def test_an_unreadable_glass_box_graph_stops_the_start(start, tmp_path, ti
 ARTIFACTS = Path(__file__).resolve().parents[2] / "model" / "artifacts"
 
 
-async def test_the_shipped_models_gates_equal_the_float64_reference(start, connect, arrays, step):
+# 256 bytes of held-out dialogues (the most one request with gates may have): the first, fed whole, is 1.95e-5 from
+# float64 at its worst (more than 1e-5, the bound docs/API.md stated before); the second has accents (UTF-8).
+SHIPPED_TEXTS = (
+    "user: hello!\nbot: hello! how can i help?\nuser: my name is oscar.\nbot: hello oscar!\nuser: i work as a "
+    "sailor.\nbot: being a sailor must be interesting.\nuser: these days i live in oslo.\nbot: oslo sounds lovely."
+    "\nuser: how was your lamp?\nbot: maybe you should g",
+    ("user: je m'appelle amélie.\nbot: c'est noté, amélie.\nuser: j'habite à genève.\nbot: genève !\n"
+     "user: je travaille comme infirmière.\nbot: infirmière, très bien.\nuser: il pleut aujourd'hui.\n"
+     "bot: je préfère le soleil.\nuser: comment je m'appelle ?\nbot: ").encode()[:256].decode(errors="ignore"),
+)
+
+
+@pytest.mark.parametrize(("text", "cuts"), [(SHIPPED_TEXTS[0], ()), (SHIPPED_TEXTS[1], (9, 10))],
+                         ids=["256 bytes whole", "256 UTF-8 bytes in pieces"])
+async def test_the_shipped_models_gates_equal_the_float64_reference(start, connect, arrays, step, text, cuts):
     stub = connect(await start(model_dir=ARTIFACTS, default_model="cellstream-chat"))
-    text = "user: my name is alice.\nbot: nice to meet you, alice.\nuser: how are you?\nbot: "
+    assert 250 <= len(text.encode()) <= 256
     session = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
     parts = []
-    for part in (text[:9], text[9:10], text[10:]):
-        response = await stub.Step(step(session, text=part, gates=True))
+    for start_at, stop_at in itertools.pairwise((0, *cuts, len(text))):
+        response = await stub.Step(step(session, text=text[start_at:stop_at], gates=True))
         parts.append(served_gates(response.gates, 128))
     got = joined(parts)
     fed = np.frombuffer(text.encode(), np.uint8).astype(np.int64)
     assert_gates(got, expected_gates(reference_of(ARTIFACTS, "cellstream-chat"), fed), "cellstream-chat")
     h, c = arrays(await stub.GetState(pb.SessionRef(session_id=session)))
     assert scaled_max_diff(got["cell"][-1], c) <= TOLERANCE and scaled_max_diff(got["hidden"][-1], h) <= TOLERANCE
+
+
+async def test_the_shipped_sensor_models_gates_equal_the_float64_reference(start, connect, step):
+    stub = connect(await start(model_dir=ARTIFACTS, default_model="cellstream-chat"))
     readings = np.sin(np.arange(40) / 3).astype(np.float32)[:, None]
     sensor = (await stub.OpenSession(pb.OpenSessionRequest(model="cellstream-sensor"))).session_id
     response = await stub.Step(step(sensor, features=readings, gates=True))
     assert len(response.gates) == 1
     want = expected_gates(reference_of(ARTIFACTS, "cellstream-sensor"), readings)
     assert_gates(served_gates(response.gates, 48), want, "cellstream-sensor")
+
+
+def test_the_api_states_the_bound_the_tests_hold():
+    api = (Path(__file__).resolve().parents[2] / "docs" / "API.md").read_text()
+    assert f"within **{GATE_BOUND_STATED}**" in api
