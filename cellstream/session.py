@@ -108,6 +108,8 @@ class AsyncSession:
             return
         try:
             await self.close()
+        except NotFound:
+            pass  # gone already (expired, evicted): what closing it was for
         except CellstreamError:
             if error is None:  # the body's own error matters more than a failed close
                 raise

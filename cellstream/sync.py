@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from cellstream.aio import AsyncClient, Timeout
-from cellstream.errors import CellstreamError
+from cellstream.errors import CellstreamError, NotFound
 from cellstream.results import Chunk, ModelInfo, State, StepResult
 from cellstream.session import AsyncSession
 
@@ -74,8 +74,10 @@ class Session:
             return
         try:
             self.close()
+        except NotFound:
+            pass  # gone already (expired, evicted): what closing it was for
         except CellstreamError:
-            if error is None:
+            if error is None:  # the body's own error matters more than a failed close
                 raise
 
     @property

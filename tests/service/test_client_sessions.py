@@ -14,6 +14,7 @@ import pytest
 
 import cellstream
 from cellstream import AsyncClient, Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 
 CHAT, FEATURES = "tiny-chat", "tiny-features"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "model" / "artifacts"
@@ -196,3 +197,11 @@ async def test_the_blocking_client_from_several_threads(server, ref, close):
     per_message = await asyncio.to_thread(run)
     assert results == {seed: [2, 4, 6, 8, 10] for seed in range(8)}
     assert per_message >= 1.0
+
+
+async def test_a_session_gone_before_its_block_ends_is_no_error_at_the_end(client, stub):
+    async with client.session(CHAT) as session:
+        await stub.CloseSession(pb.SessionRef(session_id=session.session_id))  # expired, evicted, closed elsewhere
+    assert session.closed
+    with pytest.raises(cellstream.NotFound):
+        await session.close()  # said plainly when asked for
