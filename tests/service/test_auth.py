@@ -234,7 +234,7 @@ async def test_unusable_token_files_stop_start_up(tiny_model_dir, tmp_path, cont
     if content is not None:
         path.write_text(content)
     settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
-                             model_dir=tiny_model_dir, auth_token_file=path)
+                             model_dir=tiny_model_dir, default_model="tiny-chat", auth_token_file=path)
     with pytest.raises(SecurityConfigError, match=message) as info:
         await start_server(settings)
     assert ALICE not in str(info.value)
@@ -252,7 +252,8 @@ async def test_unusable_tls_files_stop_start_up(tiny_model_dir, pki, tmp_path, f
     (tmp_path / "junk").write_text("not a certificate")
     cert, key = ((pki if (pki / name).exists() else tmp_path) / name for name in files)
     settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
-                             model_dir=tiny_model_dir, tls_cert_path=cert, tls_key_path=key)
+                             model_dir=tiny_model_dir, default_model="tiny-chat", tls_cert_path=cert,
+                             tls_key_path=key)
     with pytest.raises(SecurityConfigError, match=message):
         await start_server(settings)
     with pytest.raises(SettingsError, match="tls_cert_path and tls_key_path go together"):
