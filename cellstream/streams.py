@@ -158,10 +158,3 @@ class CoalescingStream(Generic[Batch]):
             self._sender.cancel()
         await call.done_writing()
         await receiver  # the server ends the stream once every request has its outcome
-
-    def cancel(self) -> None:
-        """End the stream now: the requests still waiting are lost (CANCELLED)."""
-        if self._call is not None:
-            call = self._call
-            call.cancel()
-            self._drop(call, grpc.StatusCode.CANCELLED, "the client was closed before this request's outcome arrived")
