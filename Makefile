@@ -9,7 +9,7 @@ PORT ?= 50051
 # Extra flags for `make bench`, e.g. BENCH_ARGS="--quick --out-dir /tmp/bench".
 BENCH_ARGS ?=
 
-.PHONY: image serve test soak latency lint protos model bench bench-gates bench-instructions venv venv-dev clean
+.PHONY: image serve test soak latency lint protos model bench bench-gates bench-client bench-instructions venv venv-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench: $(VENV)/.bench
 # What a request with gates costs beside 16 sessions of small steps, against plain large requests (~1 minute).
 bench-gates: $(VENV)/.bench
 	$(BIN)/python -m cellstream.bench.gates
+
+# The Python client's multiplexing: 256 sessions through AsyncClient, unary Step, a hand-written StreamMany loop (~1 min).
+bench-client: $(VENV)/.bench
+	$(BIN)/python -m cellstream.bench.client
 
 # Instructions per call and per step, counted by valgrind's callgrind: repeatable where timings drift (~3 minutes).
 bench-instructions: $(VENV)/.bench

@@ -19,9 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cellstream import AsyncClient
 from cellstream.bench.server import ServerProcess
 from cellstream.bench.stats import percentile_ms
-from cellstream.service.client import Client
 from cellstream.service.config import Settings
 from cellstream.service.dataplane import FLOAT_BYTES, GATE_BYTES_PER_UNIT, REPLY_FRAMING_BYTES
 
@@ -40,31 +40,32 @@ CASES = (("none", 0, {}), (f"plain, {GATED} bytes", GATED, {}), (f"gated, {GATED
          (f"plain, {ALL_STEPS} bytes, every step's logits", ALL_STEPS, {"all_steps": True}))
 
 
-async def small_steps(client: Client, stop: asyncio.Event, latencies: list[float]) -> None:
-    session = (await client.open_session()).session_id
+async def small_steps(client: AsyncClient, stop: asyncio.Event, latencies: list[float]) -> None:
+    session = await client.open_session()
     while not stop.is_set():
         started = time.perf_counter()
-        await client.step(session, tokens=[97])
+        await session.step([97])
         latencies.append(time.perf_counter() - started)
 
 
-async def large_requests(client: Client, length: int, outputs: dict[str, bool], stop: asyncio.Event,
+async def large_requests(client: AsyncClient, length: int, outputs: dict[str, bool], stop: asyncio.Event,
                          latencies: list[float]) -> None:
-    session = (await client.open_session()).session_id
+    session = await client.open_session()
     text = "a" * length
     while not stop.is_set():
         started = time.perf_counter()
-        await client.step(session, text=text, **outputs)
+        await session.step(text=text, **outputs)
         latencies.append(time.perf_counter() - started)
-        await client.close_session(session)  # a fresh state each time: the same work every request
-        session = (await client.open_session()).session_id
+        await session.close()  # a fresh state each time: the same work every request
+        session = await client.open_session()
 
 
 async def measure(port: int, length: int, outputs: dict[str, bool], seconds: float) -> dict[str, float]:
     small: list[float] = []
     large: list[float] = []
     stop = asyncio.Event()
-    async with Client(f"127.0.0.1:{port}", timeout=60) as client:
+    # One unary Step per step, as the figures in docs/BENCHMARKS.md were measured (gates are served only so).
+    async with AsyncClient(f"127.0.0.1:{port}", timeout=60, multiplex=False) as client:
         tasks = [asyncio.create_task(small_steps(client, stop, small)) for _ in range(SESSIONS)]
         if length:
             tasks.append(asyncio.create_task(large_requests(client, length, outputs, stop, large)))

@@ -10,7 +10,6 @@ here are made up as the model was trained: a noisy sine around a level that jump
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 from collections.abc import Iterator
 
@@ -28,18 +27,16 @@ def readings(count: int, seed: int = 0) -> Iterator[tuple[float, float]]:
         yield float(clean + rng.normal(0, 0.8)), float(clean)
 
 
-async def native(target: str, count: int) -> list[tuple[float, float, float]]:
-    from cellstream.service.client import Client
+def native(target: str, count: int) -> list[tuple[float, float, float]]:
+    import cellstream
 
     rows = []
-    async with Client(target) as client:
-        session = await client.open_session(model=MODEL)
+    with cellstream.Client(target) as client, client.session(MODEL) as session:
         for reading, clean in readings(count):
             # One reading = one feature vector of 1 float; `logits=True` asks for the last step's output,
             # which this model returns in `outputs` (ListModels: output_name "forecast").
-            response = await client.step(session.session_id, features=[[reading]], logits=True)
-            rows.append((reading, clean, response.outputs[0]))
-        await client.close_session(session.session_id)
+            result = session.step(features=[[reading]], logits=True)
+            rows.append((reading, clean, float(result.outputs[0])))
     return rows
 
 
@@ -63,8 +60,7 @@ def main() -> None:
     parser.add_argument("--api", choices=("native", "kserve"), default="native")
     parser.add_argument("--readings", type=int, default=200)
     args = parser.parse_args()
-    rows = asyncio.run(native(args.target, args.readings)) if args.api == "native" else kserve(
-        args.target, args.readings)
+    rows = native(args.target, args.readings) if args.api == "native" else kserve(args.target, args.readings)
     for t, (reading, _, forecast) in enumerate(rows):
         if t % 10 == 0:
             print(f"reading {t:4d}: {reading:+.2f}   forecast of the next: {forecast:+.2f}")

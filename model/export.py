@@ -135,8 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cellstream.model.user_export import main as export_user_module  # your own LSTM: docs/MODELS.md
 
         return export_user_module(argv)
-    parser = argparse.ArgumentParser(prog="cellstream export", description="Export a checkpoint to ONNX "
-                                     "(or your own LSTM module: `cellstream export --module pkg.mod:factory --help`).")
+    from cellstream.model.user_export import parser as module_parser  # your own LSTM: docs/MODELS.md
+
+    parser = argparse.ArgumentParser(
+        prog="cellstream export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a checkpoint written by `cellstream train` to ONNX, or your own LSTM module with "
+                    "--module (its options below).", epilog=module_parser().format_help())
     parser.add_argument("checkpoint", type=Path, help="checkpoint written by `cellstream train`")
     parser.add_argument("--out", type=Path, default=Path("model/artifacts/cellstream-chat.onnx"))
     args = parser.parse_args(argv)

@@ -207,6 +207,16 @@ def measure(reference: ReferenceLSTM, glass_box: Path, fast_graph: Path,
         yield f"{name} (worst of {count} inputs)", errors
 
 
+def _token_ids(graph: onnx.GraphProto) -> set[str]:
+    """`tokens` and the tensors holding the same ids laid out otherwise: a time-first module's exported graph
+    transposes `tokens` (B, T) to (T, B) before its embedding, whose rows are the same whatever the layout."""
+    names = {"tokens"}
+    for node in graph.node:  # in topological order, as ONNX requires
+        if node.op_type in ("Transpose", "Identity") and node.input and node.input[0] in names:
+            names.update(node.output)
+    return names
+
+
 def reference_from_graph(fast_graph: onnx.ModelProto) -> tuple[ReferenceLSTM, str]:
     """The NumPy reference of a served graph's LSTM layers, read from its LSTM operators' weights (and its
     embedding, for a tokens model), and its input kind. Whatever else the graph does between its input and
@@ -235,11 +245,12 @@ def reference_from_graph(fast_graph: onnx.ModelProto) -> tuple[ReferenceLSTM, st
                                    b_f=bias[f], b_i=bias[i], b_C=bias[c], b_o=bias[o]))
     embedding = None
     if input_kind == "tokens":
-        gathers = [n for n in fast_graph.graph.node if n.op_type == "Gather" and n.input[1] == "tokens"
+        ids = _token_ids(fast_graph.graph)
+        gathers = [n for n in fast_graph.graph.node if n.op_type == "Gather" and n.input[1] in ids
                    and n.input[0] in weights]
         if len(gathers) != 1:
-            raise ValueError(f"a tokens graph needs one embedding (a Gather of `tokens` from a stored table), "
-                             f"found {len(gathers)}")
+            raise ValueError(f"a tokens graph needs one embedding (a Gather of `tokens`, or of `tokens` transposed, "
+                             f"from a stored table), found {len(gathers)}")
         embedding = weights[gathers[0].input[0]]
     return ReferenceLSTM(tuple(layers), embedding), input_kind
 

@@ -143,25 +143,48 @@ def _metadata_pair(text: str) -> tuple[str, str]:
     return (key if key.startswith("cellstream.") else f"cellstream.{key}"), value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    """The options of `cellstream export --module` (also shown by `cellstream export --help`)."""
+    made = argparse.ArgumentParser(
         prog="cellstream export",
         description="Export your own LSTM module (called as module(x, (h0, c0)) -> (y, (hn, cn))) for serving; "
-                    "see docs/MODELS.md.")
-    parser.add_argument("--module", required=True, help="package.module:factory, a callable returning the module")
-    parser.add_argument("--checkpoint", type=Path, help="weights: a state_dict (or a dict with 'model' / "
-                                                        "'state_dict'); omit when the factory loads them")
-    parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    parser.add_argument("--input", choices=("tokens", "features"), help="default: tokens if it has an nn.Embedding")
-    parser.add_argument("--output-name", help="what the output means: logits (tokens models), forecast, ...")
-    parser.add_argument("--samples", type=Path, help="a .npy array of your own inputs (batch, time[, features]) "
-                                                     "to check the export on, besides random ones")
-    parser.add_argument("--meta", type=_metadata_pair, action="append", default=[], metavar="KEY=VALUE",
-                        help="extra metadata, e.g. tokenizer=bytes-v1 (the cellstream. prefix is added)")
-    args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path.cwd()))  # the user's package, run from its project
+                    "see docs/MODELS.md. The module is imported from the current directory (run this from your "
+                    "project's root) or from the installed packages.")
+    made.add_argument("--module", required=True, help="package.module:factory, a callable returning the module")
+    made.add_argument("--checkpoint", type=Path, help="weights: a state_dict (or a dict with 'model' / "
+                                                      "'state_dict'); omit when the factory loads them")
+    made.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    made.add_argument("--input", choices=("tokens", "features"), help="default: tokens if it has an nn.Embedding")
+    made.add_argument("--output-name", help="what the output means: logits (tokens models), forecast, ...")
+    made.add_argument("--samples", type=Path, help="a .npy array of your own inputs (batch, time[, features]) "
+                                                   "to check the export on, besides random ones")
+    made.add_argument("--meta", type=_metadata_pair, action="append", default=[], metavar="KEY=VALUE",
+                      help="extra metadata, e.g. tokenizer=bytes-v1 (the cellstream. prefix is added)")
+    return made
+
+
+def import_factory(spec: str) -> nn.Module:
+    """load_factory from the current directory (the user's project) or the installed packages; an ImportError
+    that says where it looked."""
+    here = str(Path.cwd())
+    sys.path.insert(0, here)
     try:
-        module = load_factory(args.module)
+        return load_factory(spec)
+    except ModuleNotFoundError as exc:
+        package = spec.partition(":")[0]
+        if exc.name is None or not (package == exc.name or package.startswith(exc.name + ".")):
+            raise  # the user's module was found; something it imports was not
+        raise ImportError(f"cannot import {package!r} ({exc}); looked in the current directory {here} and the "
+                          "installed packages: run this from your project's root (the directory holding the "
+                          "package), or `pip install -e` the project") from None
+    finally:
+        sys.path.remove(here)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        module = import_factory(args.module)
         if args.checkpoint is not None:
             load_weights(module, args.checkpoint)
         samples = [np.load(args.samples)] if args.samples is not None else []

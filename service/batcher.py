@@ -560,8 +560,13 @@ class Batcher:
         return set() if all(applied) else {column for column, ok in zip(columns, applied, strict=True) if not ok}
 
     def _all_ready(self, group: StepGroup, loaded: list[SessionRecord | None]) -> bool:
-        """Whether every step of the group can run (the common case, checked without a loop in Python)."""
-        if group.expected_positions is not None or None in loaded:
+        """Whether every step of the group can run (the common case, checked without a loop in Python): each
+        session found, the caller's, and at its expected position if the step names one (a client that makes
+        every step conditional, cellstream.AsyncClient's, names one on every step)."""
+        if None in loaded:
+            return False
+        expected = group.expected_positions
+        if expected is not None and [record.position for record in loaded] != expected:  # type: ignore[union-attr]
             return False
         owner = group.owner
         return owner is None or all(record.owner == owner for record in loaded)  # type: ignore[union-attr]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _connection(args: argparse.Namespace) -> tuple[str | None, grpc.ChannelCredentials | None] | None:
     """(bearer token, TLS credentials) from the connection flags, or None once the reason is printed."""
-    from cellstream.service.client import tls_credentials
+    from cellstream.connection import tls_credentials
 
     if (args.cert is None) != (args.key is None):
         print(f"cellstream {args.command}: --cert and --key go together (mutual TLS)", file=sys.stderr)
@@ -61,14 +60,14 @@ def _connection(args: argparse.Namespace) -> tuple[str | None, grpc.ChannelCrede
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from cellstream.service.client import chat
+    from cellstream.service.chat import chat
 
-    connection = _connection(args)
+    connection = _connection(args)  # checks the flags and files, and reads the token
     if connection is None:
         return 2
-    token, credentials = connection
-    return asyncio.run(chat(args.target, model=args.model, temperature=args.temperature,
-                            max_tokens=args.max_tokens, token=token, credentials=credentials))
+    token, _ = connection
+    return chat(args.target, model=args.model, temperature=args.temperature, max_tokens=args.max_tokens,
+                token=token, tls=args.tls, ca=args.ca, cert=args.cert, key=args.key)
 
 
 def _health(args: argparse.Namespace) -> int:

@@ -96,6 +96,38 @@ class Engine:
         return outputs, hn, cn, gate_values
 
 
+SHIPPED_DEFAULT = "cellstream-chat"
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The .onnx models of a directory (not their glass-box graphs), by name; ModelLoadError when there are none.
+    Reads the directory only, so the server can check it before it binds any port."""
+    if not directory.is_dir():
+        raise ModelLoadError(f"model directory not found: {directory}")
+    paths = sorted(p for p in directory.glob("*.onnx") if not p.name.endswith(gates.SUFFIX))
+    if not paths:
+        raise ModelLoadError(f"no .onnx models in {directory}")
+    return paths
+
+
+def default_model(paths: list[Path], default: str) -> str:
+    """The model a request that names none gets: `default` if given, else the only model, else cellstream-chat;
+    ModelLoadError naming the setting when that is not among `paths`."""
+    names = [p.stem for p in paths]
+    if not default:
+        if len(names) == 1:
+            return names[0]
+        default = SHIPPED_DEFAULT
+        if default not in names:
+            raise ModelLoadError(
+                f"{len(names)} models in {paths[0].parent} ({', '.join(names)}) and no default model: choose the one "
+                "used by requests that name none with --default-model NAME (or CELLSTREAM_DEFAULT_MODEL)")
+    if default not in names:
+        raise ModelLoadError(f"default model {default!r} (--default-model, CELLSTREAM_DEFAULT_MODEL) is not among the "
+                             f"models in {paths[0].parent}: {', '.join(names)}")
+    return default
+
+
 class ModelRegistry:
     """The models of a directory, by name, with a default."""
 
@@ -109,18 +141,15 @@ class ModelRegistry:
 
     @classmethod
     def from_directory(cls, directory: Path, *, default: str = "", intra_op_threads: int = 1) -> ModelRegistry:
-        if not directory.is_dir():
-            raise ModelLoadError(f"model directory not found: {directory}")
-        paths = sorted(p for p in directory.glob("*.onnx") if not p.name.endswith(gates.SUFFIX))
-        if not paths:
-            raise ModelLoadError(f"no .onnx models in {directory}")
+        paths = model_files(directory)
+        chosen = default_model(paths, default)
+        if not default:
+            log.info("default model: %s (no default_model set: the only model, or %s)", chosen, SHIPPED_DEFAULT)
         engines = {p.stem: Engine(p, intra_op_threads=intra_op_threads) for p in paths}
         for engine in engines.values():
             log.info("loaded model %s from %s: %s; gates: %s", engine.spec.name, engine.path, engine.spec,
                      engine.glass_box.path.name if engine.glass_box else "none (no glass-box graph beside it)")
-        if not default:
-            default = paths[0].stem if len(paths) == 1 else "cellstream-chat"
-        return cls(engines, default)
+        return cls(engines, chosen)
 
     def resolve(self, name: str) -> str:
         """The model a request means: its own name, or the default when empty; KeyError if unknown."""

@@ -28,7 +28,7 @@ from cellstream.service.api.kserve import KServeServicer
 from cellstream.service.api.native import NativeServicer
 from cellstream.service.config import Settings, redacted_url
 from cellstream.service.dataplane import DataPlane
-from cellstream.service.engine import ModelRegistry
+from cellstream.service.engine import ModelRegistry, default_model, model_files
 from cellstream.service.metrics import Metrics
 from cellstream.service.sessions.factory import open_store
 from cellstream.service.tracing import start_tracing
@@ -139,6 +139,8 @@ async def start_server(
 ) -> RunningServer:
     """Bind and start reporting NOT_SERVING, load the models, then report SERVING. `clock`: the memory
     session store's clock for idle TTLs (tests pass one they advance by hand)."""
+    # The model directory and default first: a server that cannot serve says so before it binds any port.
+    default_model(model_files(settings.model_dir), settings.default_model)
     metrics = metrics or Metrics()
     options = grpc_options(settings)
     tracing = start_tracing()

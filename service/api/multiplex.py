@@ -175,7 +175,7 @@ class StepItems:
         count = len(session_ids)
         spec = specs[0] if count else None
         if (spec is not None and not checked.refused and specs.count(spec) == count
-                and checked.expected.count(None) == count and len(set(session_ids)) == count
+                and len(set(session_ids)) == count
                 and len(set(map(len, inputs))) == 1):  # the common message: cut into groups as it comes
             return self._slices(items, checked, spec, deadline, owner)
         entries: list[Entry] = []
@@ -203,15 +203,16 @@ class StepItems:
 
     def _slices(self, items: Sequence[pb.StepRequest], checked: Checked, spec: ModelSpec, deadline: float | None,
                 owner: str | None) -> tuple[list[Entry], list[Made]]:
-        """_groups of valid items of distinct sessions, one model and one length: consecutive slices, made
-        without any work per item in Python."""
+        """_groups of valid items of distinct sessions, one model and one length (with or without expected
+        positions): consecutive slices, made without any work per item in Python."""
         largest = self.dataplane.settings.max_batch_size
         entries: list[Entry] = []
         made: list[Made] = []
+        expected = None if checked.expected.count(None) == len(items) else checked.expected
         for start in range(0, len(items), largest):
             stop = start + largest
-            group = StepGroup(checked.session_ids[start:stop], checked.inputs[start:stop], None, deadline, owner,
-                              self._done)
+            group = StepGroup(checked.session_ids[start:stop], checked.inputs[start:stop],
+                              None if expected is None else expected[start:stop], deadline, owner, self._done)
             members: list[Entry] = list(zip(items[start:stop], repeat(spec), repeat(group), range(len(group))))
             entries += members
             made.append((spec.name, group, members))

@@ -19,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cellstream.bench.server import free_ports
 from cellstream.service._proto.cellstream.v1 import inference_pb2
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 from cellstream.service._proto.inference import grpc_service_pb2
-from cellstream.service.client import Client
 from cellstream.service.config import load_settings
 from cellstream.service.server import start_server
 
@@ -107,21 +108,26 @@ async def exposition(tiny_model_dir: Path) -> str:
                              max_inflight_requests=1, max_queue_size=1)
     running = await asyncio.wait_for(start_server(settings), 60)
     try:
-        async with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
-            sessions = [(await client.open_session()).session_id for _ in range(2)]
-            await client.step(sessions[0], tokens=[1, 2, 3])
-            stream = client.stream_steps()  # an open stream holds the one in-flight slot
-            await stream.write(Client.step_request(sessions[0], tokens=[4]))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+
+            def step(session_id: str, *tokens: int) -> pb.StepRequest:
+                return pb.StepRequest(session_id=session_id, tokens=pb.TokenSequence(ids=tokens))
+
+            sessions = [(await stub.OpenSession(pb.OpenSessionRequest())).session_id for _ in range(2)]
+            await stub.Step(step(sessions[0], 1, 2, 3))
+            stream = stub.StreamSteps()  # an open stream holds the one in-flight slot
+            await stream.write(step(sessions[0], 4))
             await stream.read()
             with pytest.raises(grpc.aio.AioRpcError, match="max_inflight_requests"):
-                await client.list_models()
+                await stub.ListModels(pb.ListModelsRequest())
             await stream.done_writing()
             assert await stream.code() == grpc.StatusCode.OK
             # Two steps in one message, room in the queue for one: the other is dropped (queue_full).
-            result = await client.step_many([Client.step_request(sid, tokens=[5]) for sid in sessions])
+            result = await stub.StepMany(pb.StepBatch(items=[step(sid, 5) for sid in sessions]))
             assert sorted(item.WhichOneof("outcome") for item in result.items) == ["error", "response"]
             for session_id in sessions:
-                await client.close_session(session_id)
+                await stub.CloseSession(pb.SessionRef(session_id=session_id))
 
         def fetch_models() -> int:
             with urllib.request.urlopen(f"http://127.0.0.1:{running.http_port}/v1/models", timeout=10) as response:

@@ -112,8 +112,9 @@ def test_the_wheel_installs_one_package_cellstream(runtime_install, tmp_path):
     installed = {line.split(",")[0].split("/")[0] for line in record.read_text().splitlines()}
     assert {name for name in installed if not name.startswith("..")} == {"cellstream", record.parent.name}
 
-    # Imported from elsewhere (not the repository), with torch absent: the package, its version, the tokenizer.
-    code = ("import sys, cellstream, cellstream.model.tokenizer as t; "
+    # Imported from elsewhere (not the repository), with torch absent: the package, its version, the client, the
+    # tokenizer.
+    code = ("import sys, cellstream, cellstream.model.tokenizer as t; cellstream.Client, cellstream.AsyncClient; "
             "print(cellstream.__version__, t.VOCAB_SIZE, cellstream.__file__, 'torch' in sys.modules)")
     version, vocab, where, torch_loaded = run(runtime_install.python, "-c", code, cwd=tmp_path,
                                               env=runtime_env()).stdout.split()

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cellstream.service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 
 CALLERS = 48  # each keeps one heavy step in flight, retrying at once: three times the in-flight bound
 INFLIGHT = 16
@@ -39,20 +40,24 @@ async def timed(call: object) -> tuple[object, float]:
     return outcome, time.monotonic() - started
 
 
-async def hammer(client: Client, request: object, over: asyncio.Event) -> list[tuple[object, float]]:
-    """The same heavy step again and again, no backoff, until the burst is over."""
+def step_request(session_id: str, tokens: list[int], logits: bool = False) -> pb.StepRequest:
+    return pb.StepRequest(session_id=session_id, tokens=pb.TokenSequence(ids=tokens), want=pb.Outputs(logits=logits))
+
+
+async def hammer(stub: pb_grpc.InferenceStub, request: object, over: asyncio.Event) -> list[tuple[object, float]]:
+    """The same heavy step again and again (one Step call each), no backoff, until the burst is over."""
     outcomes = []
     while not over.is_set():
-        outcomes.append(await timed(client.stub.Step(request, timeout=60)))
+        outcomes.append(await timed(stub.Step(request, timeout=60)))
     return outcomes
 
 
-async def probe(client: Client, session_id: str, until: float, over: asyncio.Event
+async def probe(channel: grpc.aio.Channel, session_id: str, until: float, over: asyncio.Event
                 ) -> tuple[list[float], list[float]]:
     """From a connection of its own, while the burst goes on: health Check round trips (each must answer
     SERVING) and the round trips of one-token steps that were refused. Ends the burst once `until` has
     passed and it has MIN_HEALTH_CHECKS answers and a refusal, however slowly they came."""
-    stub = health_pb2_grpc.HealthStub(client.channel)
+    stub, steps = health_pb2_grpc.HealthStub(channel), pb_grpc.InferenceStub(channel)
     health, refusals = [], []
     cap = time.monotonic() + BURST_CAP_SECONDS
     try:
@@ -61,7 +66,7 @@ async def probe(client: Client, session_id: str, until: float, over: asyncio.Eve
             response, elapsed = await timed(stub.Check(health_pb2.HealthCheckRequest(), timeout=30))
             assert response.status == SERVING, response
             health.append(elapsed)
-            outcome, elapsed = await timed(client.stub.Step(Client.step_request(session_id, tokens=[1]), timeout=60))
+            outcome, elapsed = await timed(steps.Step(step_request(session_id, [1]), timeout=60))
             if isinstance(outcome, grpc.aio.AioRpcError):
                 assert outcome.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, outcome
                 refusals.append(elapsed)
@@ -76,11 +81,14 @@ async def test_burst_excess_refused_fast_admitted_complete(serve_process, ref, c
     server = serve_process(max_inflight_requests=INFLIGHT, max_queue_size=8, max_queue_wait_ms=500)
     await server.wait_serving()
     rng = random.Random(3)
-    async with Client(server.target, timeout=60) as client, Client(server.target, timeout=60) as prober:
-        sessions = [s.session_id for s in await asyncio.gather(*(client.open_session() for _ in range(CALLERS)))]
+    async with grpc.aio.insecure_channel(server.target) as channel, \
+            grpc.aio.insecure_channel(server.target) as prober:  # a connection of its own
+        client = pb_grpc.InferenceStub(channel)
+        opened = await asyncio.gather(*(client.OpenSession(pb.OpenSessionRequest()) for _ in range(CALLERS)))
+        sessions = [s.session_id for s in opened]
         tokens = {sid: [rng.randrange(256) for _ in range(TOKENS_PER_STEP)] for sid in sessions}
-        requests = {sid: Client.step_request(sid, tokens=tokens[sid], logits=True) for sid in sessions}
-        probe_session = (await prober.open_session()).session_id
+        requests = {sid: step_request(sid, tokens[sid], logits=True) for sid in sessions}
+        probe_session = (await pb_grpc.InferenceStub(prober).OpenSession(pb.OpenSessionRequest())).session_id
 
         over = asyncio.Event()
         probing = asyncio.create_task(probe(prober, probe_session, time.monotonic() + BURST_SECONDS, over))
@@ -110,17 +118,17 @@ async def test_burst_excess_refused_fast_admitted_complete(serve_process, ref, c
         # Admitted steps were applied exactly once each and exactly; refused ones not at all.
         for sid, per_caller in zip(sessions, results, strict=True):
             applied = sum(not isinstance(o, grpc.aio.AioRpcError) for o, _ in per_caller)
-            state = await client.get_state(sid)
+            state = await client.GetState(pb.SessionRef(session_id=sid))
             assert state.position == applied * TOKENS_PER_STEP, f"{sid}: refused steps changed the session"
         for sid, per_caller in list(zip(sessions, results, strict=True))[:4]:
             applied = sum(not isinstance(o, grpc.aio.AioRpcError) for o, _ in per_caller)
             if applied:
                 _, h, c = ref.run("tiny-chat", tokens[sid] * applied)
-                state = await client.get_state(sid)
+                state = await client.GetState(pb.SessionRef(session_id=sid))
                 close(np.asarray(state.h).reshape(h.shape), h, f"h of {sid}")
                 close(np.asarray(state.c).reshape(c.shape), c, f"c of {sid}")
 
         # Healthy afterwards: a plain step goes through.
-        assert (await client.step(probe_session, tokens=[2])).position >= 1
+        assert (await client.Step(step_request(probe_session, [2]))).position >= 1
     assert server.proc.poll() is None
     assert server.metric("cellstream_calls_refused_total") > 0

@@ -9,9 +9,11 @@ applied but unanswered, a step never applied), the history behind any position i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,10 +21,37 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cellstream.service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 REDIS_FLAGS = {"store_probe_interval_seconds": 0.2, "state_store_timeout_seconds": 0.5}
+TIMEOUT = 10  # seconds, every call
+Stub = pb_grpc.InferenceStub
+
+
+def step_request(session_id: str, tokens: list[int], expected_position: int) -> pb.StepRequest:
+    """A step conditional on the position, asking for the last logits."""
+    return pb.StepRequest(session_id=session_id, tokens=pb.TokenSequence(ids=tokens),
+                          expected_position=expected_position, want=pb.Outputs(logits=True))
+
+
+async def get_state(stub: Stub, session_id: str) -> pb.State:
+    return await stub.GetState(pb.SessionRef(session_id=session_id), timeout=TIMEOUT)
+
+
+async def open_session(stub: Stub) -> str:
+    return (await stub.OpenSession(pb.OpenSessionRequest(), timeout=TIMEOUT)).session_id
+
+
+@contextlib.asynccontextmanager
+async def stubs(*targets: str) -> AsyncIterator[list[Stub]]:
+    """The cellstream.v1 stub on a channel of its own to each target (this test drives the RPCs itself: the
+    conditional steps, the re-reads, the fail-over; cellstream.AsyncClient does it for users, see
+    tests/e2e/test_client_failover.py)."""
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [await stack.enter_async_context(grpc.aio.insecure_channel(t)) for t in targets]
+        yield [pb_grpc.InferenceStub(channel) for channel in channels]
 
 
 @dataclass
@@ -46,22 +75,22 @@ class Conversation:
         assert len(tokens) == position, f"position {position} is not on the conversation's path"
         return tokens
 
-    async def step(self, client: Client) -> bool:
+    async def step(self, stub: Stub) -> bool:
         """One conditional step; on failure the position is re-read (the step may have been applied)."""
         try:
-            response = await client.step(self.session_id, tokens=self.tokens_at(self.position),
-                                         expected_position=self.position, logits=True)
+            response = await stub.Step(step_request(self.session_id, self.tokens_at(self.position), self.position),
+                                       timeout=TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             self.errors.append(exc.code())
-            await self.resync(client)
+            await self.resync(stub)
             return False
         self.position = response.position
         self.outputs.append((response.position, np.asarray(response.logits, np.float32)))
         return True
 
-    async def resync(self, client: Client) -> None:
+    async def resync(self, stub: Stub) -> None:
         try:
-            self.position = (await client.get_state(self.session_id)).position
+            self.position = (await get_state(stub, self.session_id)).position
         except grpc.aio.AioRpcError as exc:
             self.errors.append(exc.code())
 
@@ -76,7 +105,7 @@ class Conversation:
         close(np.asarray(state.c).reshape(c.shape), c, f"session {self.seed} c")
 
 
-async def keep_stepping(conversation: Conversation, clients: list[Client], stop: asyncio.Event) -> None:
+async def keep_stepping(conversation: Conversation, clients: list[Stub], stop: asyncio.Event) -> None:
     """Step on clients[0]; when its server is gone (UNAVAILABLE), fail over to the next one."""
     current = 0
     while not stop.is_set():
@@ -107,10 +136,10 @@ async def test_failover_after_sigkill_continues_exactly(serve_process, redis_ser
     a = serve_process(state_store=redis_server.url, **REDIS_FLAGS)
     b = serve_process(state_store=redis_server.url, **REDIS_FLAGS)
     await asyncio.gather(a.wait_serving(), b.wait_serving())
-    async with Client(a.target, timeout=10) as on_a, Client(b.target, timeout=10) as on_b:
+    async with stubs(a.target, b.target) as (on_a, on_b):
         conversations = [Conversation(seed) for seed in range(8)]
         for conversation in conversations:
-            conversation.session_id = (await on_a.open_session()).session_id
+            conversation.session_id = await open_session(on_a)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(keep_stepping(c, [on_a, on_b], stop)) for c in conversations]
         while min(len(c.outputs) for c in conversations) < 5:
@@ -125,7 +154,7 @@ async def test_failover_after_sigkill_continues_exactly(serve_process, redis_ser
         assert await a.wait_exit(5) == -signal.SIGKILL
         for conversation in conversations:
             only_failure_codes(conversation.errors)
-            conversation.check(ref, close, await on_b.get_state(conversation.session_id))
+            conversation.check(ref, close, await get_state(on_b, conversation.session_id))
     assert sum(len(c.errors) for c in conversations) >= 1, "no step was in flight when A died"
 
 
@@ -138,25 +167,25 @@ async def test_two_replicas_racing_on_one_session_lose_and_double_nothing(serve_
     accepted: list[tuple[int, list[int], int, np.ndarray, int]] = []  # (from, tokens, to, logits, who)
     aborted = [0, 0]
 
-    async def race(client: Client, who: int, session_id: str) -> None:
+    async def race(stub: Stub, who: int, session_id: str) -> None:
         rng = random.Random(who)
         known = 0  # this client's idea of the position: stale whenever the other one stepped
         for _ in range(60):
             tokens = [rng.randrange(256) for _ in range(rng.randint(1, 3))]
             try:
-                response = await client.step(session_id, tokens=tokens, expected_position=known, logits=True)
+                response = await stub.Step(step_request(session_id, tokens, known), timeout=TIMEOUT)
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.ABORTED, exc
                 aborted[who] += 1
-                known = (await client.get_state(session_id)).position
+                known = (await get_state(stub, session_id)).position
                 continue
             accepted.append((known, tokens, response.position, np.asarray(response.logits, np.float32), who))
             known = response.position
 
-    async with Client(a.target, timeout=10) as on_a, Client(b.target, timeout=10) as on_b:
-        session_id = (await on_a.open_session()).session_id
+    async with stubs(a.target, b.target) as (on_a, on_b):
+        session_id = await open_session(on_a)
         await asyncio.gather(race(on_a, 0, session_id), race(on_b, 1, session_id))
-        final = await on_b.get_state(session_id)
+        final = await get_state(on_b, session_id)
 
     assert sum(aborted) > 0, "no race happened: no step was aborted"
     assert {who for *_, who in accepted} == {0, 1}, "one replica never got a step in"
@@ -180,10 +209,10 @@ async def test_redis_stopped_mid_load_fails_unavailable_then_resumes_exactly(ser
                                                                              ref, close):
     server = serve_process(state_store=redis_server.url, **REDIS_FLAGS)
     await server.wait_serving()
-    async with Client(server.target, timeout=10) as client:
+    async with stubs(server.target) as (client,):
         conversations = [Conversation(seed) for seed in range(16)]
         for conversation in conversations:
-            conversation.session_id = (await client.open_session()).session_id
+            conversation.session_id = await open_session(client)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(keep_stepping(c, [client], stop)) for c in conversations]
         while min(len(c.outputs) for c in conversations) < 3:
@@ -213,7 +242,7 @@ async def test_redis_stopped_mid_load_fails_unavailable_then_resumes_exactly(ser
             assert during - before <= 2, "steps kept succeeding long after Redis went away"
             assert grpc.StatusCode.UNAVAILABLE in conversation.errors
             only_failure_codes(conversation.errors)
-            conversation.check(ref, close, await client.get_state(conversation.session_id))
+            conversation.check(ref, close, await get_state(client, conversation.session_id))
     log = server.log()
     assert "session store unreachable" in log and "reachable again" in log
     assert "Traceback" not in log, log

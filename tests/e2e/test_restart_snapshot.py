@@ -10,18 +10,11 @@ import signal
 import numpy as np
 import pytest
 
-from cellstream.service.client import Client
+from cellstream import AsyncClient
 from cellstream.service.sessions import snapshot
 from cellstream.service.sessions.base import SessionRecord
 
 SESSIONS = 200
-
-
-async def gather_in_chunks(calls: list, size: int = 50) -> list:
-    results = []
-    for k in range(0, len(calls), size):
-        results += await asyncio.gather(*calls[k:k + size])
-    return results
 
 
 @pytest.mark.timeout(180)
@@ -31,13 +24,13 @@ async def test_sigterm_then_restart_continues_all_200_sessions(serve_process, tm
     first = serve_process(snapshot_path=path, shutdown_grace_seconds=5)
     await first.wait_serving()
     history: dict[str, list[int]] = {}
-    async with Client(first.target, timeout=30) as client:
-        opened = await gather_in_chunks([client.open_session(ttl_seconds=600) for _ in range(SESSIONS)])
+    async with AsyncClient(first.target) as client:
+        opened = [await client.session(ttl_seconds=600) for _ in range(SESSIONS)]
         for _ in range(2):
-            steps = {s.session_id: [rng.randrange(256) for _ in range(rng.randint(1, 6))] for s in opened}
-            await gather_in_chunks([client.step(sid, tokens=tokens) for sid, tokens in steps.items()])
-            for sid, tokens in steps.items():
-                history.setdefault(sid, []).extend(tokens)
+            steps = {s: [rng.randrange(256) for _ in range(rng.randint(1, 6))] for s in opened}
+            await asyncio.gather(*(s.step(tokens) for s, tokens in steps.items()))
+            for s, tokens in steps.items():
+                history.setdefault(s.session_id, []).extend(tokens)
     first.signal(signal.SIGTERM)
     assert await first.wait_exit(20) == 0, first.log()
     assert "wrote 200 sessions to the snapshot" in first.log()
@@ -47,17 +40,19 @@ async def test_sigterm_then_restart_continues_all_200_sessions(serve_process, tm
     await second.wait_serving()
     assert "restored 200 sessions" in second.log(), second.log()
     assert not path.exists(), "the restored snapshot was left behind (a crash would restore it again)"
-    async with Client(second.target, timeout=30) as client:
-        steps = {sid: [rng.randrange(256) for _ in range(3)] for sid in history}
-        responses = await gather_in_chunks(
-            [client.step(sid, tokens=tokens, logits=True, state=True) for sid, tokens in steps.items()])
-    for (sid, tokens), response in zip(steps.items(), responses, strict=True):
+    async with AsyncClient(second.target) as client:
+        attached = [await client.attach(sid) for sid in history]  # where the snapshot left each one
+        assert [s.position for s in attached] == [len(history[s.session_id]) for s in attached]
+        steps = {s: [rng.randrange(256) for _ in range(3)] for s in attached}
+        results = await asyncio.gather(*(s.step(tokens, logits=True, state=True) for s, tokens in steps.items()))
+    for (session, tokens), result in zip(steps.items(), results, strict=True):
+        sid = session.session_id
         full = history[sid] + tokens
-        assert response.position == len(full)
+        assert result.position == len(full)
         want, h, c = ref.run("tiny-chat", full)
-        close(np.asarray(response.logits), want[-1], f"logits of {sid}")
-        close(np.asarray(response.state.h).reshape(h.shape), h, f"h of {sid}")
-        close(np.asarray(response.state.c).reshape(c.shape), c, f"c of {sid}")
+        close(result.logits, want[-1], f"logits of {sid}")
+        close(result.state.h, h, f"h of {sid}")
+        close(result.state.c, c, f"c of {sid}")
 
 
 def write_truncated(path) -> bytes:

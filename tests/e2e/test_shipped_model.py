@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from cellstream import AsyncClient
 from cellstream.model import corpus, tokenizer
 from cellstream.model.evaluate import MAX_REPLY_TOKENS, GreedyChat, evaluate, says
-from cellstream.service.client import Client
 from cellstream.service.config import load_settings
 from cellstream.service.server import start_server
 
@@ -130,28 +130,27 @@ async def shipped_server():
     await running.stop(0)
 
 
-async def converse(client: Client, dialogue: corpus.Dialogue) -> list[str]:
-    """Replay the dialogue one turn per request (Step), then ask each question (Generate)."""
-    sid = (await client.open_session()).session_id
-    for turn in dialogue.turns:
-        await client.step(sid, text=turn.text)
-    replies = []
-    for qa in dialogue.questions:
-        prompt = corpus.line("user", qa.question) + "bot: "
-        replies.append((await client.reply(sid, prompt, stop=["\n"], max_tokens=MAX_REPLY_TOKENS)).removesuffix("\n"))
-    await client.close_session(sid)
+async def converse(client: AsyncClient, dialogue: corpus.Dialogue) -> list[str]:
+    """Replay the dialogue one turn per step, then ask each question (a generated reply)."""
+    async with client.session() as session:
+        for turn in dialogue.turns:
+            await session.step(text=turn.text)
+        replies = []
+        for qa in dialogue.questions:
+            prompt = corpus.line("user", qa.question) + "bot: "
+            replies.append((await session.reply(prompt, stop=["\n"], max_tokens=MAX_REPLY_TOKENS)).removesuffix("\n"))
     return replies
 
 
-async def chat_through_generate(client: Client, dialogue: corpus.Dialogue
+async def chat_through_generate(client: AsyncClient, dialogue: corpus.Dialogue
                                 ) -> tuple[list[tuple[str, str]], list[str]]:
-    """As `cellstream chat` does: every user line is a Generate call whose streamed reply stays in the
-    state. Returns (stated value, acknowledgement) of each fact and update, and the answers."""
-    sid = (await client.open_session()).session_id
+    """As `cellstream chat` does: every user line is a generated reply, streamed, that stays in the state.
+    Returns (stated value, acknowledgement) of each fact and update, and the answers."""
+    session = await client.session()
 
     async def say(user: str) -> str:
-        chunks = [chunk async for chunk in client.generate(sid, corpus.line("user", user) + "bot: ",
-                                                            stop=["\n"], max_tokens=MAX_REPLY_TOKENS)]
+        chunks = [chunk async for chunk in session.generate(corpus.line("user", user) + "bot: ", stop=["\n"],
+                                                             max_tokens=MAX_REPLY_TOKENS)]
         text = "".join(chunk.text for chunk in chunks)
         # Streamed in pieces, the text is the whole reply's bytes decoded at once: no character is split.
         assert text == tokenizer.decode([token for chunk in chunks for token in chunk.tokens]), chunks
@@ -163,7 +162,7 @@ async def chat_through_generate(client: Client, dialogue: corpus.Dialogue
         if turn.role in ("fact", "update"):
             acks.append((turn.value, reply))
     answers = [await say(qa.question) for qa in dialogue.questions]
-    await client.close_session(sid)
+    await session.close()
     return acks, answers
 
 
@@ -176,7 +175,7 @@ def held_out_dialogues(count: int, language: str = "en", update_rate: float = 0.
 @pytest.mark.timeout(300)
 async def test_generate_one_request_per_turn_equals_in_process_greedy(shipped_server):
     dialogues = held_out_dialogues(12, "en", 0.5) + held_out_dialogues(12, "fr", 0.5)
-    async with Client(f"127.0.0.1:{shipped_server.port}") as client:
+    async with AsyncClient(f"127.0.0.1:{shipped_server.port}") as client:
         served = await asyncio.gather(*(converse(client, d) for d in dialogues))  # batched together
     chat = local_chat()
     for dialogue, replies in zip(dialogues, served, strict=True):
@@ -187,7 +186,7 @@ async def test_generate_one_request_per_turn_equals_in_process_greedy(shipped_se
 @pytest.mark.parametrize("language", ["en", "fr"])
 async def test_chat_through_generate_recalls_updates_and_keeps_accents(shipped_server, language):
     dialogues = held_out_dialogues(50, language, update_rate=0.5)
-    async with Client(f"127.0.0.1:{shipped_server.port}") as client:
+    async with AsyncClient(f"127.0.0.1:{shipped_server.port}") as client:
         served = await asyncio.gather(*(chat_through_generate(client, d) for d in dialogues))
     hits = {"name": [], "city": [], "job": []}
     echoed = []
@@ -211,17 +210,17 @@ async def test_forked_conversations_diverge_independently(shipped_server):
     branches = {"original": "user: i live in paris.\nbot: noted, paris.\n",
                 "fork": "user: i live in tokyo.\nbot: noted, tokyo.\n"}
     questions = ["where do i live?", "what is my name?"]
-    async with Client(f"127.0.0.1:{shipped_server.port}") as client:
-        sid = (await client.open_session()).session_id
-        await client.step(sid, text=start)
-        ids = {"original": sid, "fork": (await client.fork(sid)).session_id}
+    async with AsyncClient(f"127.0.0.1:{shipped_server.port}") as client:
+        original = await client.session()
+        await original.step(text=start)
+        sessions = {"original": original, "fork": await original.fork()}
         for branch, text in branches.items():
-            await client.step(ids[branch], text=text)
+            await sessions[branch].step(text=text)
         served = {branch: [] for branch in branches}
         for question in questions:  # interleaved: each session's reply must depend on its own state only
             for branch in branches:
-                reply = await client.reply(ids[branch], corpus.line("user", question) + "bot: ", stop=["\n"],
-                                               max_tokens=MAX_REPLY_TOKENS)  # the local greedy cap
+                reply = await sessions[branch].reply(corpus.line("user", question) + "bot: ", stop=["\n"],
+                                                     max_tokens=MAX_REPLY_TOKENS)  # the local greedy cap
                 served[branch].append(reply.removesuffix("\n"))
     chat = local_chat()
     for branch, text in branches.items():

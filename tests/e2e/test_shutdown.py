@@ -16,7 +16,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
-from cellstream.service.client import Client
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 STREAMS = 3
@@ -38,8 +37,8 @@ async def new_calls_refused(target: str, within: float) -> bool:
 class Stepper:
     """One StreamSteps call stepping a session two tokens at a time until told to stop."""
 
-    def __init__(self, client: Client, session_id: str) -> None:
-        self.client = client
+    def __init__(self, stub: pb_grpc.InferenceStub, session_id: str) -> None:
+        self.stub = stub
         self.session_id = session_id
         self.sent = 0
         self.positions: list[int] = []
@@ -47,10 +46,11 @@ class Stepper:
         self.stop = asyncio.Event()
 
     async def run(self, stop_writing: bool = True) -> grpc.StatusCode:
-        call = self.client.stub.StreamSteps(timeout=60)
+        call = self.stub.StreamSteps(timeout=60)
         try:
             while not (stop_writing and self.stop.is_set()):
-                request = Client.step_request(self.session_id if self.sent == 0 else "", tokens=[self.sent % 256, 32])
+                request = pb.StepRequest(session_id=self.session_id if self.sent == 0 else "",
+                                         tokens=pb.TokenSequence(ids=[self.sent % 256, 32]))
                 await call.write(request)
                 self.sent += 1
                 response = await call.read()
@@ -69,13 +69,14 @@ async def test_sigterm_drains_in_flight_streams(serve_process):
     grace = 5
     server = serve_process(shutdown_grace_seconds=grace)
     await server.wait_serving()
-    async with Client(server.target, timeout=60) as client:
-        sessions = [await client.open_session() for _ in range(STREAMS)]
-        steppers = [Stepper(client, s.session_id) for s in sessions]
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        sessions = [await stub.OpenSession(pb.OpenSessionRequest()) for _ in range(STREAMS)]
+        steppers = [Stepper(stub, s.session_id) for s in sessions]
         tasks = [asyncio.create_task(s.run()) for s in steppers]
         await asyncio.wait_for(asyncio.gather(*(s.progress.wait() for s in steppers)), 30)
 
-        health = health_pb2_grpc.HealthStub(client.channel)
+        health = health_pb2_grpc.HealthStub(channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(service="cellstream.v1.Inference"), timeout=60)
         assert (await asyncio.wait_for(watch.read(), 10)).status == SERVING
 
@@ -111,9 +112,10 @@ async def test_streams_past_the_grace_period_are_cut_off(serve_process):
     grace = 1
     server = serve_process(shutdown_grace_seconds=grace)
     await server.wait_serving()
-    async with Client(server.target, timeout=60) as client:
-        session = await client.open_session()
-        stepper = Stepper(client, session.session_id)
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        session = await stub.OpenSession(pb.OpenSessionRequest())
+        stepper = Stepper(stub, session.session_id)
         task = asyncio.create_task(stepper.run(stop_writing=False))
         await asyncio.wait_for(stepper.progress.wait(), 30)
         server.proc.send_signal(signal.SIGTERM)

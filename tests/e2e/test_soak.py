@@ -11,10 +11,9 @@ import os
 import random
 import time
 
-import numpy as np
 import pytest
 
-from cellstream.service.client import Client
+from cellstream import AsyncClient
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "15"))
 MIN_SESSIONS = int(1000 * SOAK_SECONDS / 15)  # "thousands": a sixth of what 2 cores did beside a training run
@@ -39,31 +38,31 @@ class Soak:
         return elapsed < CAP_SECONDS and (elapsed < SOAK_SECONDS or self.sessions < MIN_SESSIONS)
 
 
-async def worker(client: Client, seed: int, soak: Soak, ref, close) -> None:
+async def worker(client: AsyncClient, seed: int, soak: Soak, ref, close) -> None:
     rng = random.Random(seed)
     while soak.going():
-        session = await client.open_session(ttl_seconds=SESSION_TTL_SECONDS)
+        session = await client.session(ttl_seconds=SESSION_TTL_SECONDS)
         soak.sessions += 1
         history: list[int] = []
         for _ in range(rng.randint(1, 5)):
             tokens = [rng.randrange(256) for _ in range(rng.randint(1, 16))]
             history += tokens
             checked = soak.steps % 97 == 0
-            response = await client.step(session.session_id, tokens=tokens, logits=checked)
+            result = await session.step(tokens, logits=checked)
             soak.steps += 1
-            assert response.position == len(history)
+            assert result.position == len(history)
             if checked:
                 want, _, _ = ref.run("tiny-chat", history)
-                close(np.asarray(response.logits), want[-1], "sampled soak step")
+                close(result.logits, want[-1], "sampled soak step")
         if rng.random() < 0.5:
-            await client.close_session(session.session_id)  # the other half expire
+            await session.close()  # the other half expire
 
 
 @pytest.mark.timeout(CAP_SECONDS + 120)
 async def test_soak_no_errors_and_bounded_memory(serve_process, ref, close):
     server = serve_process(sweep_interval_seconds=0.5, max_queue_wait_ms=10_000)
     await server.wait_serving()
-    async with Client(server.target, timeout=30) as client:
+    async with AsyncClient(server.target) as client:  # the sessions' steps ride one StreamMany stream
         soak = Soak()
         workers = [asyncio.create_task(worker(client, seed, soak, ref, close)) for seed in range(WORKERS)]
         # Warmed up once the allocator has seen a share of the run, however long that took.

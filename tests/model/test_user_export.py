@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from cellstream.model.export import ExportError
 from cellstream.model.user_export import export_module
 from cellstream.model.wrap import UnservableModule
 
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -160,4 +162,79 @@ def test_cli_names_a_missing_factory(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cellstream.model.export", "--module", "no_such_pkg:make",
                              "--out", "x.onnx"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "cellstream export: error: No module named 'no_such_pkg'" in result.stderr
+    assert ("cellstream export: error: cannot import 'no_such_pkg' (No module named 'no_such_pkg'); looked in the "
+            f"current directory {tmp_path} and the installed packages") in result.stderr
+    assert "run this from your project's root" in result.stderr
+
+
+TIME_FIRST_TOKENS = '''
+from torch import nn
+
+
+class TimeFirst(nn.Module):
+    """Embedding -> LSTM -> Linear, time-first (batch_first=False): x is (T, B) token ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lstm, self.head = nn.Embedding(40, 6), nn.LSTM(6, 8, num_layers=2), nn.Linear(8, 40)
+
+    def forward(self, x, state):
+        y, state = self.lstm(self.embed(x), state)
+        return self.head(y), state
+'''
+
+
+@pytest.mark.timeout(120)
+def test_cli_exports_a_time_first_token_model_with_its_gates(tmp_path):
+    """Its exported graph transposes `tokens` before the embedding: the glass-box graph is read through that, so
+    the model is served with gates (before: no glass-box graph, and `cellstream gates` refused the file)."""
+    from cellstream.model.glassbox import path_for
+    from cellstream.service.engine import Engine
+
+    project = tmp_path / "project"
+    (project / "lmpkg").mkdir(parents=True)
+    (project / "lmpkg" / "__init__.py").write_text("")
+    (project / "lmpkg" / "tf.py").write_text(textwrap.dedent(TIME_FIRST_TOKENS))
+    export = [sys.executable, "-m", "cellstream.service.cli", "export", "--module", "lmpkg.tf:TimeFirst"]
+    done = subprocess.run([*export, "--out", "tf.onnx"], cwd=project, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "wrote tf.gates.onnx (gates); worst scaled error" in done.stdout, done.stdout
+    regated = subprocess.run([sys.executable, "-m", "cellstream.service.cli", "gates", "tf.onnx"], cwd=project,
+                             capture_output=True, text=True, timeout=120)
+    assert regated.returncode == 0, regated.stderr
+    engine = Engine(project / "tf.onnx")
+    assert engine.glass_box is not None and engine.glass_box.path == path_for(project / "tf.onnx")
+    # The module is imported from the current directory: run elsewhere, the error says where it looked.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    lost = subprocess.run([*export, "--out", "x.onnx"], cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert lost.returncode == 2
+    assert (f"cannot import 'lmpkg.tf' (No module named 'lmpkg'); looked in the current directory {elsewhere}"
+            in lost.stderr), lost.stderr
+
+
+def test_export_help_shows_the_module_options():
+    done = subprocess.run([sys.executable, "-m", "cellstream.service.cli", "export", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0
+    for option in ("--module MODULE", "--checkpoint CHECKPOINT", "--output-name", "--samples", "--meta KEY=VALUE",
+                   "--input {tokens,features}", "checkpoint written by `cellstream train`"):
+        assert option in done.stdout, option
+    assert "imported from the current directory" in " ".join(done.stdout.split())  # however the lines wrap
+
+
+@pytest.mark.timeout(120)
+def test_the_hand_export_of_the_models_guide_is_servable(tmp_path):
+    """docs/MODELS.md's `torch.onnx.export` block, run as it stands (dynamo=False: torch's default exporter needs
+    onnxscript), writes a file check-model accepts."""
+    guide = (REPO / "docs" / "MODELS.md").read_text()
+    section = guide[guide.index("## By hand, with `torch.onnx.export`"):]
+    block = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert "dynamo=False" in block
+    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr
+    checked = subprocess.run([sys.executable, "-m", "cellstream.service.cli", "check-model", "demand.onnx"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert "demand.onnx can be served" in checked.stdout
+    assert "output   forecast float32 (batch, time, 1)" in checked.stdout

@@ -19,7 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import aio as triton_aio
 
-from cellstream.service.client import Client
+from cellstream import AsyncClient
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 from cellstream.service.config import load_settings
 from cellstream.service.engine import Engine
 from cellstream.service.server import RunningServer, start_server
@@ -113,40 +115,95 @@ async def server(start) -> RunningServer:
 
 
 @pytest.fixture
-async def client(server: RunningServer) -> AsyncIterator[Client]:
-    async with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
+async def client(server: RunningServer) -> AsyncIterator[AsyncClient]:
+    """cellstream.AsyncClient on `server`: steps and replies multiplexed, as users get them."""
+    async with AsyncClient(f"127.0.0.1:{server.port}", timeout=30) as c:
         yield c
+
+
+Stub = pb_grpc.InferenceStub
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[..., Stub]]:
+    """connect(running) -> the generated cellstream.v1 stub on a real channel to that server (each RPC as it is
+    on the wire, errors as grpc.aio.AioRpcError); closed after the test."""
+    channels: list[grpc.aio.Channel] = []
+
+    def _connect(running: RunningServer) -> Stub:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        channels.append(channel)
+        return pb_grpc.InferenceStub(channel)
+
+    yield _connect
+    for channel in channels:
+        await channel.close()
+
+
+@pytest.fixture
+async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    """A grpc.aio channel to `server` (for raw bytes, health, reflection)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as opened:
+        yield opened
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> Stub:
+    """The generated cellstream.v1 stub on `server`, for tests of the RPCs themselves."""
+    return pb_grpc.InferenceStub(channel)
+
+
+def step_request(session_id: str = "", *, tokens: object = None, text: str | None = None,
+                 features: object = None, expected_position: int | None = None, logits: bool = False,
+                 top_k: int = 0, all_steps: bool = False, state: bool = False, gates: bool = False,
+                 tag: int = 0) -> pb.StepRequest:
+    """A StepRequest with one of tokens, text or features ((T, F) floats) and the outputs asked for."""
+    request = pb.StepRequest(session_id=session_id, tag=tag, expected_position=expected_position,
+                             want=pb.Outputs(logits=logits, top_k=top_k, all_steps=all_steps, state=state,
+                                             gates=gates))
+    if tokens is not None:
+        request.tokens.ids.extend(int(t) for t in tokens)  # type: ignore[attr-defined]
+    elif text is not None:
+        request.text = text
+    elif features is not None:
+        array = np.asarray(features, dtype=np.float32)
+        request.features.values.extend(array.ravel().tolist())
+        request.features.dim = array.shape[-1]
+    return request
+
+
+@pytest.fixture
+def step() -> Callable[..., pb.StepRequest]:
+    """step(session_id, tokens=... | text=... | features=..., logits=..., top_k=..., expected_position=..., tag=...)
+    -> a StepRequest (for the stub, or an item of a StepBatch)."""
+    return step_request
+
+
+@pytest.fixture
+def reply() -> Callable[..., Awaitable[str]]:
+    """await reply(stub, session_id, prompt, **GenerateRequest fields) -> the whole text of one Generate call."""
+
+    async def _reply(stub: Stub, session_id: str, prompt: str, **fields: object) -> str:
+        request = pb.GenerateRequest(session_id=session_id, prompt=prompt, **fields)
+        return "".join([chunk.text async for chunk in stub.Generate(request)])
+
+    return _reply
 
 
 @pytest.fixture
 def warmed() -> Callable[..., Awaitable[str]]:
-    """warmed(client, model="tiny-chat") -> the id of a new session stepped to non-zero state (position 5,
-    3 for features), so 'unchanged' means something."""
+    """warmed(stub, model="tiny-chat", metadata=None) -> the id of a new session stepped to non-zero state
+    (position 5, 3 for features), so 'unchanged' means something; `metadata`: a principal's bearer token."""
 
-    async def _warmed(client: Client, model: str = CHAT) -> str:
-        session = await client.open_session(model=model)
+    async def _warmed(stub: Stub, model: str = CHAT, metadata: tuple[tuple[str, str], ...] | None = None) -> str:
+        session_id = (await stub.OpenSession(pb.OpenSessionRequest(model=model), metadata=metadata)).session_id
         if model == CHAT:
-            await client.step(session.session_id, tokens=[10, 20, 30, 40, 50])
+            await stub.Step(step_request(session_id, tokens=[10, 20, 30, 40, 50]), metadata=metadata)
         else:
-            await client.step(session.session_id, features=np.linspace(-1, 1, 15).reshape(3, 5))
-        return session.session_id
+            await stub.Step(step_request(session_id, features=np.linspace(-1, 1, 15).reshape(3, 5)), metadata=metadata)
+        return session_id
 
     return _warmed
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Callable[[RunningServer], Client]]:
-    """connect(running) -> a Client on a real channel to that server; closed after the test."""
-    clients: list[Client] = []
-
-    def _connect(running: RunningServer) -> Client:
-        c = Client(f"127.0.0.1:{running.port}", timeout=30)
-        clients.append(c)
-        return c
-
-    yield _connect
-    for c in clients:
-        await c.channel.close()
 
 
 class Gate:

@@ -20,11 +20,14 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+import cellstream
+from cellstream import AsyncClient
 from cellstream.bench.server import free_ports
+from cellstream.connection import tls_credentials
 from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 from cellstream.service._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from cellstream.service.auth import SecurityConfigError
-from cellstream.service.client import Client, tls_credentials
 from cellstream.service.config import SettingsError, load_settings
 from cellstream.service.server import start_server
 
@@ -67,71 +70,96 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
-def unauthenticated(error: grpc.aio.AioRpcError, reason: str) -> None:
-    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
-    assert reason in error.details()
+def unauthenticated(error: grpc.aio.AioRpcError | cellstream.CellstreamError, reason: str) -> None:
+    """The refusal of a call without a known token (as the stub or the client reports it)."""
+    if isinstance(error, cellstream.CellstreamError):
+        assert isinstance(error, cellstream.Unauthenticated) and error.applied is False, error
+        code, details = error.code, error.message
+    else:
+        code, details = error.code(), error.details()
+    assert code == grpc.StatusCode.UNAUTHENTICATED, error
+    assert reason in details
     for secret in (ALICE, BOB, CAROL, "wrong-token"):
-        assert secret not in error.details()
+        assert secret not in details
+
+
+async def client_error(call: object) -> cellstream.CellstreamError:
+    """The CellstreamError a client call raised (fails if it succeeded)."""
+    with pytest.raises(cellstream.CellstreamError) as info:
+        await asyncio.wait_for(call, 30)  # type: ignore[arg-type]
+    return info.value
 
 
 async def test_every_api_needs_a_known_token_but_health_does_not(start, token_file, scrape, rpc_error):
     server = await start(auth_token_file=token_file)
     target = f"127.0.0.1:{server.port}"
-    async with Client(target) as anonymous, Client(target, token="wrong-token-0123456789") as wrong, \
-            Client(target, token=ALICE) as alice:
-        unauthenticated(await rpc_error(anonymous.open_session()), "missing credentials")
-        unauthenticated(await rpc_error(anonymous.list_models()), "missing credentials")
-        unauthenticated(await rpc_error(wrong.open_session()), "unknown or revoked bearer token")
-        basic = anonymous.stub.ListModels(pb.ListModelsRequest(), metadata=(("authorization", f"Basic {ALICE}"),),
-                                          timeout=10)
+    async with AsyncClient(target) as anonymous, AsyncClient(target, token="wrong-token-0123456789") as wrong, \
+            AsyncClient(target, token=ALICE) as alice, grpc.aio.insecure_channel(target) as channel:
+        unauthenticated(await client_error(anonymous.open_session()), "missing credentials")
+        unauthenticated(await client_error(anonymous.models()), "missing credentials")
+        unauthenticated(await client_error(wrong.open_session()), "unknown or revoked bearer token")
+        basic = pb_grpc.InferenceStub(channel).ListModels(
+            pb.ListModelsRequest(), metadata=(("authorization", f"Basic {ALICE}"),), timeout=10)
         unauthenticated(await rpc_error(basic), "malformed credentials")
 
         # The other inference API registered on the server is covered as well.
-        kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(anonymous.channel)
+        kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
         unauthenticated(await rpc_error(kserve.ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=10)),
                         "missing credentials")
-        live = await kserve.ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=10, metadata=alice.metadata)
+        live = await kserve.ServerLive(grpc_service_pb2.ServerLiveRequest(), timeout=10,
+                                       metadata=(("authorization", f"Bearer {ALICE}"),))
         assert live.live
 
         # Probes and tools need no token.
-        health = health_pb2_grpc.HealthStub(anonymous.channel)
+        health = health_pb2_grpc.HealthStub(channel)
         assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status == SERVING
-        reflect = reflection_pb2_grpc.ServerReflectionStub(anonymous.channel)
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = [r async for r in reflect.ServerReflectionInfo(
             [reflection_pb2.ServerReflectionRequest(list_services="")], timeout=10)]
         assert replies[0].list_services_response.service
 
-        assert (await alice.list_models()).models
+        assert await alice.models()
+        async with alice.session() as session:  # the token rides the client's multiplexed streams too
+            assert (await session.step([1, 2])).position == 2
+            assert await session.reply("hi", max_tokens=2) is not None
     samples = await scrape(server)
     assert samples.get("cellstream_calls_refused_total", reason="unauthenticated") == 5
     for secret in (ALICE, BOB, "wrong-token"):
         assert secret not in samples.text
 
 
-async def test_a_session_belongs_to_its_principal(start, token_file, rpc_error):
+async def test_a_session_belongs_to_its_principal(start, connect, token_file, rpc_error, step, reply):
     server = await start(auth_token_file=token_file)
-    target = f"127.0.0.1:{server.port}"
-    async with Client(target, token=ALICE) as alice, Client(target, token=BOB) as bob:
-        session = await alice.open_session()
-        await alice.step(session.session_id, tokens=[1, 2, 3])
-        unknown = "0" * 32
-        for call in (lambda sid: bob.step(sid, tokens=[4]), bob.get_state, bob.fork, bob.close_session):
-            theirs = await rpc_error(call(session.session_id))
-            missing = await rpc_error(call(unknown))
-            assert theirs.code() == missing.code() == grpc.StatusCode.NOT_FOUND
-            # Word for word the answer for an id that does not exist: existence is not revealed.
-            assert theirs.details().replace(session.session_id, unknown) == missing.details()
-        stream = bob.stream_steps()
-        await stream.write(Client.step_request(session.session_id, tokens=[4]))
-        assert await stream.code() == grpc.StatusCode.NOT_FOUND
-        generate = await rpc_error(bob.reply(session.session_id, "hi"))
-        assert generate.code() == grpc.StatusCode.NOT_FOUND
+    stub = connect(server)
+    as_alice, as_bob = (("authorization", f"Bearer {ALICE}"),), (("authorization", f"Bearer {BOB}"),)
+    session = await stub.OpenSession(pb.OpenSessionRequest(), metadata=as_alice)
+    await stub.Step(step(session.session_id, tokens=[1, 2, 3]), metadata=as_alice)
+    unknown = "0" * 32
+    for call in (lambda sid: stub.Step(step(sid, tokens=[4]), metadata=as_bob),
+                 lambda sid: stub.GetState(pb.SessionRef(session_id=sid), metadata=as_bob),
+                 lambda sid: stub.ForkSession(pb.ForkSessionRequest(session_id=sid), metadata=as_bob),
+                 lambda sid: stub.CloseSession(pb.SessionRef(session_id=sid), metadata=as_bob)):
+        theirs = await rpc_error(call(session.session_id))
+        missing = await rpc_error(call(unknown))
+        assert theirs.code() == missing.code() == grpc.StatusCode.NOT_FOUND
+        # Word for word the answer for an id that does not exist: existence is not revealed.
+        assert theirs.details().replace(session.session_id, unknown) == missing.details()
+    stream = stub.StreamSteps(metadata=as_bob)
+    await stream.write(step(session.session_id, tokens=[4]))
+    assert await stream.code() == grpc.StatusCode.NOT_FOUND
+    generate = stub.Generate(pb.GenerateRequest(session_id=session.session_id, prompt="hi"), metadata=as_bob)
+    assert (await rpc_error(generate.read())).code() == grpc.StatusCode.NOT_FOUND
 
-        state = await alice.get_state(session.session_id)
-        assert state.position == 3, "another principal's calls changed the session"
-        fork = await alice.fork(session.session_id)
-        assert (await alice.step(fork.session_id, tokens=[4])).position == 4
-        assert (await rpc_error(bob.get_state(fork.session_id))).code() == grpc.StatusCode.NOT_FOUND
+    state = await stub.GetState(pb.SessionRef(session_id=session.session_id), metadata=as_alice)
+    assert state.position == 3, "another principal's calls changed the session"
+    fork = await stub.ForkSession(pb.ForkSessionRequest(session_id=session.session_id), metadata=as_alice)
+    assert (await stub.Step(step(fork.session_id, tokens=[4]), metadata=as_alice)).position == 4
+    refused = await rpc_error(stub.GetState(pb.SessionRef(session_id=fork.session_id), metadata=as_bob))
+    assert refused.code() == grpc.StatusCode.NOT_FOUND
+    # Through the client: another principal's session cannot even be attached to.
+    async with AsyncClient(f"127.0.0.1:{server.port}", token=BOB) as bob:
+        with pytest.raises(cellstream.NotFound):
+            await bob.attach(session.session_id)
 
 
 async def test_kserve_sequences_belong_to_their_principal(start, token_file):
@@ -159,35 +187,34 @@ async def test_kserve_sequences_belong_to_their_principal(start, token_file):
         await triton.close()
 
 
-async def test_sessions_per_principal_are_bounded(start, token_file, rpc_error):
+async def test_sessions_per_principal_are_bounded(start, token_file):
     server = await start(auth_token_file=token_file, max_sessions_per_principal=2)
     target = f"127.0.0.1:{server.port}"
-    async with Client(target, token=ALICE) as alice, Client(target, token=BOB) as bob:
-        first = await alice.open_session()
-        await alice.open_session()
-        error = await rpc_error(alice.open_session())
-        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_sessions_per_principal" in error.details()
-        assert (await rpc_error(alice.fork(first.session_id))).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        await bob.open_session()
-        await alice.close_session(first.session_id)
-        await alice.open_session()
+    async with AsyncClient(target, token=ALICE) as alice, AsyncClient(target, token=BOB) as bob:
+        first = await alice.session()
+        await alice.session()
+        error = await client_error(alice.session())
+        assert isinstance(error, cellstream.ResourceExhausted) and "max_sessions_per_principal" in error.message
+        assert isinstance(await client_error(first.fork()), cellstream.ResourceExhausted)
+        await bob.session()
+        await first.close()
+        await alice.session()
 
 
-async def test_token_file_changes_apply_and_a_broken_one_is_ignored(start, token_file, rpc_error, caplog):
+async def test_token_file_changes_apply_and_a_broken_one_is_ignored(start, token_file, caplog):
     server = await start(auth_token_file=token_file)
     target = f"127.0.0.1:{server.port}"
-    async with Client(target, token=BOB) as bob, Client(target, token=CAROL) as carol:
-        await bob.list_models()
+    async with AsyncClient(target, token=BOB) as bob, AsyncClient(target, token=CAROL) as carol:
+        await bob.models()
         token_file.write_text(f"alice {ALICE}\ncarol {CAROL}\n")  # bob revoked, carol added
         await asyncio.sleep(1.2)
-        await carol.list_models()
-        unauthenticated(await rpc_error(bob.list_models()), "unknown or revoked")
+        await carol.models()
+        unauthenticated(await client_error(bob.models()), "unknown or revoked")
 
         with caplog.at_level(logging.ERROR, logger="cellstream.service.auth"):
             token_file.write_text("carol short\n")
             await asyncio.sleep(1.2)
-            await carol.list_models()  # the previous tokens stay in force
+            await carol.models()  # the previous tokens stay in force
         assert "shorter than 16 characters; keeping the previous 2 tokens" in caplog.text
         assert CAROL not in caplog.text and "short" not in caplog.text.replace("shorter", "")
 
@@ -207,7 +234,7 @@ async def test_unusable_token_files_stop_start_up(tiny_model_dir, tmp_path, cont
     if content is not None:
         path.write_text(content)
     settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
-                             model_dir=tiny_model_dir, auth_token_file=path)
+                             model_dir=tiny_model_dir, default_model="tiny-chat", auth_token_file=path)
     with pytest.raises(SecurityConfigError, match=message) as info:
         await start_server(settings)
     assert ALICE not in str(info.value)
@@ -225,7 +252,8 @@ async def test_unusable_tls_files_stop_start_up(tiny_model_dir, pki, tmp_path, f
     (tmp_path / "junk").write_text("not a certificate")
     cert, key = ((pki if (pki / name).exists() else tmp_path) / name for name in files)
     settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
-                             model_dir=tiny_model_dir, tls_cert_path=cert, tls_key_path=key)
+                             model_dir=tiny_model_dir, default_model="tiny-chat", tls_cert_path=cert,
+                             tls_key_path=key)
     with pytest.raises(SecurityConfigError, match=message):
         await start_server(settings)
     with pytest.raises(SettingsError, match="tls_cert_path and tls_key_path go together"):
@@ -235,27 +263,29 @@ async def test_unusable_tls_files_stop_start_up(tiny_model_dir, pki, tmp_path, f
 async def test_tls_and_mutual_tls(start, pki, token_file, rpc_error):
     tls = await start(tls_cert_path=pki / "server.pem", tls_key_path=pki / "server.key")
     target = f"127.0.0.1:{tls.port}"
-    async with Client(target, credentials=tls_credentials(pki / "ca.pem")) as client:
-        assert (await client.open_session()).session_id
-    async with Client(target, timeout=5) as plaintext:
-        assert (await rpc_error(plaintext.list_models())).code() == grpc.StatusCode.UNAVAILABLE
+    async with AsyncClient(target, ca=pki / "ca.pem") as client, client.session() as session:
+        assert (await session.step([1])).position == 1
+    async with AsyncClient(target, timeout=5, max_attempts=1) as plaintext:
+        assert isinstance(await client_error(plaintext.models()), cellstream.Unavailable)
 
     mutual = await start(tls_cert_path=pki / "server.pem", tls_key_path=pki / "server.key",
                          tls_client_ca_path=pki / "ca.pem", auth_token_file=token_file)
     target = f"127.0.0.1:{mutual.port}"
-    with_cert = tls_credentials(pki / "ca.pem", pki / "client.pem", pki / "client.key")
-    async with Client(target, credentials=with_cert, token=ALICE) as client:
-        session = await client.open_session()
-        assert (await client.step(session.session_id, tokens=[1, 2])).position == 2
+    async with AsyncClient(target, ca=pki / "ca.pem", cert=pki / "client.pem", key=pki / "client.key",
+                           token=ALICE) as client:
+        session = await client.session()
+        assert (await session.step([1, 2])).position == 2
+        assert len([c async for c in session.generate("hi", max_tokens=2)]) >= 1
     refused = {
-        "no client certificate": tls_credentials(pki / "ca.pem"),
-        "a certificate from another CA": tls_credentials(pki / "ca.pem", pki / "rogue.pem", pki / "rogue.key"),
+        "no client certificate": {"ca": pki / "ca.pem"},
+        "a certificate from another CA": {"ca": pki / "ca.pem", "cert": pki / "rogue.pem", "key": pki / "rogue.key"},
     }
-    for what, credentials in refused.items():
-        async with Client(target, credentials=credentials, token=ALICE, timeout=5) as client:
-            error = await rpc_error(client.list_models())
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, what
-            health = health_pb2_grpc.HealthStub(client.channel)
+    for what, files in refused.items():
+        async with AsyncClient(target, token=ALICE, timeout=5, max_attempts=1, **files) as client:
+            assert isinstance(await client_error(client.models()), cellstream.Unavailable), what
+        credentials = tls_credentials(**files)
+        async with grpc.aio.secure_channel(target, credentials) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
             assert (await rpc_error(health.Check(health_pb2.HealthCheckRequest(), timeout=5))).code() == \
                 grpc.StatusCode.UNAVAILABLE, f"{what}: the handshake, not the token check, must refuse it"
 

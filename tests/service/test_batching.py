@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+
 SESSIONS = 64
 
 
@@ -49,23 +51,23 @@ class HoldFirstBatch:
         return self.engine.run(inputs, h0, c0)
 
 
-async def test_concurrent_sessions_get_their_own_outputs(server, client, ref, close, arrays, scrape):
+async def test_concurrent_sessions_get_their_own_outputs(server, stub, ref, close, arrays, scrape, step):
     batcher = server.dataplane.batchers["tiny-chat"]
     assert batcher.max_batch_size == 256  # the default
     hold = HoldFirstBatch(batcher, SESSIONS // 2)
     batcher.engine = hold
     batcher.inline_max_tokens = 0  # the held engine blocks: never on the event loop
     plans = [plan(seed) for seed in range(SESSIONS)]
-    sessions = await asyncio.gather(*(client.open_session() for _ in range(SESSIONS)))
+    sessions = await asyncio.gather(*(stub.OpenSession(pb.OpenSessionRequest()) for _ in range(SESSIONS)))
     assert len({s.session_id for s in sessions}) == SESSIONS
 
     async def run(session_id: str, chunks: list[np.ndarray]) -> tuple[list, list[np.ndarray], object]:
         positions, logits = [], []
         for chunk in chunks:
-            response = await client.step(session_id, tokens=chunk.tolist(), logits=True)
+            response = await stub.Step(step(session_id, tokens=chunk.tolist(), logits=True))
             positions.append(response.position)
             logits.append(np.asarray(response.logits, np.float32))
-        return positions, logits, await client.get_state(session_id)
+        return positions, logits, await stub.GetState(pb.SessionRef(session_id=session_id))
 
     results = await asyncio.wait_for(
         asyncio.gather(*(run(s.session_id, chunks) for s, chunks in zip(sessions, plans, strict=True))), 90
@@ -75,11 +77,11 @@ async def test_concurrent_sessions_get_their_own_outputs(server, client, ref, cl
     for index, (chunks, (positions, logits, state)) in enumerate(zip(plans, results, strict=True)):
         h, c = ref.zero_state("tiny-chat")
         position = 0
-        for step, chunk in enumerate(chunks):
+        for k, chunk in enumerate(chunks):
             want, h, c = ref.run("tiny-chat", chunk, h, c)
             position += len(chunk)
-            assert positions[step] == position, f"session {index} step {step}"
-            close(logits[step], want[-1], f"session {index} step {step} logits")
+            assert positions[k] == position, f"session {index} step {k}"
+            close(logits[k], want[-1], f"session {index} step {k} logits")
         assert state.position == position
         got_h, got_c = arrays(state)
         close(got_h, h, f"session {index} h")
@@ -98,13 +100,14 @@ async def test_concurrent_sessions_get_their_own_outputs(server, client, ref, cl
     assert samples.get("cellstream_tokens_total", model="tiny-chat") == sent
 
 
-async def test_concurrent_unary_steps_share_batches_without_a_held_model(server, client, ref, close, scrape):
+async def test_concurrent_unary_steps_share_batches_without_a_held_model(server, stub, ref, close, scrape, step):
     """Unary calls of many sessions in flight together share batches with nothing held: the batcher waits
     for the steps of sessions that stepped recently and have none queued (service/batcher.py)."""
-    sessions = [s.session_id for s in await asyncio.gather(*(client.open_session() for _ in range(SESSIONS)))]
+    opened = await asyncio.gather(*(stub.OpenSession(pb.OpenSessionRequest()) for _ in range(SESSIONS)))
+    sessions = [s.session_id for s in opened]
     rounds = 8
     for k in range(rounds):
-        responses = await asyncio.gather(*(client.step(sid, tokens=[k + 1], logits=True) for sid in sessions))
+        responses = await asyncio.gather(*(stub.Step(step(sid, tokens=[k + 1], logits=True)) for sid in sessions))
         assert all(response.position == k + 1 for response in responses)
     h, c = ref.zero_state("tiny-chat")
     want, _, _ = ref.run("tiny-chat", np.arange(1, rounds + 1), h, c)

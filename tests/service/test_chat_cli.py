@@ -27,9 +27,11 @@ async def test_chat_keeps_one_session_across_turns_and_closes_it(server, scrape)
     assert samples.get("cellstream_sessions_opened_total") == 1
     assert samples.get("cellstream_sessions_closed_total") == 1
     assert samples.get("cellstream_sessions_active") == 0
-    # Both turns went to the one session: two Generate calls, prompt bytes + 5 sampled tokens each.
+    # Both turns went to the one session, as two turns of the client's GenerateMany stream: prompt bytes + 5
+    # sampled tokens each.
     turns = len(b"user: hello\nbot: ") + len(b"user: how are you?\nbot: ") + 2 * 5
-    assert samples.get("cellstream_requests_total", method="Generate", code="OK") == 2
+    assert samples.get("cellstream_requests_total", method="GenerateMany", code="OK") == 1
+    assert samples.get("cellstream_items_total", method="GenerateMany", code="OK") == 2
     assert samples.get("cellstream_tokens_total", model="tiny-chat") == turns
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,24 +84,63 @@ def test_serve_help_lists_every_setting():
         assert f"CELLSTREAM_{name.upper()}" in help_text, name
 
 
-def test_serve_with_missing_model_dir_fails_cleanly(tmp_path):
+@contextlib.contextmanager
+def ports_taken(count: int) -> Iterator[list[int]]:
+    """`count` free loopback ports, held (listening) by this test: a server that binds one fails."""
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    try:
+        yield [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def serve_on_taken_ports(model_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`cellstream serve` on ports this test holds: an error about anything but the ports was found before
+    binding (no port is a default one either: the machine's 8080, 50051, 8000 may be anyone's)."""
+    with ports_taken(3) as (port, metrics_port, http_port):
+        return run_cli("serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-host", "127.0.0.1",
+                       "--metrics-port", str(metrics_port), "--http-port", str(http_port), "--model-dir",
+                       str(model_dir), *flags)
+
+
+def test_serve_with_missing_model_dir_fails_cleanly_before_binding(tmp_path):
     missing = tmp_path / "nowhere"
-    result = run_cli(
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-host",
-        "127.0.0.1",
-        "--metrics-port",
-        "0",
-        "--model-dir",
-        str(missing),
-    )
-    assert result.returncode != 0
+    result = serve_on_taken_ports(missing)
+    assert result.returncode == 2
     assert "model directory not found" in result.stderr and str(missing) in result.stderr, result.stderr
+    assert "bind" not in result.stderr, "a port was bound before the model directory was checked"
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.fixture
+def own_models(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A directory of a user's own models (none named cellstream-chat): demand and spotter."""
+    directory = tmp_path / "own"
+    directory.mkdir()
+    for name, source in (("demand", "tiny-features"), ("spotter", "tiny-chat")):
+        (directory / f"{name}.onnx").symlink_to(tiny_model_dir / f"{source}.onnx")
+    return directory
+
+
+def test_serve_on_own_models_without_a_default_names_the_flag_before_binding(own_models):
+    result = serve_on_taken_ports(own_models)
+    assert result.returncode == 2
+    assert (f"2 models in {own_models} (demand, spotter) and no default model: choose the one used by requests "
+            "that name none with --default-model NAME (or CELLSTREAM_DEFAULT_MODEL)") in result.stderr, result.stderr
+    assert "bind" not in result.stderr and "Traceback" not in result.stderr
+    wrong = serve_on_taken_ports(own_models, "--default-model", "forecast")
+    assert wrong.returncode == 2
+    assert (f"default model 'forecast' (--default-model, CELLSTREAM_DEFAULT_MODEL) is not among the models in "
+            f"{own_models}: demand, spotter") in wrong.stderr, wrong.stderr
+
+
+def test_the_only_model_of_a_directory_is_the_default(own_models, caplog):
+    (own_models / "spotter.onnx").unlink()
+    with caplog.at_level(logging.INFO, logger="cellstream.service.engine"):
+        registry = ModelRegistry.from_directory(own_models)
+    assert registry.default == "demand" and registry.resolve("") == "demand"
+    assert "default model: demand (no default_model set: the only model, or cellstream-chat)" in caplog.text
 
 
 def test_serve_with_invalid_flag_value_fails_cleanly():
@@ -162,7 +205,7 @@ def test_registry_checks(tmp_path, tiny_model_dir):
         ModelRegistry.from_directory(tmp_path / "absent")
     with pytest.raises(ModelLoadError, match=r"no \.onnx models"):
         ModelRegistry.from_directory(tmp_path)
-    with pytest.raises(ModelLoadError, match="default model 'nope' is not among"):
+    with pytest.raises(ModelLoadError, match=r"default model 'nope' .* is not among the models"):
         ModelRegistry.from_directory(tiny_model_dir, default="nope")
     registry = ModelRegistry.from_directory(tiny_model_dir, default="tiny-features")
     assert registry.resolve("") == "tiny-features" and registry.resolve("tiny-chat") == "tiny-chat"

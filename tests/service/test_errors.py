@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
-from cellstream.service.client import Client
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 
@@ -21,13 +20,13 @@ def refused(rpc_error):
     """refused(client, session_ids, call, code, *fragments, counts=, method=) -> the error, after checking
     the status, that the message holds every fragment, and that no listed session changed."""
 
-    async def _refused(client: Client, session_ids, call, code, *fragments, counts: Counter, method: str):
-        before = [await client.get_state(sid) for sid in session_ids]
+    async def _refused(stub, session_ids, call, code, *fragments, counts: Counter, method: str):
+        before = [await stub.GetState(pb.SessionRef(session_id=sid)) for sid in session_ids]
         error = await rpc_error(call)
         assert error.code() == code, f"{error.code()}: {error.details()}"
         for fragment in fragments:
             assert fragment in error.details(), f"{fragment!r} not in {error.details()!r}"
-        after = [await client.get_state(sid) for sid in session_ids]
+        after = [await stub.GetState(pb.SessionRef(session_id=sid)) for sid in session_ids]
         assert after == before, "a refused request changed a session"
         counts[(method, code.name)] += 1
         return error
@@ -48,29 +47,32 @@ def counted(scrape):
     return _counted
 
 
-async def test_unknown_and_closed_sessions(server, client, refused, counted, warmed):
+async def test_unknown_and_closed_sessions(server, stub, refused, counted, warmed, step, reply):
     counts: Counter = Counter()
-    live = await warmed(client)
+    live = await warmed(stub)
     unknown = "0" * 32
-    await refused(client, [live], client.step(unknown, tokens=[1]), NOT_FOUND, unknown, counts=counts, method="Step")
-    await refused(client, [live], client.get_state(unknown), NOT_FOUND, unknown, counts=counts, method="GetState")
-    await refused(client, [live], client.fork(unknown), NOT_FOUND, counts=counts, method="ForkSession")
-    await refused(client, [live], client.close_session(unknown), NOT_FOUND, counts=counts, method="CloseSession")
-    await refused(client, [live], client.reply(unknown, "hi"), NOT_FOUND, counts=counts, method="Generate")
+    await refused(stub, [live], stub.Step(step(unknown, tokens=[1])), NOT_FOUND, unknown, counts=counts, method="Step")
+    await refused(stub, [live], stub.GetState(pb.SessionRef(session_id=unknown)), NOT_FOUND, unknown, counts=counts,
+                  method="GetState")
+    await refused(stub, [live], stub.ForkSession(pb.ForkSessionRequest(session_id=unknown)), NOT_FOUND, counts=counts,
+                  method="ForkSession")
+    await refused(stub, [live], stub.CloseSession(pb.SessionRef(session_id=unknown)), NOT_FOUND, counts=counts,
+                  method="CloseSession")
+    await refused(stub, [live], reply(stub, unknown, "hi"), NOT_FOUND, counts=counts, method="Generate")
 
-    closed = await warmed(client)
-    await client.close_session(closed)
+    closed = await warmed(stub)
+    await stub.CloseSession(pb.SessionRef(session_id=closed))
     for call, method in (
-        (client.step(closed, tokens=[1]), "Step"),
-        (client.get_state(closed), "GetState"),
-        (client.close_session(closed), "CloseSession"),
-        (client.fork(closed), "ForkSession"),
+        (stub.Step(step(closed, tokens=[1])), "Step"),
+        (stub.GetState(pb.SessionRef(session_id=closed)), "GetState"),
+        (stub.CloseSession(pb.SessionRef(session_id=closed)), "CloseSession"),
+        (stub.ForkSession(pb.ForkSessionRequest(session_id=closed)), "ForkSession"),
     ):
-        await refused(client, [live], call, NOT_FOUND, closed, counts=counts, method=method)
+        await refused(stub, [live], call, NOT_FOUND, closed, counts=counts, method=method)
     await refused(
-        client,
+        stub,
         [live],
-        client.step("", tokens=[1]),
+        stub.Step(step("", tokens=[1])),
         INVALID,
         "session_id is empty",
         counts=counts,
@@ -79,13 +81,13 @@ async def test_unknown_and_closed_sessions(server, client, refused, counted, war
     await counted(server, counts)
 
 
-async def test_bad_token_inputs(server, client, refused, counted, warmed):
+async def test_bad_token_inputs(server, stub, refused, counted, warmed, step):
     counts: Counter = Counter()
-    sid = await warmed(client)
+    sid = await warmed(stub)
     await refused(
-        client,
+        stub,
         [sid],
-        client.step(sid, tokens=[1, 2, 260, 3]),
+        stub.Step(step(sid, tokens=[1, 2, 260, 3])),
         INVALID,
         "tokens.ids[2]",
         "260",
@@ -93,9 +95,9 @@ async def test_bad_token_inputs(server, client, refused, counted, warmed):
         method="Step",
     )
     await refused(
-        client,
+        stub,
         [sid],
-        client.step(sid, tokens=[-1, 5]),
+        stub.Step(step(sid, tokens=[-1, 5])),
         INVALID,
         "tokens.ids[0]",
         "-1",
@@ -104,57 +106,57 @@ async def test_bad_token_inputs(server, client, refused, counted, warmed):
     )
     empty = pb.StepRequest(session_id=sid, tokens=pb.TokenSequence())
     await refused(
-        client,
+        stub,
         [sid],
-        client.stub.Step(empty, timeout=30),
+        stub.Step(empty, timeout=30),
         INVALID,
         "tokens.ids is empty",
         counts=counts,
         method="Step",
     )
     await refused(
-        client,
+        stub,
         [sid],
-        client.stub.Step(pb.StepRequest(session_id=sid), timeout=30),
+        stub.Step(pb.StepRequest(session_id=sid), timeout=30),
         INVALID,
         "no input",
         counts=counts,
         method="Step",
     )
     await refused(
-        client,
+        stub,
         [sid],
-        client.step(sid, features=np.zeros((2, 5))),
+        stub.Step(step(sid, features=np.zeros((2, 5)))),
         INVALID,
         "takes tokens",
         counts=counts,
         method="Step",
     )
-    await refused(client, [sid], client.step(sid, text=""), INVALID, "empty", counts=counts, method="Step")
+    await refused(stub, [sid], stub.Step(step(sid, text="")), INVALID, "empty", counts=counts, method="Step")
     # The same session still steps normally afterwards.
-    response = await client.step(sid, tokens=[259])
+    response = await stub.Step(step(sid, tokens=[259]))
     assert response.position == 6
     await counted(server, counts)
 
 
-async def test_bad_feature_inputs(server, client, refused, counted, warmed):
+async def test_bad_feature_inputs(server, stub, refused, counted, warmed, step):
     counts: Counter = Counter()
-    sid = await warmed(client, "tiny-features")
-    chat = await warmed(client)
+    sid = await warmed(stub, "tiny-features")
+    chat = await warmed(stub)
     both = [sid, chat]
     await refused(
-        client,
+        stub,
         both,
-        client.step(sid, text="hello"),
+        stub.Step(step(sid, text="hello")),
         INVALID,
         "no byte tokenizer",
         counts=counts,
         method="Step",
     )
     await refused(
-        client,
+        stub,
         both,
-        client.step(sid, tokens=[1, 2]),
+        stub.Step(step(sid, tokens=[1, 2])),
         INVALID,
         "takes features",
         "tokens.ids",
@@ -162,9 +164,9 @@ async def test_bad_feature_inputs(server, client, refused, counted, warmed):
         method="Step",
     )
     await refused(
-        client,
+        stub,
         both,
-        client.step(sid, features=np.zeros((2, 4))),
+        stub.Step(step(sid, features=np.zeros((2, 4)))),
         INVALID,
         "features.dim is 4",
         counts=counts,
@@ -172,9 +174,9 @@ async def test_bad_feature_inputs(server, client, refused, counted, warmed):
     )
     ragged = pb.StepRequest(session_id=sid, features=pb.FloatSequence(values=[0.5] * 12, dim=5))
     await refused(
-        client,
+        stub,
         both,
-        client.stub.Step(ragged, timeout=30),
+        stub.Step(ragged, timeout=30),
         INVALID,
         "12 floats",
         "not a multiple of dim 5",
@@ -182,35 +184,35 @@ async def test_bad_feature_inputs(server, client, refused, counted, warmed):
         method="Step",
     )
     empty = pb.StepRequest(session_id=sid, features=pb.FloatSequence(dim=5))
-    await refused(client, both, client.stub.Step(empty, timeout=30), INVALID, "empty", counts=counts, method="Step")
+    await refused(stub, both, stub.Step(empty, timeout=30), INVALID, "empty", counts=counts, method="Step")
     for bad, index in ((math.nan, 7), (math.inf, 0), (-math.inf, 9)):
         values = np.zeros((2, 5), np.float32)
         values.flat[index] = bad
         await refused(
-            client,
+            stub,
             both,
-            client.step(sid, features=values),
+            stub.Step(step(sid, features=values)),
             INVALID,
             f"features.values[{index}]",
             "finite",
             counts=counts,
             method="Step",
         )
-    response = await client.step(sid, features=np.ones((1, 5)))
+    response = await stub.Step(step(sid, features=np.ones((1, 5))))
     assert response.position == 4
     await counted(server, counts)
 
 
-async def test_too_many_tokens(start, connect, refused, counted, warmed):
+async def test_too_many_tokens(start, connect, refused, counted, warmed, step):
     server = await start(max_tokens_per_request=8)
-    client = connect(server)
+    stub = connect(server)
     counts: Counter = Counter()
-    sid = await warmed(client)
-    features = await warmed(client, "tiny-features")
+    sid = await warmed(stub)
+    features = await warmed(stub, "tiny-features")
     await refused(
-        client,
+        stub,
         [sid],
-        client.step(sid, tokens=list(range(9))),
+        stub.Step(step(sid, tokens=list(range(9)))),
         INVALID,
         "9 steps",
         "max_tokens_per_request (8)",
@@ -218,37 +220,37 @@ async def test_too_many_tokens(start, connect, refused, counted, warmed):
         method="Step",
     )
     await refused(
-        client,
+        stub,
         [sid],
-        client.step(sid, text="123456789"),
+        stub.Step(step(sid, text="123456789")),
         INVALID,
         "max_tokens_per_request (8)",
         counts=counts,
         method="Step",
     )
     await refused(
-        client,
+        stub,
         [features],
-        client.step(features, features=np.zeros((9, 5))),
+        stub.Step(step(features, features=np.zeros((9, 5)))),
         INVALID,
         "max_tokens_per_request (8)",
         counts=counts,
         method="Step",
     )
     # The limit itself is allowed.
-    assert (await client.step(sid, tokens=list(range(8)))).position == 13
-    assert (await client.step(features, features=np.zeros((8, 5)))).position == 11
+    assert (await stub.Step(step(sid, tokens=list(range(8))))).position == 13
+    assert (await stub.Step(step(features, features=np.zeros((8, 5))))).position == 11
     await counted(server, counts)
 
 
-async def test_expected_position(server, client, refused, counted, warmed):
+async def test_expected_position(server, stub, refused, counted, warmed, step):
     counts: Counter = Counter()
-    sid = await warmed(client)
+    sid = await warmed(stub)
     for wrong in (0, 4, 6, 10**12):
         await refused(
-            client,
+            stub,
             [sid],
-            client.step(sid, tokens=[1], expected_position=wrong),
+            stub.Step(step(sid, tokens=[1], expected_position=wrong)),
             grpc.StatusCode.ABORTED,
             f"expected_position is {wrong}",
             "position 5",
@@ -256,50 +258,50 @@ async def test_expected_position(server, client, refused, counted, warmed):
             counts=counts,
             method="Step",
         )
-    response = await client.step(sid, tokens=[1, 2], expected_position=5)
+    response = await stub.Step(step(sid, tokens=[1, 2], expected_position=5))
     assert response.position == 7
     await counted(server, counts)
 
 
 async def test_store_full_rejects(start, connect, refused, counted, warmed):
     server = await start(max_sessions=2, when_full="reject")
-    client = connect(server)
+    stub = connect(server)
     counts: Counter = Counter()
-    first, second = await warmed(client), await warmed(client)
+    first, second = await warmed(stub), await warmed(stub)
     await refused(
-        client,
+        stub,
         [first, second],
-        client.open_session(),
+        stub.OpenSession(pb.OpenSessionRequest()),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "max_sessions",
         counts=counts,
         method="OpenSession",
     )
     await refused(
-        client,
+        stub,
         [first, second],
-        client.fork(first),
+        stub.ForkSession(pb.ForkSessionRequest(session_id=first)),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "max_sessions",
         counts=counts,
         method="ForkSession",
     )
     # Nothing was evicted to make room, and closing one makes room again.
-    assert (await client.get_state(first)).position == 5
-    assert (await client.get_state(second)).position == 5
-    await client.close_session(second)
-    third = await client.open_session()
+    assert (await stub.GetState(pb.SessionRef(session_id=first))).position == 5
+    assert (await stub.GetState(pb.SessionRef(session_id=second))).position == 5
+    await stub.CloseSession(pb.SessionRef(session_id=second))
+    third = await stub.OpenSession(pb.OpenSessionRequest())
     assert third.position == 0
     await counted(server, counts)
 
 
-async def test_open_session_arguments(server, client, refused, counted, scrape, warmed):
+async def test_open_session_arguments(server, stub, refused, counted, scrape, warmed):
     counts: Counter = Counter()
-    sid = await warmed(client)
+    sid = await warmed(stub)
     await refused(
-        client,
+        stub,
         [sid],
-        client.open_session(model="no-such-model"),
+        stub.OpenSession(pb.OpenSessionRequest(model="no-such-model")),
         NOT_FOUND,
         "no-such-model",
         "tiny-chat",
@@ -307,9 +309,9 @@ async def test_open_session_arguments(server, client, refused, counted, scrape, 
         method="OpenSession",
     )
     await refused(
-        client,
+        stub,
         [sid],
-        client.open_session(ttl_seconds=86_401),
+        stub.OpenSession(pb.OpenSessionRequest(ttl_seconds=86_401)),
         INVALID,
         "ttl_seconds",
         "max_session_ttl_seconds",
@@ -317,22 +319,22 @@ async def test_open_session_arguments(server, client, refused, counted, scrape, 
         method="OpenSession",
     )
     await refused(
-        client,
+        stub,
         [sid],
-        client.fork(sid, ttl_seconds=86_401),
+        stub.ForkSession(pb.ForkSessionRequest(session_id=sid, ttl_seconds=86_401)),
         INVALID,
         "ttl_seconds",
         counts=counts,
         method="ForkSession",
     )
-    good = await client.get_state(sid)
+    good = await stub.GetState(pb.SessionRef(session_id=sid))
     short = pb.State(
         model=good.model, num_layers=2, hidden_size=16, h=list(good.h)[:-1], c=good.c, position=good.position
     )
     await refused(
-        client,
+        stub,
         [sid],
-        client.open_session(initial_state=short),
+        stub.OpenSession(pb.OpenSessionRequest(initial_state=short)),
         INVALID,
         "initial_state.h",
         "31 floats",
@@ -344,9 +346,9 @@ async def test_open_session_arguments(server, client, refused, counted, scrape, 
         model=good.model, num_layers=2, hidden_size=16, h=good.h, c=[*good.c, 0.0], position=good.position
     )
     await refused(
-        client,
+        stub,
         [sid],
-        client.open_session(initial_state=long_c),
+        stub.OpenSession(pb.OpenSessionRequest(initial_state=long_c)),
         INVALID,
         "initial_state.c",
         counts=counts,
@@ -354,9 +356,9 @@ async def test_open_session_arguments(server, client, refused, counted, scrape, 
     )
     layers = pb.State(num_layers=1, hidden_size=32, h=good.h, c=good.c, position=3)
     await refused(
-        client,
+        stub,
         [sid],
-        client.open_session(initial_state=layers),
+        stub.OpenSession(pb.OpenSessionRequest(initial_state=layers)),
         INVALID,
         "1 layers x 32",
         counts=counts,
@@ -364,9 +366,9 @@ async def test_open_session_arguments(server, client, refused, counted, scrape, 
     )
     other = pb.State(model="tiny-features", num_layers=2, hidden_size=16, h=good.h, c=good.c, position=3)
     await refused(
-        client,
+        stub,
         [sid],
-        client.open_session(initial_state=other),
+        stub.OpenSession(pb.OpenSessionRequest(initial_state=other)),
         INVALID,
         "initial_state.model",
         counts=counts,
@@ -374,9 +376,9 @@ async def test_open_session_arguments(server, client, refused, counted, scrape, 
     )
     nan = pb.State(num_layers=2, hidden_size=16, h=[math.nan] * 32, c=good.c, position=3)
     await refused(
-        client,
+        stub,
         [sid],
-        client.open_session(initial_state=nan),
+        stub.OpenSession(pb.OpenSessionRequest(initial_state=nan)),
         INVALID,
         "NaN or Inf",
         counts=counts,
@@ -389,33 +391,33 @@ async def test_open_session_arguments(server, client, refused, counted, scrape, 
     await counted(server, counts)
 
 
-async def test_stream_steps_binding(server, client, counted, warmed):
+async def test_stream_steps_binding(server, stub, counted, warmed, step):
     counts: Counter = Counter()
-    sid = await warmed(client)
-    other = await warmed(client)
-    before = [await client.get_state(s) for s in (sid, other)]
+    sid = await warmed(stub)
+    other = await warmed(stub)
+    before = [await stub.GetState(pb.SessionRef(session_id=s)) for s in (sid, other)]
 
-    call = client.stub.StreamSteps([Client.step_request("", tokens=[1, 2])], timeout=30)
+    call = stub.StreamSteps([step("", tokens=[1, 2])], timeout=30)
     assert await call.code() == INVALID
     assert "first StepRequest of a stream must name session_id" in await call.details()
     counts[("StreamSteps", "INVALID_ARGUMENT")] += 1
 
-    requests = [Client.step_request(sid, tokens=[1]), Client.step_request(other, tokens=[2])]
-    call = client.stub.StreamSteps(requests, timeout=30)
+    requests = [step(sid, tokens=[1]), step(other, tokens=[2])]
+    call = stub.StreamSteps(requests, timeout=30)
     responses = [r async for r in _until_error(call)]
     assert [r.position for r in responses] == [6]
     assert await call.code() == INVALID
     assert "bound to session" in await call.details()
     counts[("StreamSteps", "INVALID_ARGUMENT")] += 1
-    after = [await client.get_state(s) for s in (sid, other)]
+    after = [await stub.GetState(pb.SessionRef(session_id=s)) for s in (sid, other)]
     assert after[1] == before[1], "a step naming another session was applied"
     assert after[0].position == 6
 
-    call = client.stub.StreamSteps([Client.step_request(sid, tokens=[300])], timeout=30)
+    call = stub.StreamSteps([step(sid, tokens=[300])], timeout=30)
     assert await call.code() == INVALID
     assert "tokens.ids[0]" in await call.details()
     counts[("StreamSteps", "INVALID_ARGUMENT")] += 1
-    assert await client.get_state(sid) == after[0]
+    assert await stub.GetState(pb.SessionRef(session_id=sid)) == after[0]
     await counted(server, counts)
 
 
@@ -427,33 +429,33 @@ async def _until_error(call):
         return
 
 
-async def test_generate_arguments(server, client, refused, counted, warmed):
+async def test_generate_arguments(server, stub, refused, counted, warmed, reply):
     counts: Counter = Counter()
-    sid = await warmed(client)
-    features = await warmed(client, "tiny-features")
+    sid = await warmed(stub)
+    features = await warmed(stub, "tiny-features")
     both = [sid, features]
     await refused(
-        client,
+        stub,
         both,
-        client.reply(sid, "hi", temperature=-1.0),
+        reply(stub, sid, "hi", temperature=-1.0),
         INVALID,
         "temperature",
         counts=counts,
         method="Generate",
     )
     await refused(
-        client,
+        stub,
         both,
-        client.reply(sid, "hi", temperature=math.nan),
+        reply(stub, sid, "hi", temperature=math.nan),
         INVALID,
         "temperature",
         counts=counts,
         method="Generate",
     )
     await refused(
-        client,
+        stub,
         both,
-        client.reply(sid, "hi", top_k=261),
+        reply(stub, sid, "hi", top_k=261),
         INVALID,
         "top_k is 261",
         "260",
@@ -461,41 +463,41 @@ async def test_generate_arguments(server, client, refused, counted, warmed):
         method="Generate",
     )
     await refused(
-        client,
+        stub,
         both,
-        client.reply(sid, "hi", stop=["x", ""]),
+        reply(stub, sid, "hi", stop=["x", ""]),
         INVALID,
         "stop has an empty string",
         counts=counts,
         method="Generate",
     )
     await refused(
-        client,
+        stub,
         both,
-        client.reply(sid, "hi", max_tokens=513),
+        reply(stub, sid, "hi", max_tokens=513),
         INVALID,
         "max_generate_tokens",
         counts=counts,
         method="Generate",
     )
     await refused(
-        client,
+        stub,
         both,
-        client.reply(features, "hi"),
+        reply(stub, features, "hi"),
         INVALID,
         "no byte tokenizer",
         counts=counts,
         method="Generate",
     )
-    await refused(client, both, client.reply(sid, ""), INVALID, "prompt is empty", counts=counts, method="Generate")
+    await refused(stub, both, reply(stub, sid, ""), INVALID, "prompt is empty", counts=counts, method="Generate")
     await counted(server, counts)
 
 
-async def test_states_roundtrip_exactly(client, arrays, warmed):
+async def test_states_roundtrip_exactly(stub, arrays, warmed):
     """The 'bit-identical' comparisons above rely on GetState being a faithful float32 copy."""
-    sid = await warmed(client)
-    state = await client.get_state(sid)
+    sid = await warmed(stub)
+    state = await stub.GetState(pb.SessionRef(session_id=sid))
     h, c = arrays(state)
     assert h.dtype == np.float32 and np.any(h != 0) and np.any(c != 0)
-    copy = await client.open_session(initial_state=state)
-    assert await client.get_state(copy.session_id) == state
+    copy = await stub.OpenSession(pb.OpenSessionRequest(initial_state=state))
+    assert await stub.GetState(pb.SessionRef(session_id=copy.session_id)) == state

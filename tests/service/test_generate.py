@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+
 PROMPT = "user: héllo\nbot: "
 END_TOKENS = {258, 259}  # eos, eot
 
@@ -13,9 +15,10 @@ def decode(tokens: list[int]) -> str:
     return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
 
 
-async def collect(client, session_id: str, prompt: str, **kwargs) -> list:
+async def collect(stub, session_id: str, prompt: str, **kwargs) -> list:
     async def run() -> list:
-        return [chunk async for chunk in client.generate(session_id, prompt, **kwargs)]
+        request = pb.GenerateRequest(session_id=session_id, prompt=prompt, **kwargs)
+        return [chunk async for chunk in stub.Generate(request)]
 
     return await asyncio.wait_for(run(), 60)
 
@@ -36,9 +39,9 @@ def check_chunks(chunks: list, start_position: int) -> tuple[list[int], str]:
     return tokens, text
 
 
-async def test_greedy_matches_in_process_decoding(client, ref, close, arrays):
-    session = await client.open_session()
-    chunks = await collect(client, session.session_id, PROMPT, max_tokens=12, temperature=0.0)
+async def test_greedy_matches_in_process_decoding(stub, ref, close, arrays):
+    session = await stub.OpenSession(pb.OpenSessionRequest())
+    chunks = await collect(stub, session.session_id, PROMPT, max_tokens=12, temperature=0.0)
     prompt_bytes = len(PROMPT.encode())
     tokens, _ = check_chunks(chunks, prompt_bytes)
     want_tokens, want_h, want_c = ref.greedy(PROMPT, 12)
@@ -50,53 +53,53 @@ async def test_greedy_matches_in_process_decoding(client, ref, close, arrays):
         assert finish == "end_token" and tokens[-1] in END_TOKENS
     assert chunks[-1].position == prompt_bytes + len(tokens)
     # The reply stays in the state: the session is exactly where in-process decoding ended.
-    state = await client.get_state(session.session_id)
+    state = await stub.GetState(pb.SessionRef(session_id=session.session_id))
     assert state.position == prompt_bytes + len(tokens)
     h, c = arrays(state)
     close(h, want_h, "h")
     close(c, want_c, "c")
 
 
-async def test_top_k_one_is_greedy(client):
-    first, second = await client.open_session(), await client.open_session()
-    greedy_chunks = await collect(client, first.session_id, PROMPT, max_tokens=12)
-    top1_chunks = await collect(client, second.session_id, PROMPT, max_tokens=12, temperature=5.0, top_k=1, seed=9)
+async def test_top_k_one_is_greedy(stub):
+    first, second = await stub.OpenSession(pb.OpenSessionRequest()), await stub.OpenSession(pb.OpenSessionRequest())
+    greedy_chunks = await collect(stub, first.session_id, PROMPT, max_tokens=12)
+    top1_chunks = await collect(stub, second.session_id, PROMPT, max_tokens=12, temperature=5.0, top_k=1, seed=9)
     assert [t for c in greedy_chunks for t in c.tokens] == [t for c in top1_chunks for t in c.tokens]
 
 
-async def test_same_seed_same_reply_on_forks(client):
-    base = await client.open_session()
-    await client.step(base.session_id, text="user: tell me a story\n")
-    forks = [await client.fork(base.session_id) for _ in range(3)]
-    runs = [await collect(client, f.session_id, "bot: ", max_tokens=20, temperature=1.0, seed=42) for f in forks[:2]]
-    other = await collect(client, forks[2].session_id, "bot: ", max_tokens=20, temperature=1.0, seed=43)
+async def test_same_seed_same_reply_on_forks(stub, step):
+    base = await stub.OpenSession(pb.OpenSessionRequest())
+    await stub.Step(step(base.session_id, text="user: tell me a story\n"))
+    forks = [await stub.ForkSession(pb.ForkSessionRequest(session_id=base.session_id)) for _ in range(3)]
+    runs = [await collect(stub, f.session_id, "bot: ", max_tokens=20, temperature=1.0, seed=42) for f in forks[:2]]
+    other = await collect(stub, forks[2].session_id, "bot: ", max_tokens=20, temperature=1.0, seed=43)
     start = len("user: tell me a story\n") + len("bot: ")
     (tokens_a, text_a), (tokens_b, text_b) = (check_chunks(r, start) for r in runs)
     assert tokens_a == tokens_b and text_a == text_b
     assert [c.position for c in runs[0]] == [c.position for c in runs[1]]
-    states = [await client.get_state(f.session_id) for f in forks[:2]]
+    states = [await stub.GetState(pb.SessionRef(session_id=f.session_id)) for f in forks[:2]]
     assert states[0] == states[1]
     tokens_other, _ = check_chunks(other, start)
     assert tokens_other != tokens_a, "seed 43 sampled exactly what seed 42 did"
     # The base session was never touched by its forks' replies.
-    assert (await client.get_state(base.session_id)).position == len("user: tell me a story\n")
+    assert (await stub.GetState(pb.SessionRef(session_id=base.session_id))).position == len("user: tell me a story\n")
 
 
-async def test_stop_sequence(client):
-    base = await client.open_session()
-    await client.step(base.session_id, text="user: hi\n")
+async def test_stop_sequence(stub, step):
+    base = await stub.OpenSession(pb.OpenSessionRequest())
+    await stub.Step(step(base.session_id, text="user: hi\n"))
     # Find a seed whose unconstrained reply holds an "e" (deterministic: fixed weights and seeds).
     for seed in range(40):
-        fork = await client.fork(base.session_id)
-        free = await collect(client, fork.session_id, "bot: ", max_tokens=150, temperature=1.5, seed=seed)
+        fork = await stub.ForkSession(pb.ForkSessionRequest(session_id=base.session_id))
+        free = await collect(stub, fork.session_id, "bot: ", max_tokens=150, temperature=1.5, seed=seed)
         free_tokens, free_text = check_chunks(free, 9 + 5)
         if "e" in free_text[1:]:
             break
     else:
         raise AssertionError("no seed in 0..39 produced an 'e' in 150 tokens")
-    fork = await client.fork(base.session_id)
+    fork = await stub.ForkSession(pb.ForkSessionRequest(session_id=base.session_id))
     chunks = await collect(
-        client,
+        stub,
         fork.session_id,
         "bot: ",
         max_tokens=150,
@@ -110,18 +113,18 @@ async def test_stop_sequence(client):
     assert text.endswith("e") and "e" not in text[:-1]
     assert tokens == free_tokens[: len(tokens)] and tokens[-1] == ord("e")
     # The stop sequence is kept in the state.
-    assert (await client.get_state(fork.session_id)).position == 9 + 5 + len(tokens)
+    assert (await stub.GetState(pb.SessionRef(session_id=fork.session_id))).position == 9 + 5 + len(tokens)
 
 
 async def test_default_max_tokens(start, connect, ref):
     server = await start(max_generate_tokens=5)
-    client = connect(server)
-    session = await client.open_session()
+    stub = connect(server)
+    session = await stub.OpenSession(pb.OpenSessionRequest())
     # Greedy decoding of "a" on this model meets no end token for longer than the default: only the
     # default can stop it at 5.
     want, _, _ = ref.greedy("a", 6)
     assert len(want) == 6 and not END_TOKENS & set(want)
-    chunks = await collect(client, session.session_id, "a", temperature=0.0)  # max_tokens unset (0)
+    chunks = await collect(stub, session.session_id, "a", temperature=0.0)  # max_tokens unset (0)
     tokens, _ = check_chunks(chunks, 1)
     assert tokens == want[:5]
     assert chunks[-1].finish_reason == "length"

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cellstream.bench.server import free_ports
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service.sequences import sequence_key
 
 CHAT = "tiny-chat"
@@ -51,8 +52,8 @@ class Live:
 
 
 @pytest.fixture
-async def live(server, http, client, warmed) -> Live:
-    session_id = await warmed(client)
+async def live(server, http, stub, warmed) -> Live:
+    session_id = await warmed(stub)
     started = await http.post(INFER, json=tokens([1, 2, 3], sequence_id="seq", sequence_start=True))
     assert started.status_code == 200, started.text
     return Live(server, session_id)
@@ -160,39 +161,40 @@ async def test_one_in_flight_bound_for_both_transports(start, connect, gate, rpc
     gRPC call RESOURCE_EXHAUSTED, with the same words; once it ends, both are served again."""
     [port] = free_ports(1)
     server = await start(http_port=port, max_inflight_requests=1)
-    client = connect(server)
+    stub = connect(server)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as http:
         hold = gate(server)
         held = asyncio.create_task(http.post(INFER, json=tokens([1, 2])))
         await asyncio.to_thread(hold.running.wait, 20)
         refused = await http.get("/v1/models")
         assert refused.status_code == 429 and "server overloaded" in refused.json()["error"]
-        error = await rpc_error(client.list_models())
+        error = await rpc_error(stub.ListModels(pb.ListModelsRequest()))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "server overloaded" in error.details()
         assert (await http.get("/v2/health/ready")).status_code == 200, "health is never refused"
         hold.open.set()
         assert (await held).status_code == 200
         assert (await http.get("/v1/models")).status_code == 200
-        assert (await client.list_models()).default_model == CHAT
+        assert (await stub.ListModels(pb.ListModelsRequest())).default_model == CHAT
 
 
 @pytest.mark.parametrize("where", ["header", "setting"])
-async def test_a_deadline_ends_a_queued_step_unapplied(start, connect, gate, where):
+async def test_a_deadline_ends_a_queued_step_unapplied(start, connect, gate, where, step):
     [port] = free_ports(1)
     server = await start(http_port=port, **({"http_request_timeout_seconds": 0.3} if where == "setting" else {}))
-    client = connect(server)
-    sid = (await client.open_session()).session_id
+    stub = connect(server)
+    sid = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
     headers = {"Request-Timeout-Ms": "300"} if where == "header" else {}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as http:
         hold = gate(server)
-        holding = asyncio.create_task(client.step((await client.open_session()).session_id, tokens=[1]))
+        busy = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
+        holding = asyncio.ensure_future(stub.Step(step(busy, tokens=[1])))
         await asyncio.to_thread(hold.running.wait, 20)
         late = await http.post(f"/v1/sessions/{sid}/step", json={"tokens": {"ids": [5, 6]}}, headers=headers)
         hold.open.set()
         await holding
     assert late.status_code == 504, late.text
     assert "deadline" in late.json()["error"].lower()
-    assert (await client.get_state(sid)).position == 0, "the late step was applied"
+    assert (await stub.GetState(pb.SessionRef(session_id=sid))).position == 0, "the late step was applied"
 
 
 @st.composite
@@ -234,7 +236,7 @@ def step_bodies() -> st.SearchStrategy:
     return st.one_of(json_values(), st.fixed_dictionaries({}, optional=fields))
 
 
-async def test_fuzzed_json_bodies_get_an_answer_not_a_crash(server, live):
+async def test_fuzzed_json_bodies_get_an_answer_not_a_crash(server, live, step):
     """Every fuzzed body is answered 200 or with a 4xx {"error"}, never a 500; only a 200 may move the state,
     and none may move the session or sequence the fuzzer was not given."""
     base = f"http://127.0.0.1:{server.http_port}"

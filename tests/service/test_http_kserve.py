@@ -19,6 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from cellstream.bench.server import free_ports
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service.sequences import sequence_key
 
 CHAT, FEATURES = "tiny-chat", "tiny-features"
@@ -161,10 +162,10 @@ async def test_a_sequence_stepped_alternately_over_http_and_grpc(server, ref, cl
     assert server.dataplane.store.count() == 0, "sequence_end over either transport closes the sequence"
 
 
-async def test_http_steps_batch_with_grpc_steps(server, client, gate, eventually, ref, close):
+async def test_http_steps_batch_with_grpc_steps(server, stub, gate, eventually, ref, close, step):
     """While the model is held, a KServe sequence step over HTTP and a native Step over gRPC queue; they run
     in one batch when it is released."""
-    held, other = (await client.open_session()).session_id, (await client.open_session()).session_id
+    held, other = [(await stub.OpenSession(pb.OpenSessionRequest())).session_id for _ in range(2)]
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as http:
         body = {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 2], "data": [[5, 6]]}],
                 "parameters": {"sequence_id": "batched", "sequence_start": True}}
@@ -172,7 +173,7 @@ async def test_http_steps_batch_with_grpc_steps(server, client, gate, eventually
         assert first.status_code == 200, first.text
         batcher = server.dataplane.batchers[CHAT]
         hold = gate(server)
-        holding = asyncio.create_task(client.step(held, tokens=[1, 2]))
+        holding = asyncio.ensure_future(stub.Step(step(held, tokens=[1, 2])))
         await asyncio.to_thread(hold.running.wait, 20)
         store, batches = server.dataplane.store, []
         load_many = store.load_many
@@ -185,7 +186,7 @@ async def test_http_steps_batch_with_grpc_steps(server, client, gate, eventually
         body["parameters"] = {"sequence_id": "batched"}
         body["inputs"][0]["data"] = [[7, 8]]
         stepped = asyncio.create_task(http.post(f"/v2/models/{CHAT}/infer", json=body))
-        native = asyncio.create_task(client.step(other, tokens=[9, 10]))
+        native = asyncio.ensure_future(stub.Step(step(other, tokens=[9, 10])))
         await eventually(lambda: batcher.queued == 2, "the HTTP and the gRPC step queued behind the held batch")
         hold.open.set()
         response, _, _ = await asyncio.wait_for(asyncio.gather(stepped, native, holding), 30)

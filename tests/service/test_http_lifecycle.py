@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from cellstream.bench.server import free_ports
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 
 CHAT = "tiny-chat"
 
@@ -44,7 +45,7 @@ async def test_readiness_follows_the_session_store(start, redis_server, eventual
 async def test_a_graceful_stop_finishes_a_streamed_turn(start, connect, eventually, hold_run):
     [port] = free_ports(1)
     server = await start(http_port=port)
-    sid = (await connect(server).open_session()).session_id
+    sid = (await connect(server).OpenSession(pb.OpenSessionRequest())).session_id
     batcher = server.dataplane.batchers[CHAT]
     batcher.inline_max_tokens = 0  # the held engine blocks: never on the event loop
     hold = batcher.engine = hold_run(batcher.engine, 4)

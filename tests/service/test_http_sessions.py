@@ -86,32 +86,32 @@ async def test_every_session_rpc_over_json(server, http, ref, close):
     close(state_of(forked)[0], want_h, "the fork's h")
 
 
-async def test_a_session_is_stepped_over_either_transport(server, http, client, ref, close, arrays):
-    sid = (await client.open_session()).session_id
-    await client.step(sid, tokens=[1, 2, 3])
+async def test_a_session_is_stepped_over_either_transport(server, http, stub, ref, close, arrays, step):
+    sid = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
+    await stub.Step(step(sid, tokens=[1, 2, 3]))
     await ok(await http.post(f"/v1/sessions/{sid}/step", json={"text": "hi"}))
-    await client.step(sid, tokens=[4])
+    await stub.Step(step(sid, tokens=[4]))
     over_http = await ok(await http.post(f"/v1/sessions/{sid}/step", json={"tokens": {"ids": [5]},
                                                                         "want": {"state": True}}))
     _, want_h, want_c = ref.run(CHAT, np.array([1, 2, 3, *b"hi", 4, 5]))
-    h, _ = arrays(await client.get_state(sid))
+    h, _ = arrays(await stub.GetState(pb.SessionRef(session_id=sid)))
     close(h, want_h, "h read over gRPC")
     close(state_of(over_http["state"])[1], want_c, "c returned over HTTP")
-    assert (await client.get_state(sid)).position == int(over_http["position"]) == 7
+    assert (await stub.GetState(pb.SessionRef(session_id=sid))).position == int(over_http["position"]) == 7
 
 
-async def test_a_streamed_turn_equals_the_grpc_generate(server, http, client, close, arrays):
+async def test_a_streamed_turn_equals_the_grpc_generate(server, http, stub, close, arrays, step):
     """Two copies of one session, the same seeded turn: over HTTP as server-sent events, over gRPC as a
     stream of GenerateChunk. The same tokens in the same chunks, the same ends, the same states."""
-    sid = (await client.open_session()).session_id
-    await client.step(sid, text="user: hello there\n")
-    twin = (await client.fork(sid)).session_id
+    sid = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
+    await stub.Step(step(sid, text="user: hello there\n"))
+    twin = (await stub.ForkSession(pb.ForkSessionRequest(session_id=sid))).session_id
     turn = {"prompt": "bot: ", "max_tokens": 40, "temperature": 0.9, "seed": 1234}
 
     response = await http.post(f"/v1/sessions/{sid}/generate", json=turn)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     streamed = events(response.text)
-    chunks = [chunk async for chunk in client.generate(twin, **turn)]
+    chunks = [chunk async for chunk in stub.Generate(pb.GenerateRequest(session_id=twin, **turn))]
 
     assert [name for name, _ in streamed] == ["chunk"] * (len(streamed) - 1) + ["done"]
     assert [data["tokens"] for _, data in streamed] == [list(c.tokens) for c in chunks]
@@ -119,14 +119,14 @@ async def test_a_streamed_turn_equals_the_grpc_generate(server, http, client, cl
         (c.text, c.position, c.done, c.finish_reason) for c in chunks]
     assert streamed[-1][1]["finish_reason"] in ("length", "end_token", "stop")
     assert sum(len(data["tokens"]) for _, data in streamed) > 1
-    (h, c), (twin_h, twin_c) = arrays(await client.get_state(sid)), arrays(await client.get_state(twin))
+    (h, c), (twin_h, twin_c) = [arrays(await stub.GetState(pb.SessionRef(session_id=s))) for s in (sid, twin)]
     close(h, twin_h, "h after the turn")
     close(c, twin_c, "c after the turn")
 
 
 
-async def test_a_client_that_disconnects_stops_the_turn_as_grpc_does(server, http, client, scrape, eventually,
-                                                                    ref, arrays, close, hold_run):
+async def test_a_client_that_disconnects_stops_the_turn_as_grpc_does(server, http, stub, scrape, eventually,
+                                                                    ref, arrays, close, hold_run, step):
     """A greedy turn whose 6th model run (the prompt, then a token per run) is held: the client reads the first
     chunk, goes away while the run is held; the server stops the turn. Over gRPC (the call cancelled) and over
     HTTP (the connection closed) the session ends at the same position, with the state of what was fed."""
@@ -139,10 +139,10 @@ async def test_a_client_that_disconnects_stops_the_turn_as_grpc_does(server, htt
     ended: dict[str, int] = {}
 
     async def cut(transport: str) -> None:
-        sid = (await client.open_session()).session_id
+        sid = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
         hold = batcher.engine = hold_run(engine, 6)
         if transport == "grpc":
-            call = client.stub.Generate(pb.GenerateRequest(session_id=sid, prompt=prompt, max_tokens=max_tokens))
+            call = stub.Generate(pb.GenerateRequest(session_id=sid, prompt=prompt, max_tokens=max_tokens))
             await call.read()
             await asyncio.to_thread(hold.running.wait, 20)
             call.cancel()
@@ -164,8 +164,9 @@ async def test_a_client_that_disconnects_stops_the_turn_as_grpc_does(server, htt
         await eventually(noticed, f"the server stops the {transport} turn")
         hold.open.set()
         batcher.engine = engine
-        await client.step((await client.open_session()).session_id, tokens=[1])  # runs after the held batch
-        state = await client.get_state(sid)
+        after = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
+        await stub.Step(step(after, tokens=[1]))  # runs after the held batch
+        state = await stub.GetState(pb.SessionRef(session_id=sid))
         ended[transport] = state.position
         _, want_h, want_c = ref.run(CHAT, np.array([*prompt.encode(), *tokens])[: state.position])
         h, c = arrays(state)
@@ -228,14 +229,14 @@ async def test_the_openapi_document_describes_every_route(server, http):
     assert "security" not in paths["/v2/health/ready"]["get"]
 
 
-async def test_a_turn_past_its_deadline_ends_with_an_error_event(server, http, client, scrape, hold_run):
+async def test_a_turn_past_its_deadline_ends_with_an_error_event(server, http, stub, scrape, hold_run):
     """The reply has begun (200, first chunk) when the held model makes the turn outlive Request-Timeout-Ms:
     it ends with `event: error` carrying 504, and is counted 504, not 200."""
     batcher = server.dataplane.batchers[CHAT]
     batcher.inline_max_tokens = 0  # the held engine blocks: never on the event loop
     engine = batcher.engine
     hold = batcher.engine = hold_run(engine, 4)
-    sid = (await client.open_session()).session_id
+    sid = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
     body = {"prompt": "user: hi\nbot: ", "max_tokens": 50}
     async with http.stream("POST", f"/v1/sessions/{sid}/generate", json=body,
                            headers={"Request-Timeout-Ms": "1500"}) as response:

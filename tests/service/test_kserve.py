@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service.sequences import sequence_key
 
 CHAT, FEATURES = "tiny-chat", "tiny-features"
@@ -201,13 +202,13 @@ class HoldFirstBatch:
         return self.engine.run(inputs, h0, c0)
 
 
-async def test_native_steps_and_kserve_sequences_batch_together(server, client, triton, ref, close, arrays, scrape):
+async def test_native_steps_and_kserve_sequences_batch_together(server, stub, triton, ref, close, arrays, scrape, step):
     plans = [plan(200 + n, chunk=2) for n in range(8)]  # equal lengths: any steps may share a batch
-    sessions = [(await client.open_session()).session_id for _ in range(4)]
+    sessions = [(await stub.OpenSession(pb.OpenSessionRequest())).session_id for _ in range(4)]
     sequences: list[int | str] = [21, 22, "left", "right"]
     logits: list[list[np.ndarray]] = [[] for _ in plans]
     for n, sid in enumerate(sessions):
-        response = await client.step(sid, tokens=plans[n][0].tolist(), all_steps=True)
+        response = await stub.Step(step(sid, tokens=plans[n][0].tolist(), all_steps=True))
         logits[n].append(np.asarray(response.logits, np.float32).reshape(-1, 260))
     for n, sid in enumerate(sequences, start=4):
         result = await triton.infer(CHAT, [tokens(plans[n][0])], sequence_id=sid, sequence_start=True)
@@ -230,7 +231,7 @@ async def test_native_steps_and_kserve_sequences_batch_together(server, client, 
 
     async def native(n: int, sid: str) -> None:
         for chunk in plans[n][1:]:
-            response = await client.step(sid, tokens=chunk.tolist(), all_steps=True)
+            response = await stub.Step(step(sid, tokens=chunk.tolist(), all_steps=True))
             logits[n].append(np.asarray(response.logits, np.float32).reshape(-1, 260))
 
     async def kserve(n: int, sid: int | str) -> None:
@@ -257,7 +258,7 @@ async def test_native_steps_and_kserve_sequences_batch_together(server, client, 
         close(np.concatenate(logits[n]), want, f"{'native' if n < 4 else 'kserve'} {n} logits")
     for n, sid in enumerate(sessions):
         _, want_h, want_c = ref.run(CHAT, np.concatenate(plans[n]))
-        got_h, got_c = arrays(await client.get_state(sid))
+        got_h, got_c = arrays(await stub.GetState(pb.SessionRef(session_id=sid)))
         close(got_h, want_h, f"native {n} h")
         close(got_c, want_c, f"native {n} c")
 
@@ -361,9 +362,9 @@ async def test_stream_through_the_aio_client(server, triton, ref, close):
     close(np.concatenate(logits), ref.run(CHAT, np.concatenate(chunks))[0], "aio stream logits")
 
 
-async def test_a_cancelled_stream_applies_nothing(server, client, triton, gate, ref, close, scrape):
+async def test_a_cancelled_stream_applies_nothing(server, stub, triton, gate, ref, close, scrape):
     await triton.infer(CHAT, [tokens([1, 2, 3])], sequence_id="kept", sequence_start=True)
-    before = await client.get_state(sequence_key(CHAT, "kept"))
+    before = await stub.GetState(pb.SessionRef(session_id=sequence_key(CHAT, "kept")))
     batcher = server.dataplane.batchers[CHAT]
     held = gate(server)
     busy = asyncio.create_task(triton.infer(CHAT, [tokens([9])]))  # holds the model
@@ -371,7 +372,7 @@ async def test_a_cancelled_stream_applies_nothing(server, client, triton, gate, 
 
     async def requests():
         yield {"model_name": CHAT, "inputs": [tokens([4, 5])], "sequence_id": "kept"}
-        await asyncio.sleep(30)  # the client keeps the stream open, then goes away
+        await asyncio.sleep(30)  # the stub keeps the stream open, then goes away
 
     stream = triton.stream_infer(requests())
     deadline = time.monotonic() + 20
@@ -386,7 +387,7 @@ async def test_a_cancelled_stream_applies_nothing(server, client, triton, gate, 
     held.open.set()
     await busy
 
-    assert await client.get_state(sequence_key(CHAT, "kept")) == before
+    assert await stub.GetState(pb.SessionRef(session_id=sequence_key(CHAT, "kept"))) == before
     samples = await scrape(server)
     assert samples.get("cellstream_steps_dropped_total", model=CHAT, reason="cancelled") == 1
     result = await triton.infer(CHAT, [tokens([4, 5])], sequence_id="kept", sequence_end=True)

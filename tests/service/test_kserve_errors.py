@@ -17,6 +17,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, ser
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service.sequences import sequence_key
 
 CHAT, FEATURES = "tiny-chat", "tiny-features"
@@ -38,12 +39,16 @@ def state(name: str, batch: int = 1, layers: int = 2, hidden: int = 16, fill: fl
 
 
 @pytest.fixture
-def refused(server, client):
+def refused(server, connect):
     """refused(call, code, *fragments, keys=) -> the message, after checking the status, that the
     message holds every fragment, and that no listed session (nor the store's count) changed."""
+    native = connect(server)
+
+    async def states(keys: list[str]) -> list[pb.State]:
+        return [await native.GetState(pb.SessionRef(session_id=key)) for key in keys]
 
     async def _refused(call, code: str, *fragments: str, keys: list[str]) -> str:
-        before = [await client.get_state(key) for key in keys]
+        before = await states(keys)
         count = server.dataplane.store.count()
         try:
             await asyncio.wait_for(call, 30)
@@ -56,7 +61,7 @@ def refused(server, client):
         assert status == f"StatusCode.{code}", f"{status}: {message}"
         for fragment in fragments:
             assert fragment in message, f"{fragment!r} not in {message!r}"
-        assert [await client.get_state(key) for key in keys] == before, "a refused request changed a session"
+        assert await states(keys) == before, "a refused request changed a session"
         assert server.dataplane.store.count() == count, "a refused request created or removed a session"
         return message
 
@@ -79,15 +84,16 @@ def request(model: str = CHAT, ids: tuple[int, ...] = (1, 2), **parameters: obje
     return message
 
 
-async def test_refused_requests_change_nothing(server, client, triton, stub, refused, ref, close, scrape):
+async def test_refused_requests_change_nothing(server, connect, triton, stub, refused, ref, close, scrape, step):
     # Live state worth protecting: an int and a string sequence, a features sequence, a native session.
     fed = {5: [10, 20, 30], "s": [40, 50]}
     await triton.infer(CHAT, [tokens(*fed[5])], sequence_id=5, sequence_start=True)
     await triton.infer(CHAT, [tokens(*fed["s"])], sequence_id="s", sequence_start=True)
     await triton.infer(FEATURES, [tensor("features", np.ones((1, 2, 5), np.float32))], sequence_id="f",
                        sequence_start=True)
-    native = (await client.open_session()).session_id
-    await client.step(native, tokens=[1, 2, 3])
+    cellstream_stub = connect(server)
+    native = (await cellstream_stub.OpenSession(pb.OpenSessionRequest())).session_id
+    await cellstream_stub.Step(step(native, tokens=[1, 2, 3]))
     keys = [sequence_key(CHAT, 5), sequence_key(CHAT, "s"), sequence_key(FEATURES, "f"), native]
     counts: Counter = Counter()
 
@@ -266,4 +272,4 @@ async def test_a_reply_too_large_to_send_is_refused_before_the_step(start, conne
             await triton.infer(CHAT, [rows])
         result = await triton.infer(CHAT, [tokens(*[1] * 15)], sequence_id=7, sequence_start=True)
         assert result.as_numpy("logits").shape == (1, 15, 260)
-    assert (await connect(running).get_state(sequence_key(CHAT, 7))).position == 15
+    assert (await connect(running).GetState(pb.SessionRef(session_id=sequence_key(CHAT, 7)))).position == 15

@@ -10,45 +10,45 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from cellstream.service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service.metrics import observe_many
 
 CHAT_STATE_BYTES = 2 * 2 * 16 * 4
 FEATURES_STATE_BYTES = 2 * 2 * 12 * 4
 
 
-async def test_metrics_after_a_workload(server, client, scrape, rpc_error):
+async def test_metrics_after_a_workload(server, stub, scrape, rpc_error, step):
     began = time.monotonic()
-    chat = await client.open_session()
-    features = await client.open_session(model="tiny-features")
-    doomed = await client.open_session()
-    fork = await client.fork(chat.session_id)
+    chat = await stub.OpenSession(pb.OpenSessionRequest())
+    features = await stub.OpenSession(pb.OpenSessionRequest(model="tiny-features"))
+    doomed = await stub.OpenSession(pb.OpenSessionRequest())
+    fork = await stub.ForkSession(pb.ForkSessionRequest(session_id=chat.session_id))
 
     chat_steps, chat_tokens = 0, 0
     for tokens in ([1, 2, 3], [4], list(range(10)), [7, 7]):
-        await client.step(chat.session_id, tokens=tokens)
+        await stub.Step(step(chat.session_id, tokens=tokens))
         chat_steps, chat_tokens = chat_steps + 1, chat_tokens + len(tokens)
-    await client.step(doomed.session_id, text="bye")
+    await stub.Step(step(doomed.session_id, text="bye"))
     chat_steps, chat_tokens = chat_steps + 1, chat_tokens + 3
     for rows in (2, 5):
-        await client.step(features.session_id, features=np.ones((rows, 5)))
+        await stub.Step(step(features.session_id, features=np.ones((rows, 5))))
 
-    call = client.stream_steps()
+    call = stub.StreamSteps()
     for i, tokens in enumerate(([5, 6], [7], [8, 9, 10])):
-        await call.write(Client.step_request(fork.session_id if i == 0 else "", tokens=tokens))
+        await call.write(step(fork.session_id if i == 0 else "", tokens=tokens))
         await asyncio.wait_for(call.read(), 30)
         chat_steps, chat_tokens = chat_steps + 1, chat_tokens + len(tokens)
     await call.done_writing()
     assert await asyncio.wait_for(call.code(), 30) == grpc.StatusCode.OK
 
-    chunks = [c async for c in client.generate(chat.session_id, "hi", max_tokens=6)]
+    chunks = [c async for c in stub.Generate(pb.GenerateRequest(session_id=chat.session_id, prompt="hi", max_tokens=6))]
     generated = sum(len(c.tokens) for c in chunks)
     chat_steps += 1 + generated  # the prompt, then one step per sampled token
     chat_tokens += 2 + generated
 
-    error = await rpc_error(client.step(chat.session_id, tokens=[999]))
+    error = await rpc_error(stub.Step(step(chat.session_id, tokens=[999])))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    await client.close_session(doomed.session_id)
+    await stub.CloseSession(pb.SessionRef(session_id=doomed.session_id))
 
     samples = await scrape(server)
     elapsed = time.monotonic() - began
@@ -96,17 +96,17 @@ async def test_metrics_after_a_workload(server, client, scrape, rpc_error):
 
 
 
-async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(server, client, gate, scrape, rpc_error,
-                                                                            eventually):
+async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(server, stub, gate, scrape, rpc_error,
+                                                                            eventually, step):
     held = gate(server)
-    blocker = await client.open_session()
-    waiting = [await client.open_session() for _ in range(2)]
-    first = asyncio.ensure_future(client.step(blocker.session_id, tokens=[1]))
+    blocker = await stub.OpenSession(pb.OpenSessionRequest())
+    waiting = [await stub.OpenSession(pb.OpenSessionRequest()) for _ in range(2)]
+    first = asyncio.ensure_future(stub.Step(step(blocker.session_id, tokens=[1])))
     await asyncio.to_thread(held.running.wait, 30)  # the model is busy: later steps wait in the queue
 
-    late = await rpc_error(client.stub.Step(Client.step_request(waiting[0].session_id, tokens=[2]), timeout=0.2))
+    late = await rpc_error(stub.Step(step(waiting[0].session_id, tokens=[2]), timeout=0.2))
     assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    abandoned = client.stub.Step(Client.step_request(waiting[1].session_id, tokens=[3]), timeout=30)
+    abandoned = stub.Step(step(waiting[1].session_id, tokens=[3]), timeout=30)
     batcher = server.dataplane.batchers["tiny-chat"]
     # Both wait in the queue (the late one is dropped only when its turn comes): the server has the call.
     await eventually(lambda: batcher.queued == 2, "the abandoned Step reaches the server's queue")
@@ -125,16 +125,16 @@ async def test_calls_ended_by_the_client_or_its_deadline_are_counted_as_such(ser
     assert get("cellstream_requests_total", method="Step", code="CANCELLED") == 1
     assert get("cellstream_requests_total", method="Step", code="OK") == 1
     for session in waiting:
-        assert (await client.get_state(session.session_id)).position == 0
+        assert (await stub.GetState(pb.SessionRef(session_id=session.session_id))).position == 0
 
 
-async def test_queue_wait_is_how_long_steps_waited(server, client, gate, scrape, eventually):
+async def test_queue_wait_is_how_long_steps_waited(server, stub, gate, scrape, eventually, step):
     held = gate(server)
-    blocker, *behind = [await client.open_session() for _ in range(3)]
+    blocker, *behind = [await stub.OpenSession(pb.OpenSessionRequest()) for _ in range(3)]
     began = time.monotonic()
-    first = asyncio.ensure_future(client.step(blocker.session_id, tokens=[1]))
+    first = asyncio.ensure_future(stub.Step(step(blocker.session_id, tokens=[1])))
     await asyncio.to_thread(held.running.wait, 30)
-    queued = [asyncio.ensure_future(client.step(s.session_id, tokens=[2])) for s in behind]
+    queued = [asyncio.ensure_future(stub.Step(step(s.session_id, tokens=[2]))) for s in behind]
     batcher = server.dataplane.batchers["tiny-chat"]
     await eventually(lambda: batcher.queued == 2, "both steps queue behind the held batch")
     queued_by = time.monotonic()

@@ -9,7 +9,6 @@ import asyncio
 import grpc
 
 from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
-from cellstream.service.client import Client
 
 PROMPT = "user: héllo\nbot: "
 
@@ -18,11 +17,11 @@ async def read(call: grpc.aio.StreamStreamCall) -> pb.StepBatchResult:
     return await asyncio.wait_for(call.read(), 30)
 
 
-async def test_tags_are_echoed_and_one_batch_is_one_message(server, client, gate):
-    sessions = [(await client.open_session()).session_id for _ in range(16)]
+async def test_tags_are_echoed_and_one_batch_is_one_message(server, stub, gate, step):
+    sessions = [(await stub.OpenSession(pb.OpenSessionRequest())).session_id for _ in range(16)]
     tags = [2**63 + 977 * k for k in range(16)]  # any uint64 the client likes
-    call = client.stream_many()
-    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[k], tag=tag)
+    call = stub.StreamMany()
+    await call.write(pb.StepBatch(items=[step(sid, tokens=[k], tag=tag)
                                          for k, (sid, tag) in enumerate(zip(sessions, tags, strict=True))]))
     reply = await read(call)
     # All 16 were queued before the batcher ran: one batch, so one message.
@@ -31,10 +30,10 @@ async def test_tags_are_echoed_and_one_batch_is_one_message(server, client, gate
 
     # Two batches (the second queued while the first computes): two messages, one per batch.
     held = gate(server)
-    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[1], tag=k) for k, sid
+    await call.write(pb.StepBatch(items=[step(sid, tokens=[1], tag=k) for k, sid
                                          in enumerate(sessions[:8])]))
     assert await asyncio.to_thread(held.running.wait, 30)
-    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[1], tag=100 + k) for k, sid
+    await call.write(pb.StepBatch(items=[step(sid, tokens=[1], tag=100 + k) for k, sid
                                          in enumerate(sessions[8:])]))
     batcher = server.dataplane.batchers["tiny-chat"]
 
@@ -51,16 +50,16 @@ async def test_tags_are_echoed_and_one_batch_is_one_message(server, client, gate
     assert await asyncio.wait_for(call.code(), 30) == grpc.StatusCode.OK
 
 
-async def test_a_sessions_outcomes_keep_its_item_order(client):
-    sid = (await client.open_session()).session_id
-    other = (await client.open_session()).session_id
-    call = client.stream_many()
+async def test_a_sessions_outcomes_keep_its_item_order(stub, step):
+    sid = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
+    other = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
+    call = stub.StreamMany()
     # The refused item (bad token) is known at once, but its outcome waits for the earlier item of its session.
     await call.write(pb.StepBatch(items=[
-        Client.step_request(sid, tokens=[1], tag=1),
-        Client.step_request(sid, tokens=[999], tag=2),
-        Client.step_request(sid, tokens=[2], tag=3),
-        Client.step_request(other, tokens=[999], tag=4),
+        step(sid, tokens=[1], tag=1),
+        step(sid, tokens=[999], tag=2),
+        step(sid, tokens=[2], tag=3),
+        step(other, tokens=[999], tag=4),
     ]))
     await call.done_writing()
     arrived = [o async for reply in call for o in reply.items]
@@ -70,14 +69,14 @@ async def test_a_sessions_outcomes_keep_its_item_order(client):
     assert arrived[0].tag == 4, "an error of a session with nothing in flight is sent at once"
 
 
-async def test_cancelled_stream_applies_nothing_still_queued_or_running(server, client, gate, scrape, eventually):
-    sessions = [(await client.open_session()).session_id for _ in range(4)]
+async def test_cancelled_stream_applies_nothing_still_queued_or_running(server, stub, gate, scrape, eventually, step):
+    sessions = [(await stub.OpenSession(pb.OpenSessionRequest())).session_id for _ in range(4)]
     held = gate(server)
     batcher = server.dataplane.batchers[server.dataplane.spec("").name]  # the sessions' model, the default
-    call = client.stream_many()
-    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[1, 2]) for sid in sessions]))
+    call = stub.StreamMany()
+    await call.write(pb.StepBatch(items=[step(sid, tokens=[1, 2]) for sid in sessions]))
     assert await asyncio.to_thread(held.running.wait, 30)
-    await call.write(pb.StepBatch(items=[Client.step_request(sid, tokens=[3]) for sid in sessions]))
+    await call.write(pb.StepBatch(items=[step(sid, tokens=[3]) for sid in sessions]))
     await eventually(lambda: batcher.queued == len(sessions), "the second message is queued behind the held batch")
     call.cancel()
 
@@ -88,16 +87,17 @@ async def test_cancelled_stream_applies_nothing_still_queued_or_running(server, 
     await eventually(counted, "the server sees the cancellation while the batch is held")
     held.open.set()
     for sid in sessions:
-        assert (await client.get_state(sid)).position == 0, "a cancelled stream's step was applied"
-    assert (await client.step(sessions[0], tokens=[1])).position == 1  # the batcher serves on
+        position = (await stub.GetState(pb.SessionRef(session_id=sid))).position
+        assert position == 0, "a cancelled stream's step was applied"
+    assert (await stub.Step(step(sessions[0], tokens=[1]))).position == 1  # the batcher serves on
 
 
-async def test_step_many_past_its_deadline_applies_nothing(server, client, gate, rpc_error, scrape, eventually):
-    sessions = [(await client.open_session()).session_id for _ in range(4)]
-    other = (await client.open_session()).session_id
+async def test_step_many_past_its_deadline_applies_nothing(server, stub, gate, rpc_error, scrape, eventually, step):
+    sessions = [(await stub.OpenSession(pb.OpenSessionRequest())).session_id for _ in range(4)]
+    other = (await stub.OpenSession(pb.OpenSessionRequest())).session_id
     held = gate(server)
-    batch = pb.StepBatch(items=[Client.step_request(sid, tokens=[1, 2]) for sid in sessions])
-    error = await rpc_error(client.stub.StepMany(batch, timeout=1.0))  # the batch is held past the deadline
+    batch = pb.StepBatch(items=[step(sid, tokens=[1, 2]) for sid in sessions])
+    error = await rpc_error(stub.StepMany(batch, timeout=1.0))  # the batch is held past the deadline
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert held.running.is_set()
 
@@ -108,15 +108,17 @@ async def test_step_many_past_its_deadline_applies_nothing(server, client, gate,
     await eventually(ended, "the server ends the StepMany call at its deadline")
     held.open.set()
     # A later batch runs only once the held one has finished (its steps' callers are gone: nothing committed).
-    assert (await client.step(other, tokens=[1])).position == 1
+    assert (await stub.Step(step(other, tokens=[1]))).position == 1
     for sid in sessions:
-        assert (await client.get_state(sid)).position == 0, "a step of a call that ended was applied"
+        position = (await stub.GetState(pb.SessionRef(session_id=sid))).position
+        assert position == 0, "a step of a call that ended was applied"
 
 
-async def test_generate_many_tags_chunks_and_isolates_turns(server, client, ref, close, arrays, rpc_error, scrape):
-    first, second, untouched = [(await client.open_session()).session_id for _ in range(3)]
-    await client.step(untouched, tokens=[1, 2, 3])
-    before = await client.get_state(untouched)
+async def test_generate_many_tags_chunks_and_isolates_turns(server, stub, ref, close, arrays, rpc_error, scrape, step,
+                                                            reply):
+    first, second, untouched = [(await stub.OpenSession(pb.OpenSessionRequest())).session_id for _ in range(3)]
+    await stub.Step(step(untouched, tokens=[1, 2, 3]))
+    before = await stub.GetState(pb.SessionRef(session_id=untouched))
     turns = [
         pb.GenerateRequest(session_id=first, prompt=PROMPT, max_tokens=8, tag=1),
         pb.GenerateRequest(session_id="0" * 32, prompt=PROMPT, tag=2),
@@ -124,26 +126,26 @@ async def test_generate_many_tags_chunks_and_isolates_turns(server, client, ref,
         pb.GenerateRequest(session_id=second, prompt=PROMPT, max_tokens=8, tag=4),
         pb.GenerateRequest(session_id=first, prompt="user: and?\nbot: ", max_tokens=6, tag=5),  # after tag 1
     ]
-    call = client.generate_many()
+    call = stub.GenerateMany()
     await call.write(pb.GenerateBatch(items=turns))
     await call.done_writing()
 
     async def read_all() -> list[pb.GenerateBatchResult]:
-        return [reply async for reply in call]
+        return [message async for message in call]
 
     replies = await asyncio.wait_for(read_all(), 60)
     assert await call.code() == grpc.StatusCode.OK
-    arrived = [o for reply in replies for o in reply.chunks]
-    assert any(len({o.tag for o in reply.chunks}) > 1 for reply in replies), "no message carried several turns"
+    arrived = [o for message in replies for o in message.chunks]
+    assert any(len({o.tag for o in message.chunks}) > 1 for message in replies), "no message carried several turns"
     by_tag = {tag: [o for o in arrived if o.tag == tag] for tag in range(1, 6)}
     sessions = {t.tag: t.session_id for t in turns}
     assert all(o.session_id == sessions[o.tag] for o in arrived)
 
     for tag, request in ((2, turns[1]), (3, turns[2])):
         [outcome] = by_tag[tag]
-        single = await rpc_error(client.reply(request.session_id, request.prompt, temperature=request.temperature))
+        single = await rpc_error(reply(stub, request.session_id, request.prompt, temperature=request.temperature))
         assert (outcome.error.code, outcome.error.message) == (single.code().value[0], single.details())
-    assert await client.get_state(untouched) == before
+    assert await stub.GetState(pb.SessionRef(session_id=untouched)) == before
 
     want1, h, c = ref.greedy(PROMPT, 8)
     want5, h, c = ref.greedy("user: and?\nbot: ", 6, h, c)
@@ -155,7 +157,7 @@ async def test_generate_many_tags_chunks_and_isolates_turns(server, client, ref,
         assert [chunk.done for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
     last_of_1 = max(k for k, o in enumerate(arrived) if o.tag == 1)
     assert min(k for k, o in enumerate(arrived) if o.tag == 5) > last_of_1, "a session's turns overlapped"
-    state = await client.get_state(first)
+    state = await stub.GetState(pb.SessionRef(session_id=first))
     got_h, got_c = arrays(state)
     close(got_h, h, "h after both turns")
     close(got_c, c, "c after both turns")
@@ -169,9 +171,9 @@ async def test_generate_many_tags_chunks_and_isolates_turns(server, client, ref,
 async def test_generate_many_with_gates_keeps_every_reply_within_max_message_bytes(start, connect):
     """Turns' first chunks carry their prompt's gates (768 bytes a byte on tiny-chat): four turns' chunks ready
     together would take ~21 kB, more than one reply of 20,000 bytes holds; they travel in several."""
-    client = connect(await start(max_message_bytes=20_000))
-    sessions = [(await client.open_session()).session_id for _ in range(4)]
-    call = client.generate_many()
+    stub = connect(await start(max_message_bytes=20_000))
+    sessions = [(await stub.OpenSession(pb.OpenSessionRequest())).session_id for _ in range(4)]
+    call = stub.GenerateMany()
     await call.write(pb.GenerateBatch(items=[pb.GenerateRequest(session_id=sid, prompt=PROMPT, max_tokens=3, tag=k,
                                                                 gates=True) for k, sid in enumerate(sessions)]))
     await call.done_writing()
@@ -182,4 +184,4 @@ async def test_generate_many_with_gates_keeps_every_reply_within_max_message_byt
         chunks = [o.chunk for reply in replies for o in reply.chunks if o.tag == k]
         assert chunks[-1].done and len(PROMPT.encode()) < chunks[-1].position <= len(PROMPT.encode()) + 3
         steps = sum(len(chunk.gates[0].forget) for chunk in chunks) // 16
-        assert steps == chunks[-1].position == (await client.get_state(sid)).position
+        assert steps == chunks[-1].position == (await stub.GetState(pb.SessionRef(session_id=sid))).position

@@ -36,7 +36,8 @@ def test_the_runtime_dependencies_are_the_chosen_few():
 
 def test_importing_the_server_loads_no_training_package():
     code = (
-        "import sys; import cellstream.service.cli, cellstream.service.server, cellstream.service.client; "
+        "import sys; import cellstream.service.cli, cellstream.service.server, cellstream.service.chat; "
+        "from cellstream import Client, AsyncClient; "
         f"loaded = sorted(m for m in {TRAINING_ONLY!r} if m in sys.modules); print(loaded); "
         "sys.exit(1 if loaded else 0)"
     )

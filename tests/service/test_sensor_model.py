@@ -15,6 +15,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 
 from cellstream.model.signal import make_streams
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service.engine import Engine
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "model" / "artifacts"
@@ -34,34 +35,34 @@ def rmse(got: np.ndarray, want: np.ndarray) -> float:
 
 @pytest.mark.timeout(60)
 async def test_served_beside_the_chat_model_which_stays_the_default(shipped, connect):
-    client = connect(shipped)
-    listed = await client.list_models()
+    stub = connect(shipped)
+    listed = await stub.ListModels(pb.ListModelsRequest())
     models = {m.name: m for m in listed.models}
     assert listed.default_model == CHAT and models[CHAT].is_default and models[CHAT].output_name == "logits"
     sensor = models[SENSOR]
     assert (sensor.input_kind, sensor.feature_size, sensor.vocab_size, sensor.output_name) == ("features", 1, 1,
                                                                                                 "forecast")
-    assert (await client.open_session()).model == CHAT
+    assert (await stub.OpenSession(pb.OpenSessionRequest())).model == CHAT
     assert (ARTIFACTS / f"{SENSOR}.onnx").stat().st_size < 1_000_000
 
 
 @pytest.mark.timeout(120)
-async def test_state_carried_through_a_regime_beats_a_reset(shipped, connect, close):
-    client = connect(shipped)
+async def test_state_carried_through_a_regime_beats_a_reset(shipped, connect, close, step):
+    stub = connect(shipped)
     streams = make_streams(np.random.default_rng(5), STREAMS, READINGS + 1, first_switch=10 * READINGS)
     readings, clean = streams.readings[:, :-1], streams.clean[:, 1:]  # one regime all along
 
     async def forecasts(session: str, values: np.ndarray) -> list[float]:
         out = []
         for value in values:  # one reading per request, as a sensor sends them
-            response = await client.step(session, features=[[value]], logits=True)
+            response = await stub.Step(step(session, features=[[value]], logits=True))
             assert not response.logits
             out.append(response.outputs[0])
         return out
 
-    carried = [(await client.open_session(model=SENSOR)).session_id for _ in range(STREAMS)]
+    carried = [(await stub.OpenSession(pb.OpenSessionRequest(model=SENSOR))).session_id for _ in range(STREAMS)]
     got = np.array(await asyncio.gather(*(forecasts(s, r) for s, r in zip(carried, readings, strict=True))))
-    fresh = [(await client.open_session(model=SENSOR)).session_id for _ in range(STREAMS)]
+    fresh = [(await stub.OpenSession(pb.OpenSessionRequest(model=SENSOR))).session_id for _ in range(STREAMS)]
     after_reset = np.array(await asyncio.gather(
         *(forecasts(s, r[RESET_AT:]) for s, r in zip(fresh, readings, strict=True))))
     # The server carried the state exactly: the same as one in-process call on the whole streams.
@@ -75,11 +76,11 @@ async def test_state_carried_through_a_regime_beats_a_reset(shipped, connect, cl
 
 
 @pytest.mark.timeout(60)
-async def test_kserve_sequence_of_fp32_readings_gives_the_native_forecasts(shipped, connect, close):
-    client = connect(shipped)
+async def test_kserve_sequence_of_fp32_readings_gives_the_native_forecasts(shipped, connect, close, step):
+    stub = connect(shipped)
     readings = make_streams(np.random.default_rng(6), 1, 40).readings[0]
-    session = (await client.open_session(model=SENSOR)).session_id
-    native = [(await client.step(session, features=[[v]], logits=True)).outputs[0] for v in readings]
+    session = (await stub.OpenSession(pb.OpenSessionRequest(model=SENSOR))).session_id
+    native = [(await stub.Step(step(session, features=[[v]], logits=True))).outputs[0] for v in readings]
     triton = triton_aio.InferenceServerClient(f"127.0.0.1:{shipped.port}")
     try:
         metadata = await triton.get_model_metadata(SENSOR, as_json=True)

@@ -12,7 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from cellstream.service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 from cellstream.service.config import load_settings
 from cellstream.service.errors import NotFound
 from cellstream.service.metrics import Metrics
@@ -124,16 +125,17 @@ async def test_memory_store_restores_remaining_ttl_and_lru_order(tmp_path):
     assert (await restored.get(second.session_id)).position == second.position
 
 
-async def test_server_restart_on_snapshot_continues_sessions(tiny_model_dir, tmp_path, ref, close, arrays):
+async def test_server_restart_on_snapshot_continues_sessions(tiny_model_dir, tmp_path, ref, close, arrays, step):
     path = tmp_path / "sessions.snap"
     settings = load_settings(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0,
                              model_dir=tiny_model_dir, default_model="tiny-chat", ort_intra_op_threads=1,
                              snapshot_path=path)
     first = await start_server(settings)
-    async with Client(f"127.0.0.1:{first.port}") as client:
-        kept = await client.open_session(ttl_seconds=600)
-        await client.step(kept.session_id, tokens=TOKENS[:6])
-        doomed = await client.open_session(ttl_seconds=1)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        kept = await stub.OpenSession(pb.OpenSessionRequest(ttl_seconds=600))
+        await stub.Step(step(kept.session_id, tokens=TOKENS[:6]))
+        doomed = await stub.OpenSession(pb.OpenSessionRequest(ttl_seconds=1))
     await first.stop(0)
     assert path.exists()
 
@@ -141,8 +143,9 @@ async def test_server_restart_on_snapshot_continues_sessions(tiny_model_dir, tmp
     second = await start_server(settings)
     try:
         assert not path.exists(), "a restored snapshot must not be restored again after a crash"
-        async with Client(f"127.0.0.1:{second.port}") as client:
-            response = await client.step(kept.session_id, tokens=TOKENS[6:], logits=True, state=True)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            response = await stub.Step(step(kept.session_id, tokens=TOKENS[6:], logits=True, state=True))
             assert response.position == len(TOKENS)
             want, h, c = ref.run("tiny-chat", np.array(TOKENS))
             close(np.asarray(response.logits), want[-1], "logits")
@@ -150,7 +153,7 @@ async def test_server_restart_on_snapshot_continues_sessions(tiny_model_dir, tmp
             close(got_h, h, "h")
             close(got_c, c, "c")
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await client.get_state(doomed.session_id)
+                await stub.GetState(pb.SessionRef(session_id=doomed.session_id))
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await second.stop(0)

@@ -17,6 +17,7 @@ from torch import nn
 from cellstream.model.parity import TOLERANCE, ExportErrors
 from cellstream.model.user_export import export_module
 from cellstream.model.wrap import serve
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service.engine import Engine
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -101,7 +102,7 @@ def split(rng: np.random.Generator, steps: int) -> list[int]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-async def test_user_module_served_matches_torch_for_any_split(case, exported, start, connect, arrays, close):
+async def test_user_module_served_matches_torch_for_any_split(case, exported, start, connect, arrays, close, step):
     directory, worst = exported
     assert worst[case.name].problem() is None  # export_module raised otherwise; the numbers are sane
     name = case.name
@@ -110,20 +111,20 @@ async def test_user_module_served_matches_torch_for_any_split(case, exported, st
                                                                                           case.layers, HIDDEN)
     output_name = case.output_name or ("logits" if case.input_kind == "tokens" else "outputs")
     assert engine.spec.output_name == output_name
-    client = connect(await start(model_dir=directory, default_model=CASES[0].name))
+    stub = connect(await start(model_dir=directory, default_model=CASES[0].name))
     served = serve(user_module(case, CASES.index(case)))
     exact = serve(user_module(case, CASES.index(case)).double())
     rng = np.random.default_rng(CASES.index(case))
 
     async def stream(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """x fed in random pieces; (outputs (T, V), h, c) as the server returned them."""
-        session = await client.open_session(model=name)
+        session = await stub.OpenSession(pb.OpenSessionRequest(model=name))
         outputs, start_at = [], 0
         for piece in split(rng, len(x)):
             chunk = x[start_at : start_at + piece]
             start_at += piece
             kwargs = {"tokens": chunk.tolist()} if case.input_kind == "tokens" else {"features": chunk}
-            response = await client.step(session.session_id, all_steps=True, state=True, **kwargs)
+            response = await stub.Step(step(session.session_id, all_steps=True, state=True, **kwargs))
             values, other = ((response.logits, response.outputs) if output_name == "logits"
                              else (response.outputs, response.logits))
             assert not other, "the output comes back under its own name only"
