@@ -82,6 +82,22 @@ class Metrics:
                                         registry=r)
         self.sessions_evicted = Counter("cellstream_sessions_evicted",
                                         "Least recently used sessions evicted at max_sessions.", registry=r)
+        # Per model version (docs/OPERATIONS.md, "Model versions"): a version's label is its number.
+        self.version_steps = Counter("cellstream_model_version_steps",
+                                     "Session and stateless steps run, by model and version.", ["model", "version"],
+                                     registry=r)
+        self.version_sessions = Gauge("cellstream_model_version_sessions",
+                                      "Live sessions pinned to each loaded model version, as counted at the last "
+                                      "sweep or repository call (Redis: all replicas' sessions: aggregate with max).",
+                                      ["model", "version"], registry=r)
+        self.version_state = Gauge("cellstream_model_version_state",
+                                   "1 for each loaded model version's state (READY: takes new sessions; DRAINING: "
+                                   "unloaded, serving its live sessions until they end); gone once released.",
+                                   ["model", "version", "state"], registry=r)
+        self.model_events = Counter("cellstream_model_events",
+                                    "Model version lifecycle events: loaded, refused (its file failed the checks), "
+                                    "unloaded (draining begins), released (its onnxruntime sessions freed).",
+                                    ["model", "version", "event"], registry=r)
         self._call_series: dict[str, CallSeries] = {}
 
     def call_series(self, method: str) -> CallSeries:

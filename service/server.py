@@ -28,8 +28,9 @@ from cellstream.service.api.kserve import KServeServicer
 from cellstream.service.api.native import NativeServicer
 from cellstream.service.config import Settings, redacted_url
 from cellstream.service.dataplane import DataPlane
-from cellstream.service.engine import ModelRegistry
+from cellstream.service.errors import ModelLoadError
 from cellstream.service.metrics import Metrics
+from cellstream.service.model_control import read_versions, startup_names
 from cellstream.service.sessions.factory import open_store
 
 log = logging.getLogger(__name__)
@@ -181,20 +182,25 @@ async def start_server(
         await _set_health(health_servicer, SERVING if up else NOT_SERVING)
 
     await running.dataplane.watch_store(store_changed)
-    log.info("serving %s on %s:%d (HTTP on :%s, metrics on :%d, sessions in %s)",
-             sorted(running.dataplane.registry.engines), settings.host, port, running.http_port or "off", metrics_port,
-             redacted_url(settings.state_store))
+    log.info("serving %s on %s:%d (HTTP on :%s, metrics on :%d, sessions in %s, model control %s)",
+             sorted(running.dataplane.registry.versions), settings.host, port, running.http_port or "off",
+             metrics_port, redacted_url(settings.state_store), settings.model_control)
     return running
 
 
 async def _load(settings: Settings, metrics: Metrics, clock: Callable[[], float]) -> DataPlane:
-    registry = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: ModelRegistry.from_directory(
-            settings.model_dir, default=settings.default_model, intra_op_threads=settings.ort_intra_op_threads)
-    )
-    specs = {name: engine.spec for name, engine in registry.engines.items()}
+    names = startup_names(settings)
+    loaded = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: read_versions(settings.model_dir, names, settings.version_policy, settings.ort_intra_op_threads))
+    if not loaded and settings.model_control == "none":
+        raise ModelLoadError(f"no .onnx models in {settings.model_dir} (NAME.onnx, or NAME/<version>/model.onnx)")
+    specs = {engine.spec.key: engine.spec for engine, _ in loaded}
+    default = settings.default_model
+    if default and loaded and default not in {spec.name for spec in specs.values()}:
+        raise ModelLoadError(f"default model {default!r} is not among the loaded models "
+                             f"{sorted({spec.name for spec in specs.values()})}")
     store = await open_store(settings, metrics, specs, clock=clock)
-    dataplane = DataPlane(settings, registry, store, metrics)
+    dataplane = DataPlane(settings, loaded, store, metrics)
     await dataplane.start()
     return dataplane
 

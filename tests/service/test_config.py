@@ -14,8 +14,9 @@ from onnx import TensorProto, helper
 
 from cellstream.bench.server import free_ports
 from cellstream.service.config import Settings, SettingsError, load_settings
-from cellstream.service.engine import Engine, ModelRegistry
+from cellstream.service.engine import Engine
 from cellstream.service.errors import ModelLoadError
+from cellstream.service.model_control import read_versions
 from cellstream.service.server import start_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,16 +158,15 @@ def test_engine_refuses_missing_and_unreadable_files(tmp_path):
         Engine(garbage)
 
 
-def test_registry_checks(tmp_path, tiny_model_dir):
+async def test_start_up_checks_the_model_directory(tmp_path, tiny_model_dir):
+    common = dict(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0)
     with pytest.raises(ModelLoadError, match="model directory not found"):
-        ModelRegistry.from_directory(tmp_path / "absent")
+        await start_server(load_settings(model_dir=tmp_path / "absent", **common))
     with pytest.raises(ModelLoadError, match=r"no \.onnx models"):
-        ModelRegistry.from_directory(tmp_path)
-    with pytest.raises(ModelLoadError, match="default model 'nope' is not among"):
-        ModelRegistry.from_directory(tiny_model_dir, default="nope")
-    registry = ModelRegistry.from_directory(tiny_model_dir, default="tiny-features")
-    assert registry.resolve("") == "tiny-features" and registry.resolve("tiny-chat") == "tiny-chat"
-    engine = registry.engines["tiny-chat"]
+        await start_server(load_settings(model_dir=tmp_path, **common))
+    loaded = read_versions(tiny_model_dir, None, "all", 1)
+    assert sorted(engine.spec.key for engine, _ in loaded) == ["tiny-chat", "tiny-features"]
+    engine = next(engine for engine, _ in loaded if engine.spec.name == "tiny-chat")
     logits, hn, cn = engine.run(
         np.zeros((3, 4), np.int64), np.zeros((2, 3, 16), np.float32), np.zeros((2, 3, 16), np.float32)
     )
