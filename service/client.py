@@ -59,9 +59,11 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.channel.close()
 
-    async def open_session(self, model: str = "", ttl_seconds: int = 0, initial_state: pb.State | None = None
-                           ) -> pb.SessionInfo:
-        request = pb.OpenSessionRequest(model=model, ttl_seconds=ttl_seconds, initial_state=initial_state)
+    async def open_session(self, model: str = "", ttl_seconds: int = 0, initial_state: pb.State | None = None,
+                           model_version: int = 0) -> pb.SessionInfo:
+        """A session pinned to `model_version` of `model` (0: the model's default version) for its whole life."""
+        request = pb.OpenSessionRequest(model=model, ttl_seconds=ttl_seconds, initial_state=initial_state,
+                                        model_version=model_version)
         return await self.stub.OpenSession(request, timeout=self.timeout, metadata=self.metadata)
 
     @staticmethod
@@ -159,6 +161,15 @@ class Client:
 
     async def list_models(self) -> pb.ListModelsResponse:
         return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    async def load_model(self, model: str) -> pb.ModelStatus:
+        """Serve the versions of `model` its directory in the server's model repository holds (admin scope)."""
+        return await self.stub.LoadModel(pb.LoadModelRequest(model=model), timeout=self.timeout, metadata=self.metadata)
+
+    async def unload_model(self, model: str) -> pb.ModelStatus:
+        """Unload every version of `model`; those with live sessions drain (admin scope)."""
+        return await self.stub.UnloadModel(pb.UnloadModelRequest(model=model), timeout=self.timeout,
+                                           metadata=self.metadata)
 
 
 async def chat(target: str, *, model: str = "", temperature: float = 0.0, max_tokens: int = 200,

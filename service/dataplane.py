@@ -20,7 +20,7 @@ from cellstream.service.auth import ADMIN, current_principal, require_scope
 from cellstream.service.batcher import StepGroup, StepInputs, StepJob, StepResult
 from cellstream.service.config import EXPLICIT, Settings
 from cellstream.service.engine import FEATURES, TOKENS, ModelSpec
-from cellstream.service.errors import CellstreamError, FailedPrecondition, InvalidArgument, NotFound, session_not_found
+from cellstream.service.errors import CellstreamError, FailedPrecondition, InvalidArgument, session_not_found
 from cellstream.service.gates import HOW_TO_EXPORT
 from cellstream.service.metrics import Metrics
 from cellstream.service.model_control import Change, IndexEntry, Loaded, ModelControl
@@ -136,13 +136,7 @@ class DataPlane:
     def loaded_spec(self, model: str, version: int = 0) -> ModelSpec:
         """Like `spec`, but a version named explicitly may be draining (its metadata still describes its sessions)."""
         self._check_model_name(model)
-        if version == 0:
-            return self.registry.resolve(model).spec
-        name = self.registry.name(model)
-        found = next((v for v in self.registry.of(name) if v.version == version), None)
-        if found is None:
-            raise NotFound(f"model {name!r} has no version {version} loaded; {self.registry.listing(name)}")
-        return found.spec
+        return (self.registry.find(model, version) if version else self.registry.resolve(model)).spec
 
     def model_name(self, model: str) -> str:
         """The model a request means ('' = default), if any version of it is loaded (NotFound otherwise)."""

@@ -235,8 +235,10 @@ class ModelControl:
         return version.version
 
     async def check_drains(self) -> list[int]:
-        """Count live sessions per version; release the draining versions that have none. Returns the released."""
-        return await self._release_drained()
+        """Count live sessions per version; release the draining versions that have none. Returns the released.
+        Waits for a load or unload in progress (which may be reviving a draining version)."""
+        async with self._lock:
+            return await self._release_drained()
 
     async def _release_drained(self) -> list[int]:
         try:

@@ -9,7 +9,6 @@ with: its steps find that version by the session's key (versions.py), one dictio
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -31,7 +30,6 @@ class ModelVersion:
     batcher: Batcher
     stamp: tuple[int, int]  # the file's (mtime ns, size) when it was loaded
     state: str = READY
-    draining_since: float = 0.0  # time.time() the drain began
 
     @property
     def spec(self) -> ModelSpec:
@@ -60,6 +58,7 @@ class ModelRegistry:
         self._configured_default = default_model
         self._default_versions = dict(default_versions or {})
         self._models: dict[str, list[ModelVersion]] = {}  # by name, ascending version
+        self._defaults: dict[str, ModelVersion] = {}  # each model's default version, if it has one
         self.default = default_model or FALLBACK_DEFAULT
 
     # --- changes -------------------------------------------------------------------------------
@@ -71,13 +70,13 @@ class ModelRegistry:
 
     def drain(self, key: str) -> ModelVersion:
         version = self.versions[key]
-        version.state, version.draining_since = DRAINING, time.time()
+        version.state = DRAINING
         self._changed()
         return version
 
     def revive(self, key: str) -> ModelVersion:
         version = self.versions[key]
-        version.state, version.draining_since = READY, 0.0
+        version.state = READY
         self._changed()
         return version
 
@@ -92,6 +91,8 @@ class ModelRegistry:
         for version in sorted(self.versions.values(), key=lambda v: (v.name, v.version)):
             models.setdefault(version.name, []).append(version)
         self._models = models
+        # Kept, not searched for: a stateless call or a new session looks its model's default up once.
+        self._defaults = {name: found for name in models if (found := self._find_default(name)) is not None}
         self.only_spec = next(iter(self.versions.values())).spec if len(self.versions) == 1 else None
         if not self._configured_default:
             self.default = next(iter(models)) if len(models) == 1 else FALLBACK_DEFAULT
@@ -120,6 +121,9 @@ class ModelRegistry:
 
     def default_version(self, name: str) -> ModelVersion | None:
         """The version a request naming `name` but no version gets: the pinned one, or the highest READY one."""
+        return self._defaults.get(name)
+
+    def _find_default(self, name: str) -> ModelVersion | None:
         pinned = self._default_versions.get(name)
         for version in reversed(self.of(name)):
             if version.state == READY and (pinned is None or version.version == pinned):
@@ -129,18 +133,23 @@ class ModelRegistry:
     def resolve(self, model: str, version: int = 0) -> ModelVersion:
         """The READY version new work on `model` ('' = the default) goes to: `version`, or the default one when 0.
         NotFound for a model or version not loaded; FailedPrecondition for a draining one."""
-        name = self.name(model)
         if version == 0:
-            found = self.default_version(name)
+            found = self._defaults.get(model or self.default)
             if found is None:
-                raise FailedPrecondition(self._no_default(name))
+                raise FailedPrecondition(self._no_default(self.name(model)))
             return found
+        found = self.find(model, version)
+        if found.state != READY:
+            raise FailedPrecondition(f"{describe(found.key)} is draining: it was unloaded, and serves only the "
+                                     f"sessions opened on it until they close or expire; {self.listing(found.name)}")
+        return found
+
+    def find(self, model: str, version: int) -> ModelVersion:
+        """Version `version` of `model` ('' = the default), READY or DRAINING; NotFound if it is not loaded."""
+        name = self.name(model)
         found = next((v for v in self.of(name) if v.version == version), None)
         if found is None:
             raise NotFound(f"model {name!r} has no version {version} loaded; {self.listing(name)}")
-        if found.state != READY:
-            raise FailedPrecondition(f"{describe(found.key)} is draining: it was unloaded, and serves only the "
-                                     f"sessions opened on it until they close or expire; {self.listing(name)}")
         return found
 
     def listing(self, name: str) -> str:

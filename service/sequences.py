@@ -45,7 +45,7 @@ async def find_sequence(dataplane: DataPlane, model: str, version: int, sequence
     to, which `version` (0: any) must be."""
     name = dataplane.model_name(model)
     if version:
-        dataplane.loaded_spec(name, version)  # NotFound for a version not loaded, before any sequence's refusal
+        dataplane.registry.find(name, version)  # NotFound for a version not loaded, before any sequence's refusal
     try:
         record = await dataplane.store.get(sequence_key(name, sequence_id))
     except NotFound:
