@@ -124,14 +124,16 @@ def _export_broken_model(path: Path) -> None:
 @pytest.fixture(scope="session")
 def version_files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     """Model files to put in repositories as versions, each with its glass-box graph beside it: "v1" is
-    tiny-chat itself (2 layers x 16 units), "v2" another tokens model (other weights, 2 x 24 units), and
-    "broken" a graph the contract refuses (no c0)."""
+    tiny-chat itself (2 layers x 16 units), "v2" another tokens model (other weights, 2 x 24 units), "v1-shaped"
+    other weights of v1's shape (a state of one would run on the other without an error), and "broken" a
+    graph the contract refuses (no c0)."""
     directory = tmp_path_factory.mktemp("versions")
     for suffix in (".onnx", ".gates.onnx"):
         shutil.copy(tiny_model_dir / f"{TINY_CHAT}{suffix}", directory / f"v1{suffix}")
     _export_tokens_model(directory / "v2.onnx", seed=4242, hidden_size=24)
+    _export_tokens_model(directory / "v1-shaped.onnx", seed=777)
     _export_broken_model(directory / "broken.onnx")
-    return {name: directory / f"{name}.onnx" for name in ("v1", "v2", "broken")}
+    return {name: directory / f"{name}.onnx" for name in ("v1", "v2", "v1-shaped", "broken")}
 
 
 class Repository:

@@ -83,6 +83,15 @@ async def test_repository_calls_over_grpc_and_json(served, repository, rpc_error
         await triton.load_model(CHAT)
         assert await triton.is_model_ready(CHAT, "2")
 
+        # A version named in the path runs that version; the response says which ran.
+        body = {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 2], "data": [104, 105]}]}
+        for path, version in ((f"/v2/models/{CHAT}/versions/1/infer", "1"), (f"/v2/models/{CHAT}/infer", "2")):
+            inferred = await http.post(path, json=body)
+            assert (inferred.status_code, inferred.json()["model_version"]) == (200, version)
+        opened = (await http.post("/v1/sessions", json={"model": CHAT, "model_version": 1})).json()
+        assert opened["model_version"] == "1"
+        assert (await http.delete(f"/v1/sessions/{opened['session_id']}")).status_code == 200
+
         # The native API's equivalents, over gRPC and as JSON.
         unloaded = await http.post(f"/v1/models/{CHAT}/unload")
         assert unloaded.status_code == 200 and unloaded.json() == {"model": CHAT, "versions": []}

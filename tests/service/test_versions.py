@@ -368,3 +368,29 @@ async def test_listmodels_keeps_one_entry_per_model(server, client):
         ("tiny-chat", 1, [(1, "READY")]), ("tiny-features", 1, [(1, "READY")])]
     session = await client.open_session()
     assert (session.model, session.model_version) == (CHAT, 1)
+
+
+async def test_a_version_whose_glass_box_is_not_its_own_is_refused(start, connect, repository, version_files,
+                                                                     rpc_error):
+    repository.add(CHAT, 1, "v1")
+    running = await start(model_dir=repository.path, model_control="explicit", load_model="*", default_model=CHAT)
+    client = connect(running)
+    stale = repository.add(CHAT, 2, "v1")  # v1's graph, but v2's gates (other weights, other shape) beside it
+    stale.with_name("model.gates.onnx").write_bytes(version_files["v2"].with_name("v2.gates.onnx").read_bytes())
+    refused = await rpc_error(client.load_model(CHAT))
+    assert refused.code() == FAILED_PRECONDITION
+    assert "version 2 of model 'tiny-chat': model.gates.onnx" in refused.details()
+    assert versions(await client.list_models()) == {1: ("READY", 0)}
+
+
+async def test_generate_on_a_pinned_session_stays_on_its_version(start, server, connect, repository):
+    repository.add(CHAT, 1, "v1")
+    versioned = await start(model_dir=repository.path, model_control="explicit", load_model="*", default_model=CHAT)
+    client, only_v1 = connect(versioned), connect(server)
+    sessions = [(await c.open_session(model=CHAT)).session_id for c in (client, only_v1)]
+    repository.add(CHAT, 2, "v2")
+    await client.load_model(CHAT)
+    replies = [[(chunk.tokens, chunk.position) async for chunk in c.generate(session, "user: hi\nbot: ",
+                                                                              max_tokens=12)]
+               for c, session in zip((client, only_v1), sessions, strict=True)]
+    assert replies[0] == replies[1] and replies[0][-1][1] > len("user: hi\nbot: ")
