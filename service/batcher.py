@@ -218,7 +218,7 @@ class Batcher:
         self._compute = metrics.compute.labels(self.model)
         self._batch_size = metrics.batch_size.labels(self.model)
         self._tokens = metrics.tokens.labels(self.model)
-        self._steps = metrics.version_steps.labels(self.model, str(spec.version))
+        self.steps_run = 0  # steps computed and answered (metrics.StepCounts reads it)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.key}")
@@ -444,7 +444,7 @@ class Batcher:
         changed = await self._commit(ready, commit, positions, after, hn, cn)
         answered += self._settle(taken, changed, (logits, hn, cn, after), gate_rows)
         self._tokens.inc(answered * steps)
-        self._steps.inc(answered)
+        self.steps_run += answered
 
     def _arrange(self, batch: list[QueueEntry], records: list[SessionRecord | None]
                  ) -> tuple[list[SessionRecord], list[StepInputs], list[tuple[QueueEntry, int]]]:

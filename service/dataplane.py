@@ -140,7 +140,8 @@ class DataPlane:
 
     def model_name(self, model: str) -> str:
         """The model a request means ('' = default), if any version of it is loaded (NotFound otherwise)."""
-        self._check_model_name(model)
+        if len(model) > MAX_ID_CHARS:  # the call only when it raises: every sequence step asks this
+            self._check_model_name(model)
         return self.registry.name(model)
 
     def pinned(self, record: SessionRecord) -> ModelSpec:

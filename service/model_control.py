@@ -217,6 +217,7 @@ class ModelControl:
                           max_queue_size=self.settings.max_queue_size,
                           max_queue_wait=self.settings.max_queue_wait_ms / 1000, other_version=self.other_version)
         version = ModelVersion(engine, batcher, stamp)
+        self.metrics.version_steps.watch(spec.name, spec.version, lambda: batcher.steps_run)
         if self._started:
             batcher.start()
         self.registry.add(version)
@@ -263,6 +264,7 @@ class ModelControl:
         self.metrics.version_state.remove(*labels, DRAINING)
         with contextlib.suppress(KeyError):  # never counted: it drained before a count
             self.metrics.version_sessions.remove(*labels)
+        self.metrics.version_steps.forget(version.name, version.version)
         self._event(version.spec, "released")
         log.info("released %s: no session is left on it", describe(version.key))
 

@@ -10,7 +10,7 @@ with: its steps find that version by the session's key (versions.py), one dictio
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cellstream.service.batcher import Batcher
 from cellstream.service.engine import Engine, ModelSpec
@@ -30,10 +30,10 @@ class ModelVersion:
     batcher: Batcher
     stamp: tuple[int, int]  # the file's (mtime ns, size) when it was loaded
     state: str = READY
+    spec: ModelSpec = field(init=False)  # the engine's, an attribute: a session's step reads it
 
-    @property
-    def spec(self) -> ModelSpec:
-        return self.engine.spec
+    def __post_init__(self) -> None:
+        self.spec = self.engine.spec
 
     @property
     def name(self) -> str:

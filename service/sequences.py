@@ -63,11 +63,12 @@ async def step_sequence(
 ) -> StepResult:
     """Feed validated `inputs` (T[, F]) to the sequence (`record`, found by find_sequence, unless it starts now);
     start and end it as the flags say."""
-    key = sequence_key(spec.name, sequence_id)
     if start:
+        key = sequence_key(spec.name, sequence_id)
         result = await _start(dataplane, spec, key, inputs, timeout)
     else:
         assert record is not None
+        key = record.session_id
         result = await _continue(dataplane, spec, record, sequence_id, inputs, timeout)
     if end:
         with contextlib.suppress(NotFound):  # it expired meanwhile: ended all the same

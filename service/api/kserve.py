@@ -83,7 +83,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
     def model_spec(self, name: str, version: str) -> ModelSpec:
         """The spec of the READY version a request runs on ("" = default model, its default version); NotFound for a
         model or version not loaded, FailedPrecondition for a draining one."""
-        return self.dataplane.spec(name, self.version_number(name, version))
+        return self.dataplane.spec(name, self.version_number(name, version) if version else 0)
 
     def version_number(self, name: str, version: str) -> int:
         """A request's model_version as a number (0 for none); NotFound when it is no version number."""
@@ -155,7 +155,8 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
             options = read_options(request)
         record = None
         if options.sequence_id is not None and not options.start:  # on the version the sequence started on
-            version = self.version_number(request.model_name, request.model_version)
+            named = request.model_version
+            version = self.version_number(request.model_name, named) if named else 0
             spec, record = await find_sequence(self.dataplane, request.model_name, version, options.sequence_id)
         else:
             spec = self.model_spec(request.model_name, request.model_version)

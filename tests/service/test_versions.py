@@ -106,6 +106,12 @@ async def test_a_conversation_on_v1_continues_exactly_while_v2_loads_and_v1_drai
         for name, a, b in zip(("logits", "hn", "cn"), got, want, strict=True):
             close(a, b, f"sequence {name} on the draining v1")
 
+        draining = await scrape(versioned)
+        assert draining.get("cellstream_model_version_steps_total", model=CHAT, version="1") == 6, \
+            "3 steps of the session, 3 of the sequence"
+        assert draining.get("cellstream_model_version_state", model=CHAT, version="1", state="DRAINING") == 1
+        assert draining.get("cellstream_model_version_sessions", model=CHAT, version="1") == 2
+
         # The last sessions on v1 close: v1 is released, its onnxruntime sessions freed.
         assert versions(await client.list_models()) == {1: ("DRAINING", 2), 2: ("READY", 1)}, "the sequence ended"
         v1 = versioned.dataplane.registry.versions[CHAT]
@@ -128,9 +134,9 @@ async def test_a_conversation_on_v1_continues_exactly_while_v2_loads_and_v1_drai
         assert samples.get("cellstream_model_version_state", model=CHAT, version="2", state="READY") == 1
         assert not [labels for name, labels in samples.values
                     if name == "cellstream_model_version_state" and ("version", "1") in labels], "v1 is gone"
-        assert samples.get("cellstream_model_version_steps_total", model=CHAT, version="1") == 6, \
-            "3 steps of the session, 3 of the sequence"
         assert samples.get("cellstream_model_version_steps_total", model=CHAT, version="2") == 1, "the stateless call"
+        assert not [labels for name, labels in samples.values
+                    if name == "cellstream_model_version_steps_total" and ("version", "1") in labels], "released"
     finally:
         await triton.close()
         await triton_v1.close()
