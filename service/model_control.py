@@ -47,7 +47,6 @@ class IndexEntry:
     version: int | None  # None: the model has no version that can be read
     state: str  # READY, DRAINING or UNAVAILABLE
     reason: str
-    live_sessions: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,10 +166,10 @@ class ModelControl:
     async def unload(self, name: str) -> Change:
         """Unload every version of `name` (a model with no loaded version: nothing to do)."""
         async with self._lock:
-            draining = tuple(self._retire(version) for version in self.registry.of(name) if version.state == READY)
+            retired = [self._retire(version) for version in self.registry.of(name) if version.state == READY]
             released = await self._release_drained()
-            return Change(name, draining=tuple(v for v in draining if v not in released),
-                          released=tuple(v for v in released if v in draining))
+            return Change(name, draining=tuple(v.version for v in retired if v.key not in released),
+                          released=tuple(v.version for v in retired if v.key in released))
 
     async def _sync(self, model: repository.ModelFiles, *, retry_refused: bool = True) -> Change:
         """Make the served versions of `model` those version_policy keeps; FailedPrecondition when one cannot be
@@ -203,11 +202,12 @@ class ModelControl:
                 self._set_state(version, DRAINING, READY)
                 ready_again.append(version.version)
             self._warn_if_changed(version, wanted[version.version])
-        draining = tuple(self._retire(v) for v in loaded.values() if v.version not in wanted and v.state == READY)
+        retired = [self._retire(v) for v in loaded.values() if v.version not in wanted and v.state == READY]
         released = await self._release_drained()
         change = Change(model.name, tuple(sorted(e.spec.version for e, _ in built)), tuple(ready_again),
-                        tuple(v for v in draining if v not in released), tuple(v for v in released if v in draining))
-        if built or ready_again or draining:
+                        tuple(v.version for v in retired if v.key not in released),
+                        tuple(v.version for v in retired if v.key in released))
+        if built or ready_again or retired:
             log.info("model %s: %s", model.name, change)
         return change
 
@@ -226,22 +226,22 @@ class ModelControl:
         log.info("loaded %s from %s: %s; gates: %s", describe(spec.key), engine.path, spec,
                  engine.glass_box.path.name if engine.glass_box else "none (no glass-box graph beside it)")
 
-    def _retire(self, version: ModelVersion) -> int:
-        """Start draining `version` (released once a count finds no session on it); returns its number."""
+    def _retire(self, version: ModelVersion) -> ModelVersion:
+        """Start draining `version` (released once a count finds no session on it)."""
         self.registry.drain(version.key)
         self._set_state(version, READY, DRAINING)
         self._event(version.spec, "unloaded")
         log.info("unloaded %s: draining (no new sessions; its live sessions go on until they close or expire)",
                  describe(version.key))
-        return version.version
+        return version
 
-    async def check_drains(self) -> list[int]:
-        """Count live sessions per version; release the draining versions that have none. Returns the released.
+    async def check_drains(self) -> list[str]:
+        """Count live sessions per version; release the draining versions that have none. Returns their keys.
         Waits for a load or unload in progress (which may be reviving a draining version)."""
         async with self._lock:
             return await self._release_drained()
 
-    async def _release_drained(self) -> list[int]:
+    async def _release_drained(self) -> list[str]:
         try:
             counts = await self.count()
         except CellstreamError as exc:  # a store that cannot be reached: the next sweep counts again
@@ -252,7 +252,7 @@ class ModelControl:
         for version in self.registry.draining:
             if not counts.get(version.key, 0):
                 await self._release(version)
-                released.append(version.version)
+                released.append(version.key)
         return released
 
     async def _release(self, version: ModelVersion) -> None:
@@ -345,7 +345,7 @@ class ModelControl:
                       "released")
         else:
             reason = f"{live} live sessions"
-        return IndexEntry(version.name, version.version, version.state, reason, live)
+        return IndexEntry(version.name, version.version, version.state, reason)
 
     def live_sessions(self, key: str) -> int:
         """Live sessions on a version at the last count."""

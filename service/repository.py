@@ -15,7 +15,6 @@ the session store (versions.py). Directories without a numbered subdirectory are
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +23,7 @@ from cellstream.service.versions import VERSION_PATTERN, VERSION_SEPARATOR
 
 FLAT_SUFFIX = ".onnx"
 VERSION_FILE = "model.onnx"  # in NAME/VERSION/, as Triton's onnxruntime backend names it
-ALL = "all"
-LATEST = "latest:"
-POLICY_PATTERN = re.compile(r"all|latest:[1-9][0-9]*")
+LATEST = "latest:"  # version_policy `latest:N` (config.py checks the policy's form)
 
 
 def latest_count(policy: str) -> int:
