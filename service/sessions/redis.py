@@ -207,7 +207,8 @@ class RedisStore:
         return forgotten
 
     async def count_models(self) -> dict[str, int]:
-        reply = await self._guarded(lambda: self._run("COUNT", (), (PREFIX, SWEEP_BATCH)), "counting sessions")
+        reply = await self._guarded(lambda: self._run("COUNT", (), (PREFIX, SWEEP_BATCH)), "counting sessions",
+                                    "COUNT", 0)
         return {model.decode(): int(count) for model, count in zip(reply[::2], reply[1::2], strict=True)}
 
     async def ping(self) -> None:
