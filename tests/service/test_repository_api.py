@@ -15,9 +15,10 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from cellstream.bench.server import free_ports
+from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 from cellstream.service._proto.inference import grpc_service_pb2 as kserve_pb
 from cellstream.service._proto.inference import grpc_service_pb2_grpc
-from cellstream.service.client import Client
 
 pytestmark = pytest.mark.timeout(120)
 CHAT = "tiny-chat"
@@ -99,11 +100,12 @@ async def test_repository_calls_over_grpc_and_json(served, repository, rpc_error
         assert [(v["version"], v["state"]) for v in loaded.json()["versions"]] == [("1", "READY"), ("2", "READY")]
         empty = await http.post("/v2/repository/models//load")
         assert empty.status_code == 404
-        async with Client(f"127.0.0.1:{served.port}") as client:
-            nameless = await rpc_error(client.load_model(""))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            native = pb_grpc.InferenceStub(channel)
+            nameless = await rpc_error(native.LoadModel(pb.LoadModelRequest(model=""), timeout=30))
             assert nameless.code() == grpc.StatusCode.INVALID_ARGUMENT and "name the model to load" in \
                 nameless.details()
-            kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(client.channel)
+            kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
             elsewhere = await rpc_error(kserve.RepositoryIndex(kserve_pb.RepositoryIndexRequest(
                 repository_name="elsewhere"), timeout=30))
             assert elsewhere.code() == grpc.StatusCode.INVALID_ARGUMENT and "serves one model repository" in \
@@ -111,7 +113,7 @@ async def test_repository_calls_over_grpc_and_json(served, repository, rpc_error
 
 
 async def test_repository_calls_need_the_admin_scope_and_are_audited(start, repository, tmp_path, caplog,
-                                                                     rpc_error):
+                                                                     rpc_error, connect, step):
     repository.add(CHAT, 1, "v1")
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice {USER_TOKEN}\nops {ADMIN_TOKEN} admin  # may load and unload models\n")
@@ -119,12 +121,14 @@ async def test_repository_calls_need_the_admin_scope_and_are_audited(start, repo
     running = await start(model_dir=repository.path, model_control="explicit", load_model="*", default_model=CHAT,
                           auth_token_file=tokens, http_port=port)
     target, admin = f"127.0.0.1:{running.port}", {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    stub = connect(running)
+    alice, ops = ((("authorization", f"Bearer {token}"),) for token in (USER_TOKEN, ADMIN_TOKEN))
     with caplog.at_level(logging.INFO, logger="cellstream.audit"):
-        async with Client(target, token=USER_TOKEN) as alice, Client(target, token=ADMIN_TOKEN) as ops, \
-                triton_aio.InferenceServerClient(target) as triton, \
+        async with triton_aio.InferenceServerClient(target) as triton, \
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.http_port}", timeout=30) as http:
-            session = await alice.open_session()
-            for call in (alice.load_model(CHAT), alice.unload_model(CHAT)):
+            session = await stub.OpenSession(pb.OpenSessionRequest(), metadata=alice)
+            for call in (stub.LoadModel(pb.LoadModelRequest(model=CHAT), metadata=alice),
+                         stub.UnloadModel(pb.UnloadModelRequest(model=CHAT), metadata=alice)):
                 denied = await rpc_error(call)
                 assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
                 assert "needs a token with the scope 'admin', which the token of 'alice' does not have" in \
@@ -134,15 +138,18 @@ async def test_repository_calls_need_the_admin_scope_and_are_audited(start, repo
                 await triton.get_model_repository_index(headers=user)
             refused = await http.post(f"/v2/repository/models/{CHAT}/unload", headers=user)
             assert refused.status_code == 403 and "scope 'admin'" in refused.json()["error"]
-            assert (await alice.list_models()).models, "everything else stays open to alice"
+            assert (await stub.ListModels(pb.ListModelsRequest(), metadata=alice)).models, \
+                "everything else stays open to alice"
 
             repository.add(CHAT, 2, "v2")
-            assert [v.version for v in (await ops.load_model(CHAT)).versions] == [1, 2]
+            assert [v.version for v in (await stub.LoadModel(pb.LoadModelRequest(model=CHAT), metadata=ops)).versions] \
+                == [1, 2]
             index = await triton.get_model_repository_index(headers=admin)
             assert {m.version for m in index.models} == {"1", "2"}
             unloaded = await http.post(f"/v2/repository/models/{CHAT}/unload", headers=admin)
             assert unloaded.status_code == 200
-            assert (await alice.step(session.session_id, tokens=[1, 2])).position == 2, "v1 drains: alice goes on"
+            assert (await stub.Step(step(session.session_id, tokens=[1, 2]), metadata=alice)).position == 2, \
+                "v1 drains: alice goes on"
     audit = [record.getMessage() for record in caplog.records if record.name == "cellstream.audit"]
     assert audit[0].startswith("repository load 'tiny-chat' by alice: refused, PERMISSION_DENIED: ")
     assert audit[1].startswith("repository unload 'tiny-chat' by alice: refused, PERMISSION_DENIED: ")
