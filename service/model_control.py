@@ -103,9 +103,7 @@ def check_before_binding(settings: Settings) -> None:
             raise ModelLoadError(f"no .onnx models in {settings.model_dir} (NAME.onnx, or NAME/<version>/model.onnx)")
         return  # explicit control loading none at start-up, or polling an empty directory: models come later
     where = f"in {settings.model_dir}" if names is None else "named by load_model"
-    chosen = default_model(models, settings.default_model, where)
-    if not settings.default_model:
-        log.info("default model: %s (no default_model set: the only model, or %s)", chosen, FALLBACK_DEFAULT)
+    default_model(models, settings.default_model, where)
 
 
 def default_model(names: list[str], default: str, where: str) -> str:
@@ -180,6 +178,9 @@ class ModelControl:
         """Serve the versions start-up read (before the event loop runs the batchers)."""
         for engine, stamp in loaded:
             self._add(engine, stamp)
+        if loaded and not self.settings.default_model:
+            log.info("default model: %s (no default_model set: the only model, or %s)", self.registry.default,
+                     FALLBACK_DEFAULT)
 
     def start(self) -> None:
         self._started = True
