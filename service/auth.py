@@ -2,13 +2,16 @@
 
 - TLS: the server presents tls_cert_path/tls_key_path; with tls_client_ca_path, a client must present
   a certificate that CA signed (mutual TLS), or the handshake fails before any call.
-- Tokens: auth_token_file holds `<principal> <token>` lines (`#` comments). Every call to an API
-  service (all but health and reflection, which probes and tools need) must carry the metadata
+- Tokens: auth_token_file holds `<principal> <token> [<scope> ...]` lines (`#` comments). Every call to
+  an API service (all but health and reflection, which probes and tools need) must carry the metadata
   `authorization: Bearer <token>`; the file is re-read within a second of changing, and a change that
   does not parse keeps the previous tokens (logged). Tokens are kept only as SHA-256 digests and
   never logged or echoed.
-- The principal of an authenticated call is set here (a contextvar of the call's task) and read once,
-  by the data plane, to give each session an owner. Without a token file every caller is "".
+- Scopes grant calls beyond the sessions: `admin`, the model repository calls (load, unload, index). A
+  token without it is refused them (PERMISSION_DENIED naming the scope); without a token file there are
+  no tokens and no scopes, and every caller may make every call.
+- The principal of an authenticated call and its scopes are set here (contextvars of the call's task) and
+  read by the data plane: the principal owns the sessions it opens. Without a token file every caller is "".
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextvars import ContextVar
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
 from cellstream.service.api.interception import ApiInterceptor, refusing_handler, wrap_handler
 from cellstream.service.config import Settings
+from cellstream.service.errors import PermissionDenied
 from cellstream.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -33,13 +38,32 @@ log = logging.getLogger(__name__)
 PRINCIPAL_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 MIN_TOKEN_CHARS = 16
 RECHECK_SECONDS = 1.0  # how often the token file's identity (mtime, size, inode) is looked at
+ADMIN = "admin"
+SCOPES = {ADMIN: "the model repository calls: load, unload and index (KServe's Repository*, LoadModel, UnloadModel)"}
 
 _principal: ContextVar[str] = ContextVar("cellstream_principal", default="")
+_scopes: ContextVar[frozenset[str] | None] = ContextVar("cellstream_scopes", default=None)  # None: no tokens
 
 
 def current_principal() -> str:
     """The authenticated caller of the current call, or "" when the server runs without tokens."""
     return _principal.get()
+
+
+def require_scope(scope: str, what: str) -> None:
+    """PermissionDenied unless the caller's token has `scope` (a server without tokens allows everything)."""
+    scopes = _scopes.get()
+    if scopes is not None and scope not in scopes:
+        raise PermissionDenied(f"{what} needs a token with the scope {scope!r}, which the token of "
+                               f"{_principal.get()!r} does not have: add `{scope}` after the token on its line of the "
+                               "token file")
+
+
+class Caller(NamedTuple):
+    """Who a token stands for, and what it may do beyond the sessions."""
+
+    principal: str
+    scopes: frozenset[str]
 
 
 class SecurityConfigError(ValueError):
@@ -50,24 +74,29 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def parse_tokens(text: str, path: Path) -> dict[bytes, str]:
-    """Token digests to principals, from a token file's text; SecurityConfigError names the bad line."""
-    tokens: dict[bytes, str] = {}
+def parse_tokens(text: str, path: Path) -> dict[bytes, Caller]:
+    """Token digests to callers, from a token file's text; SecurityConfigError names the bad line."""
+    tokens: dict[bytes, Caller] = {}
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
         where = f"{path}, line {number}"
-        if len(fields) != 2:
-            raise SecurityConfigError(f"{where}: expected `<principal> <token>`, found {len(fields)} fields")
-        principal, token = fields
+        if len(fields) < 2:
+            raise SecurityConfigError(f"{where}: expected `<principal> <token> [<scope> ...]`, found "
+                                      f"{len(fields)} field")
+        principal, token, *scopes = fields
+        unknown = sorted(set(scopes) - set(SCOPES))
+        if unknown:
+            raise SecurityConfigError(f"{where}: unknown scope {unknown[0]!r}; scopes: "
+                                      + "; ".join(f"{name} ({what})" for name, what in SCOPES.items()))
         if not PRINCIPAL_PATTERN.fullmatch(principal):
             raise SecurityConfigError(f"{where}: principal must be 1-64 of A-Z a-z 0-9 . _ @ -")
         if len(token) < MIN_TOKEN_CHARS:
             raise SecurityConfigError(f"{where}: token for {principal!r} is shorter than {MIN_TOKEN_CHARS} characters")
         if _digest(token) in tokens:
             raise SecurityConfigError(f"{where}: token for {principal!r} is already given to another line")
-        tokens[_digest(token)] = principal
+        tokens[_digest(token)] = Caller(principal, frozenset(scopes))
     if not tokens:
         raise SecurityConfigError(f"{path}: no tokens (every call would be refused)")
     return tokens
@@ -109,7 +138,7 @@ class TokenFile:
         except SecurityConfigError as exc:
             log.error("%s; keeping the previous %d tokens", exc, len(self._tokens))
 
-    def principal(self, token: str) -> str | None:
+    def caller(self, token: str) -> Caller | None:
         self._refresh()
         return self._tokens.get(_digest(token))
 
@@ -125,17 +154,19 @@ def _bearer(values: Sequence[str | bytes], where: str) -> tuple[str | None, str]
     return token.strip(), ""
 
 
-def authenticate(tokens: TokenFile, values: Sequence[str | bytes], where: str = "metadata") -> tuple[str | None, str]:
-    """(principal, "") for the values of a call's `authorization` metadata or header, or (None, why not)."""
+def authenticate(tokens: TokenFile, values: Sequence[str | bytes], where: str = "metadata"
+                 ) -> tuple[Caller | None, str]:
+    """(caller, "") for the values of a call's `authorization` metadata or header, or (None, why not)."""
     token, problem = _bearer(values, where)
-    principal = None if token is None else tokens.principal(token)
-    return principal, problem or ("" if principal is not None else "unknown or revoked bearer token")
+    caller = None if token is None else tokens.caller(token)
+    return caller, problem or ("" if caller is not None else "unknown or revoked bearer token")
 
 
-def act_as(principal: str) -> None:
-    """Make `principal` the caller of the current call. Set, never reset: each call runs in a task of its
+def act_as(caller: Caller) -> None:
+    """Make `caller` the caller of the current call. Set, never reset: each call runs in a task of its
     own, whose context ends with it."""
-    _principal.set(principal)
+    _principal.set(caller.principal)
+    _scopes.set(caller.scopes)
 
 
 def token_file(settings: Settings) -> TokenFile | None:
@@ -153,14 +184,14 @@ class TokenAuthInterceptor(ApiInterceptor):
     def intercept_api(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
                       ) -> grpc.RpcMethodHandler:
         values = [v for k, v in details.invocation_metadata or () if k == "authorization"]
-        principal, problem = authenticate(self._tokens, values)
-        if principal is None:
+        caller, problem = authenticate(self._tokens, values)
+        if caller is None:
             self._metrics.calls_refused.labels("unauthenticated").inc()
             return refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
 
         @contextlib.asynccontextmanager
         async def as_principal(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-            act_as(principal)
+            act_as(caller)
             yield
 
         return wrap_handler(handler, as_principal)

@@ -3,6 +3,8 @@
 Steps of different sessions that arrive while a batch runs form the next batch: there is no timer,
 so a lone step on an idle server runs at once, and a busy server batches as wide as its backlog.
 Rules, each needed for exact state carry:
+  - a batcher runs one model version: a session pinned to another (a KServe sequence started again on
+    another version, a session of a version this server does not serve) is refused, never run on it;
   - a batch holds at most one step per session, and a session's steps run in arrival order
     (a session's later step is never taken while an earlier one waits);
   - every step in a batch has the same length T (padding would change the carried state);
@@ -36,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -45,12 +48,14 @@ from cellstream.service.errors import (
     Aborted,
     CellstreamError,
     DeadlineExceeded,
+    FailedPrecondition,
     ResourceExhausted,
     Unavailable,
     session_not_found,
 )
 from cellstream.service.metrics import Metrics, observe_many
 from cellstream.service.sessions.base import SessionRecord, SessionStore, StateUpdates, stack_states
+from cellstream.service.versions import describe
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, SpanContext
@@ -66,6 +71,7 @@ ACTIVE_SECONDS = 0.25  # a session that queued a step this recently is expected 
 PATIENCE_GAPS = 8
 PATIENCE_MIN_SECONDS, PATIENCE_MAX_SECONDS = 0.0001, 0.005
 GAP_SMOOTHING = 0.05  # weight of the newest gap in that mean
+MODEL_OF = attrgetter("model")
 
 
 class StepResult(NamedTuple):  # a tuple: built once per step, in the hot path
@@ -166,6 +172,13 @@ class StepGroup:
 
 
 QueueEntry = StepJob | StepGroup
+OtherVersion = Callable[[str, str], CellstreamError]
+"""The refusal of a step of session `id` pinned to another version (its key) than the batcher's."""
+SHUT_DOWN = "server shut down before this step ran; retry"
+
+
+def pinned_elsewhere(session_id: str, key: str) -> CellstreamError:
+    return FailedPrecondition(f"session {session_id!r} is pinned to {describe(key)}; nothing was applied")
 
 
 class Batcher:
@@ -182,9 +195,12 @@ class Batcher:
         max_queue_wait: float | None = None,
         inline_max_tokens: int = INLINE_MAX_TOKENS,
         tracing: Telemetry | None = None,
+        other_version: OtherVersion = pinned_elsewhere,
     ) -> None:
         self.engine = engine
-        self.model = engine.spec.name
+        spec = engine.spec
+        self.model, self.key = spec.name, spec.key  # the model's name (metrics' label), the version's key
+        self.what = describe(spec.key)  # for messages
         self.store = store
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -199,9 +215,10 @@ class Batcher:
         self._queue: deque[QueueEntry] = deque()
         self._queued_steps = 0
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.model}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{self.key}")
         self._task: asyncio.Task[None] | None = None
-        self._closed = False
+        self._closed: CellstreamError | None = None  # why new steps are refused, once closed
+        self._other_version = other_version
         self._input_dtype = np.int64 if engine.spec.input_kind == TOKENS else np.float32
         self._gates = engine.glass_box is not None
         # Bound once: labels() costs a lock and a dict lookup on every call of the hot path.
@@ -210,9 +227,10 @@ class Batcher:
         self._batch_size = metrics.batch_size.labels(self.model)
         self._tokens = metrics.tokens.labels(self.model)
         self._tracing = tracing
+        self.steps_run = 0  # steps computed and answered (metrics.StepCounts reads it)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.model}")
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.key}")
 
     @property
     def queued(self) -> int:
@@ -246,14 +264,14 @@ class Batcher:
         """Queue the entry's first `queued` steps (all, or as many as there is room for): (queued, the error
         refusing the others)."""
         queue = self._queue
-        if self._closed:
-            return 0, Unavailable("server is shutting down; retry on another replica")
+        if self._closed is not None:
+            return 0, self._closed
         room = self.max_queue_size - self._queued_steps
         if room > 0:
             now = asyncio.get_running_loop().time()
             if queue and self._overdue(queue[0], now):
                 self.metrics.steps_dropped.labels(self.model, "queue_wait").inc(steps)
-                return 0, ResourceExhausted(f"model {self.model!r} is overloaded: its oldest queued step has "
+                return 0, ResourceExhausted(f"{self.what} is overloaded: its oldest queued step has "
                                             f"waited {now - queue[0].enqueued:.3f}s (max_queue_wait_ms); retry later")
             queued = min(room, steps)
             entry.enqueued = now
@@ -274,7 +292,7 @@ class Batcher:
         queued = max(room, 0)
         self.metrics.steps_dropped.labels(self.model, "queue_full").inc(steps - queued)
         return queued, ResourceExhausted(
-            f"model {self.model!r} has {self._queued_steps} steps queued (max_queue_size); retry later")
+            f"{self.what} has {self._queued_steps} steps queued (max_queue_size); retry later")
 
     async def _loop(self) -> None:
         while True:
@@ -308,9 +326,9 @@ class Batcher:
         except Exception as exc:  # the loop must survive anything, or every later caller hangs
             if span is not None:
                 self._tracing.failed(span, exc)  # type: ignore[union-attr]
-            log.exception("batch of %d entries on model %s failed", len(batch), self.model)
+            log.exception("batch of %d entries on %s failed", len(batch), self.what)
             for entry in batch:
-                entry.fail(CellstreamError(f"internal error running model {self.model!r}"))
+                entry.fail(CellstreamError(f"internal error running {self.what}"))
 
     async def _gather(self) -> None:
         """Wait for the steps this batch can expect (the module's docstring says which), until none is expected,
@@ -379,7 +397,7 @@ class Batcher:
                 entry.fail(DeadlineExceeded(f"deadline passed after {now - entry.enqueued:.3f}s in the queue"))
             elif entry.enqueued < fresh:
                 dropped.labels(self.model, "queue_wait").inc(steps)
-                entry.fail(ResourceExhausted(f"model {self.model!r} is overloaded: this step waited "
+                entry.fail(ResourceExhausted(f"{self.what} is overloaded: this step waited "
                                              f"{now - entry.enqueued:.3f}s in the queue (max_queue_wait_ms); "
                                              "nothing was applied, retry later"))
             elif steps <= room and (length is None or entry_length == length) and seen.isdisjoint(ids):
@@ -468,6 +486,7 @@ class Batcher:
         changed = await self._commit(ready, commit, positions, after, hn, cn)
         answered += self._settle(taken, changed, (logits, hn, cn, after), gate_rows)
         self._tokens.inc(answered * steps)
+        self.steps_run += answered
 
     def _arrange(self, batch: list[QueueEntry], records: list[SessionRecord | None]
                  ) -> tuple[list[SessionRecord], list[StepInputs], list[tuple[QueueEntry, int]]]:
@@ -561,21 +580,25 @@ class Batcher:
 
     def _all_ready(self, group: StepGroup, loaded: list[SessionRecord | None]) -> bool:
         """Whether every step of the group can run (the common case, checked without a loop in Python): each
-        session found, the caller's, and at its expected position if the step names one (a client that makes
-        every step conditional, cellstream.AsyncClient's, names one on every step)."""
+        session found, the caller's, pinned to this batcher's version, and at its expected position if the step
+        names one (a client that makes every step conditional, cellstream.AsyncClient's, names one on every step)."""
         if None in loaded:
             return False
         expected = group.expected_positions
         if expected is not None and [record.position for record in loaded] != expected:  # type: ignore[union-attr]
             return False
+        key = self.key  # compared without a loop in Python too: map runs in C
+        if not all(map(key.__eq__, map(MODEL_OF, loaded))):
+            return False
         owner = group.owner
         return owner is None or all(record.owner == owner for record in loaded)  # type: ignore[union-attr]
 
-    @staticmethod
-    def _refusal(session_id: str, record: SessionRecord | None, owner: str | None,
+    def _refusal(self, session_id: str, record: SessionRecord | None, owner: str | None,
                  expected: int | None) -> CellstreamError | None:
         if record is None or (owner is not None and record.owner != owner):
             return session_not_found(session_id)
+        if record.model != self.key:
+            return self._other_version(session_id, record.model)
         if expected is not None and expected != record.position:
             return Aborted(f"expected_position is {expected} but session {session_id!r} is at "
                            f"position {record.position}; nothing was applied")
@@ -598,18 +621,19 @@ class Batcher:
             elif entry.state is None:
                 records.append(next(loaded))
             else:
-                records.append(SessionRecord(entry.session_id, self.model, *entry.state, 0, 0.0))
+                records.append(SessionRecord(entry.session_id, self.key, *entry.state, 0, 0.0))
         return records
 
-    async def close(self) -> None:
-        """Stop taking steps; fail those still queued with UNAVAILABLE."""
-        self._closed = True
+    async def close(self, refusal: CellstreamError | None = None) -> None:
+        """Stop taking steps: refuse new ones with `refusal` (default: the server is shutting down, UNAVAILABLE),
+        and fail those still queued with it too."""
+        self._closed = refusal or Unavailable("server is shutting down; retry on another replica")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for entry in self._queue:
-            entry.fail(Unavailable("server shut down before this step ran; retry"))
+            entry.fail(refusal or Unavailable(SHUT_DOWN))
         self._queue.clear()
         self._queued_steps = 0
         # A batch cut off mid-compute finishes in its thread on its own; waiting would block the loop.

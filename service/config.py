@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MEMORY = "memory"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 SECRET_FIELDS = frozenset({"state_store"})  # may hold a password: never echoed in errors or logs
+EXPLICIT = "explicit"
+EVERY_MODEL = "*"  # load_model: every model of model_dir
+VERSION_POLICY = re.compile(r"all|latest:[1-9][0-9]*")
 
 
 def redacted_url(url: str) -> str:
@@ -51,9 +55,24 @@ class Settings(BaseSettings):
     metrics_port: int = Field(8000, ge=0, le=65535)
     """Prometheus /metrics port; 0 picks a free port."""
     model_dir: Path = Path("model/artifacts")
-    """Directory of .onnx models; each is served under its file stem."""
+    """The model repository: NAME.onnx (version 1 of NAME) and NAME/VERSION/model.onnx (Triton's layout), each with
+    its glass-box graph (.gates.onnx) beside it."""
     default_model: str = ""
     """Model used when a request names none; empty: the only model, or `cellstream-chat`."""
+    default_versions: Annotated[dict[str, int], NoDecode] = {}
+    """The version a request naming a model but no version gets, as `NAME=VERSION` pairs separated by commas; other
+    models: their highest loaded version."""
+    version_policy: str = "all"
+    """Which versions of each NAME/ directory are loaded: `all`, or `latest:N` (the N highest)."""
+    model_control: Literal["none", "explicit", "poll"] = "none"
+    """`none`: model_dir is loaded at start-up and never changes; `explicit`: the repository calls (KServe
+    RepositoryModelLoad/Unload, LoadModel/UnloadModel) load and unload models, start-up loads load_model; `poll`:
+    model_dir is re-read every model_poll_interval_seconds and followed."""
+    load_model: Annotated[list[str], NoDecode] = []
+    """model_control=explicit: the models start-up loads (repeat the flag, or separate names with commas; `*`: every
+    model of model_dir); none: start with none."""
+    model_poll_interval_seconds: float = Field(15.0, gt=0)
+    """model_control=poll: how often model_dir is re-read."""
     ort_intra_op_threads: int = Field(2, ge=1, le=256)
     """onnxruntime intra-op threads per model."""
     max_batch_size: int = Field(256, ge=1, le=4096)
@@ -111,6 +130,42 @@ class Settings(BaseSettings):
     """Log lines as text, or one JSON object each (time, level, logger, message, and trace_id/span_id inside a
     traced call)."""
 
+    @field_validator("load_model", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        """Names from the environment (one string) or the flag (a string per use), split at commas."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return [name.strip() for v in value for name in v.split(",") if name.strip()]
+        return value
+
+    @field_validator("default_versions", mode="before")
+    @classmethod
+    def _parse_pairs(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            name, equals, version = pair.partition("=")
+            if not (equals and name.strip() and version.strip()):
+                raise ValueError(f"{pair!r} is not NAME=VERSION")
+            pairs[name.strip()] = version.strip()
+        return pairs
+
+    @model_validator(mode="after")
+    def _versions_valid(self) -> Settings:
+        if not VERSION_POLICY.fullmatch(self.version_policy):
+            raise ValueError(f"version_policy must be `all` or `latest:N` with N >= 1; got {self.version_policy!r}")
+        if any(version < 1 for version in self.default_versions.values()):
+            raise ValueError(f"default_versions must name versions >= 1; got {self.default_versions}")
+        if self.load_model and self.model_control != EXPLICIT:
+            raise ValueError(f"load_model applies to model_control=explicit (model_control is {self.model_control!r}, "
+                             "which loads every model of model_dir)")
+        if EVERY_MODEL in self.load_model and len(self.load_model) > 1:
+            raise ValueError(f"load_model {EVERY_MODEL!r} (every model) goes alone; got {self.load_model}")
+        return self
+
     @model_validator(mode="after")
     def _state_store_known(self) -> Settings:
         if self.state_store != MEMORY and urlsplit(self.state_store).scheme not in REDIS_SCHEMES:
@@ -167,7 +222,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"CELLSTREAM_{name.upper()}"
+        many = get_origin(field.annotation) is list  # a flag that may be repeated
         parser.add_argument(
-            flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
+            flag, dest=name, default=None, metavar=name.split("_")[-1].upper(), action="append" if many else "store",
             help=f"{field.description} [env {env}; default {field.default}]",
         )

@@ -15,6 +15,8 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from cellstream.service.versions import version_key
+
 TOKENS, FEATURES = "tokens", "features"
 STATE_INPUTS, STATE_OUTPUTS = ("h0", "c0"), ("hn", "cn")
 LOGITS = "logits"
@@ -47,6 +49,12 @@ class ModelSpec:
     special_tokens: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     output_name: str = LOGITS  # the graph's per-step output: what the values mean
+    version: int = 1  # NAME/VERSION/ in the model repository; a flat NAME.onnx is version 1
+    key: str = field(init=False)  # what a session pinned to this version holds as its model (versions.py)
+
+    def __post_init__(self) -> None:
+        # A field, not a property: the batcher and the multiplexed calls read it for every step.
+        object.__setattr__(self, "key", version_key(self.name, self.version))
 
     @property
     def accepts_text(self) -> bool:
@@ -174,8 +182,10 @@ def _metadata_int(metadata: Mapping[str, str], key: str) -> int | None:
     return int(value) if value is not None and value.strip().isdigit() else None
 
 
-def check(name: str, inputs: Sequence[Port], outputs: Sequence[Port], metadata: Mapping[str, str]) -> ModelSpec:
-    """The model's spec, or ContractViolation listing every way the signature breaks the contract."""
+def check(name: str, inputs: Sequence[Port], outputs: Sequence[Port], metadata: Mapping[str, str], version: int = 1
+          ) -> ModelSpec:
+    """The spec of `version` of model `name`, or ContractViolation listing every way the signature breaks the
+    contract."""
     checker = _Checker(inputs, outputs)
     kind = checker.input_kind()
     checker.extra_inputs(kind)
@@ -207,5 +217,5 @@ def check(name: str, inputs: Sequence[Port], outputs: Sequence[Port], metadata: 
     return ModelSpec(
         name=name, input_kind=kind, vocab_size=vocab, feature_size=feature_size, num_layers=state[0],
         hidden_size=state[1], tokenizer=metadata.get("cellstream.tokenizer", ""), special_tokens=special,
-        metadata=dict(metadata), output_name=output.name,
+        metadata=dict(metadata), output_name=output.name, version=version,
     )

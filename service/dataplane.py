@@ -17,21 +17,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cellstream.service.auth import current_principal
-from cellstream.service.batcher import Batcher, StepGroup, StepInputs, StepJob, StepResult
-from cellstream.service.config import Settings
-from cellstream.service.engine import FEATURES, TOKENS, ModelRegistry, ModelSpec
-from cellstream.service.errors import CellstreamError, FailedPrecondition, InvalidArgument, NotFound, session_not_found
+from cellstream.service.auth import ADMIN, current_principal, require_scope
+from cellstream.service.batcher import StepGroup, StepInputs, StepJob, StepResult
+from cellstream.service.config import EXPLICIT, Settings
+from cellstream.service.engine import FEATURES, TOKENS, ModelSpec
+from cellstream.service.errors import CellstreamError, FailedPrecondition, InvalidArgument, session_not_found
 from cellstream.service.gates import HOW_TO_EXPORT
 from cellstream.service.metrics import Metrics
+from cellstream.service.model_control import Change, IndexEntry, Loaded, ModelControl
+from cellstream.service.registry import DRAINING, READY, ModelRegistry, ModelVersion
 from cellstream.service.sessions.base import SessionRecord, SessionStore, new_session_id
 from cellstream.service.sessions.watch import StoreWatch
 from cellstream.service.textcodec import StreamDecoder, encode_text
+from cellstream.service.versions import describe
 
 if TYPE_CHECKING:
     from cellstream.service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger("cellstream.audit")  # who changed which model, and how it went
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class InitialState:
     h: Sequence[float]
     c: Sequence[float]
     position: int
+    version: int = 0  # of the model it was taken from; 0: not said
 
 
 @dataclass(frozen=True)
@@ -65,29 +70,34 @@ MAX_ID_CHARS = 1024  # session ids (KServe's: prefix + 256) and model names; sho
 FLOAT_BYTES = 4
 GATE_BYTES_PER_UNIT = 6 * FLOAT_BYTES  # six float32 gates per unit, layer and step
 REPLY_FRAMING_BYTES = 4096  # a reply's ids, names, shapes and field tags, beside what check_reply counts
+MODEL_CONTROL_OFF = {
+    "none": "model_control is 'none': the models of model_dir were loaded at start-up and stay as they are; start "
+            "the server with --model-control explicit to load and unload models with these calls (or poll to have "
+            "it follow model_dir)",
+    "poll": "model_control is 'poll': the server follows model_dir by itself (every model_poll_interval_seconds); "
+            "start it with --model-control explicit to load and unload models with these calls instead",
+}
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, registry: ModelRegistry, store: SessionStore, metrics: Metrics,
+    def __init__(self, settings: Settings, loaded: list[Loaded], store: SessionStore, metrics: Metrics,
                  tracing: Telemetry | None = None) -> None:
         self.settings = settings
-        self.registry = registry
+        self.registry = ModelRegistry(settings.default_model, settings.default_versions)
         self.store = store
         self.metrics = metrics
         self.tracing = tracing  # on: request spans name their session (the batchers add model and tokens)
-        self.batchers = {
-            name: Batcher(engine, store, metrics, max_batch_size=settings.max_batch_size,
-                          max_queue_size=settings.max_queue_size, max_queue_wait=settings.max_queue_wait_ms / 1000,
-                          tracing=tracing)
-            for name, engine in registry.engines.items()
-        }
+        self.control = ModelControl(settings, self.registry, store, metrics, tracing)
+        self.control.serve(loaded)
+        # By version key; the registry's own dicts, changed in place as versions are loaded and released.
+        self.batchers = self.registry.batchers
+        self._versions = self.registry.versions
         self._sweeper: asyncio.Task[None] | None = None
         self._watch: StoreWatch | None = None
         self._stateless_ids = itertools.count()  # unique batcher ids for steps that have no session
 
     async def start(self) -> None:
-        for batcher in self.batchers.values():
-            batcher.start()
+        self.control.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="session-sweeper")
 
     async def watch_store(self, on_change: Callable[[bool], Awaitable[None]]) -> None:
@@ -102,8 +112,7 @@ class DataPlane:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        for batcher in self.batchers.values():
-            await batcher.close()
+        await self.control.close()
         await self.store.close()
 
     async def _sweep_forever(self) -> None:
@@ -114,17 +123,87 @@ class DataPlane:
                 await self.store.sweep()
             except CellstreamError as exc:
                 log.warning("session sweep skipped: %s", exc.message)
+                continue
+            await self.control.check_drains()
 
     # --- models -------------------------------------------------------------------------------
 
-    def spec(self, model: str) -> ModelSpec:
-        """The spec of a requested model ('' = default); NotFound names the models served."""
+    @staticmethod
+    def _check_model_name(model: str) -> None:
         if len(model) > MAX_ID_CHARS:
             raise InvalidArgument(f"model name has {len(model)} characters; model names have at most {MAX_ID_CHARS}")
+
+    def spec(self, model: str, version: int = 0) -> ModelSpec:
+        """The spec of the version new work on a model ('' = default) goes to: `version`, or (0) the model's
+        default version; NotFound names the models served, FailedPrecondition a draining version."""
+        self._check_model_name(model)
+        return self.registry.resolve(model, version).spec
+
+    def loaded_spec(self, model: str, version: int = 0) -> ModelSpec:
+        """Like `spec`, but a version named explicitly may be draining (its metadata still describes its sessions)."""
+        self._check_model_name(model)
+        return (self.registry.find(model, version) if version else self.registry.resolve(model)).spec
+
+    def model_name(self, model: str) -> str:
+        """The model a request means ('' = default), if any version of it is loaded (NotFound otherwise)."""
+        if len(model) > MAX_ID_CHARS:  # the call only when it raises: every sequence step asks this
+            self._check_model_name(model)
+        return self.registry.name(model)
+
+    def pinned(self, record: SessionRecord) -> ModelSpec:
+        """The spec of the version the session is pinned to; FailedPrecondition when this server does not serve it."""
+        version = self._versions.get(record.model)
+        if version is None:
+            raise self.registry.pinned_elsewhere(record.session_id, record.model)
+        return version.spec
+
+    async def model_versions(self) -> list[tuple[ModelVersion, int]]:
+        """Every loaded version with its live sessions (counted now; with a store that cannot be reached, as at the
+        last count), by model and version."""
+        with contextlib.suppress(CellstreamError):
+            await self.control.count()
+        return [(version, self.control.live_sessions(version.key))
+                for name in self.registry.names for version in self.registry.of(name)]
+
+    # --- the model repository (admin scope) ---------------------------------------------------
+
+    async def load_model(self, model: str) -> Change:
+        """Load (or reload) a model's versions from model_dir: explicit model control, admin scope."""
+        return await self._repository_call("load", model, self.control.load)
+
+    async def unload_model(self, model: str) -> Change:
+        """Unload every version of a model (those with live sessions drain): explicit model control, admin scope."""
+        return await self._repository_call("unload", model, self.control.unload)
+
+    async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every version in model_dir or loaded, with its state and live sessions (admin scope)."""
         try:
-            return self.registry.engines[self.registry.resolve(model)].spec
-        except KeyError:
-            raise NotFound(f"model {model!r} is not served; models: {sorted(self.registry.engines)}") from None
+            require_scope(ADMIN, "the model repository index")
+            entries = await self.control.index()
+        except CellstreamError as exc:
+            self._audit("index", "", f"refused, {exc.code.name}: {exc.message}")
+            raise
+        return [e for e in entries if e.state == READY] if ready_only else entries
+
+    async def _repository_call(self, action: str, model: str, call: Callable[[str], Awaitable[Change]]) -> Change:
+        try:
+            require_scope(ADMIN, f"{action}ing models")
+            if self.settings.model_control != EXPLICIT:
+                raise FailedPrecondition(MODEL_CONTROL_OFF[self.settings.model_control])
+            if not model:
+                raise InvalidArgument(f"no model named: name the model to {action}")
+            self._check_model_name(model)
+            change = await call(model)
+        except CellstreamError as exc:
+            self._audit(action, model, f"refused, {exc.code.name}: {exc.message}")
+            raise
+        self._audit(action, model, f"OK: {change}")
+        return change
+
+    @staticmethod
+    def _audit(action: str, model: str, outcome: str) -> None:
+        who = current_principal() or "anonymous (no auth_token_file)"
+        audit_log.info("repository %s%s by %s: %s", action, f" {model!r}" if model else "", who, outcome)
 
     # --- input validation ---------------------------------------------------------------------
 
@@ -189,6 +268,9 @@ class DataPlane:
     def _initial_arrays(self, spec: ModelSpec, state: InitialState) -> tuple[np.ndarray, np.ndarray]:
         if state.model and state.model != spec.name:
             raise InvalidArgument(f"initial_state.model is {state.model!r} but the session is for {spec.name!r}")
+        if state.version and state.version != spec.version:
+            raise InvalidArgument(f"initial_state.model_version is {state.version} but the session is for version "
+                                  f"{spec.version} of {spec.name!r}: a state belongs to the weights that made it")
         if (state.num_layers, state.hidden_size) != spec.state_shape:
             raise InvalidArgument(
                 f"initial_state is {state.num_layers} layers x {state.hidden_size} units but model {spec.name!r} "
@@ -206,10 +288,13 @@ class DataPlane:
             arrays.append(array.reshape(spec.state_shape).copy())
         return arrays[0], arrays[1]
 
-    def check_gates(self, model: str, steps: int) -> None:
-        """FailedPrecondition if `model` has no glass-box graph; InvalidArgument past max_gate_steps."""
-        if self.registry.engines[model].glass_box is None:
-            raise FailedPrecondition(f"model {model!r} is served without a glass-box graph, so it has no gates to "
+    def check_gates(self, key: str, steps: int) -> None:
+        """FailedPrecondition if the model version `key` has no glass-box graph; InvalidArgument past
+        max_gate_steps."""
+        version = self._versions[key]
+        if version.engine.glass_box is None:
+            what = f"model {version.name!r}" if version.version == 1 else describe(key)
+            raise FailedPrecondition(f"{what} is served without a glass-box graph, so it has no gates to "
                                      f"show; {HOW_TO_EXPORT}")
         limit = self.settings.max_gate_steps
         if steps > limit:
@@ -236,10 +321,10 @@ class DataPlane:
 
     # --- sessions -----------------------------------------------------------------------------
 
-    async def open_session(self, model: str, ttl_seconds: float = 0, initial: InitialState | None = None
-                           ) -> SessionRecord:
-        """A new session owned by the calling principal."""
-        spec = self.spec(model)
+    async def open_session(self, model: str, ttl_seconds: float = 0, initial: InitialState | None = None,
+                           version: int = 0) -> SessionRecord:
+        """A new session owned by the calling principal, pinned to `version` of `model` (0: its default version)."""
+        spec = self.spec(model, version)
         ttl = self._ttl(ttl_seconds)
         if initial is not None:
             h, c = self._initial_arrays(spec, initial)
@@ -248,7 +333,7 @@ class DataPlane:
             h = np.zeros(spec.state_shape, np.float32)
             c = np.zeros(spec.state_shape, np.float32)
             position = 0
-        record = SessionRecord(new_session_id(), spec.name, h, c, position, ttl, current_principal())
+        record = SessionRecord(new_session_id(), spec.key, h, c, position, ttl, current_principal())
         if self.tracing is not None:
             self.tracing.annotate(record.session_id, record.model)
         return await self.store.create(record)
@@ -294,7 +379,12 @@ class DataPlane:
         return found
 
     async def fork(self, session_id: str, ttl_seconds: float = 0) -> SessionRecord:
+        """A copy of the session, pinned to the same model version (which must take new sessions)."""
         source = await self.session(session_id)
+        self.pinned(source)
+        if self._versions[source.model].state == DRAINING:
+            raise FailedPrecondition(f"session {session_id!r} is pinned to {describe(source.model)}, which is "
+                                     "draining: it takes no new session, forks included (the session itself goes on)")
         ttl = self._ttl(ttl_seconds)
         copy = SessionRecord(new_session_id(), source.model, source.h, source.c, source.position, ttl, source.owner)
         return await self.store.create(copy)
@@ -302,8 +392,12 @@ class DataPlane:
     async def close_session(self, session_id: str) -> SessionRecord:
         await self.session(session_id)
         record = await self.store.delete(session_id)
-        self.batchers[record.model].forget(session_id)
+        version = self._versions.get(record.model)
+        if version is not None:
+            version.batcher.forget(session_id)
         self.metrics.sessions_closed.inc()
+        if version is not None and version.state == DRAINING:  # perhaps its last session: released now if so
+            await self.control.check_drains()
         return record
 
     # --- steps --------------------------------------------------------------------------------
@@ -314,29 +408,38 @@ class DataPlane:
     ) -> StepResult:
         """Feed validated `inputs` to the session and wait for the new state and logits (and the gates of
         every step, if asked)."""
+        batcher = self.batchers.get(record.model)  # the version the session is pinned to
+        if batcher is None:
+            raise self.registry.pinned_elsewhere(record.session_id, record.model)
         job = StepJob(record.session_id, inputs, expected_position, deadline_after(timeout))
         if gates:
             self.check_gates(record.model, len(inputs))
             job.gates = True
-        return await self.batchers[record.model].submit(job)
+        return await batcher.submit(job)
 
-    def start_group(self, model: str, group: StepGroup) -> CellstreamError | None:
-        """Queue validated steps of sessions of `model` without waiting (multiplexed calls); the error refusing
-        some or all of them (queue full, shutting down), if any: see Batcher.enqueue_group.
+    def start_group(self, key: str, group: StepGroup) -> CellstreamError | None:
+        """Queue validated steps of sessions of model version `key` without waiting (multiplexed calls); the error
+        refusing some or all of them (queue full, shutting down, the version released), if any: see
+        Batcher.enqueue_group.
 
         A step's session is checked when its batch loads it (with the group's owner, that it is the
-        owner's): NotFound then, word for word session()'s.
+        owner's, and that it is pinned to this version): NotFound then, word for word session()'s.
         """
-        return self.batchers[model].enqueue_group(group)
+        batcher = self.batchers.get(key)
+        if batcher is None:  # released since the call learnt its sessions' version
+            del group.session_ids[:], group.inputs[:]
+            return FailedPrecondition(f"{describe(key)} is not served any more (unloaded and released); nothing "
+                                      "was applied")
+        return batcher.enqueue_group(group)
 
     @property
     def only_spec(self) -> ModelSpec | None:
-        """The spec of the one model served, if there is only one: every session is of that model."""
-        engines = self.registry.engines
-        return next(iter(engines.values())).spec if len(engines) == 1 else None
+        """The spec of the one model version loaded, if there is only one. Every session is probably of that
+        version: its batcher refuses those that are not."""
+        return self.registry.only_spec
 
     async def step_stateless(
-        self, model: str, inputs: Sequence[StepInputs], h: np.ndarray, c: np.ndarray, *, timeout: float | None = None
+        self, key: str, inputs: Sequence[StepInputs], h: np.ndarray, c: np.ndarray, *, timeout: float | None = None
     ) -> list[StepResult]:
         """Run each row of validated `inputs` (B rows of T steps) from its client-held state h, c (L, B, H).
 
@@ -349,7 +452,7 @@ class DataPlane:
             StepJob(f"stateless/{next(self._stateless_ids)}", row, deadline=deadline, state=(h[:, b], c[:, b]))
             for b, row in enumerate(inputs)
         ]
-        batcher = self.batchers[model]
+        batcher = self.batchers[key]  # just resolved by the caller (spec), with no await since
         try:
             return list(await asyncio.gather(*(batcher.submit(job) for job in jobs)))
         finally:
@@ -373,7 +476,7 @@ class DataPlane:
         """Feed the prompt, then sample and feed one token at a time, yielding text as it completes (with the
         gates of every step fed since the previous chunk, if asked; `reply_limited`: each chunk must fit in a
         gRPC message)."""
-        spec = self.registry.engines[record.model].spec
+        spec = self.pinned(record)
         limit = self.settings.max_generate_tokens
         if max_tokens == 0:
             max_tokens = limit
@@ -415,7 +518,9 @@ class DataPlane:
                 finish = "length"
             if finish:
                 # The turn is over: the next step of this session waits for its user, not a batch for it.
-                self.batchers[record.model].forget(record.session_id)
+                batcher = self.batchers.get(record.model)
+                if batcher is not None:
+                    batcher.forget(record.session_id)
                 yield GeneratedChunk(text + decoder.flush(), pending, result.position, finish, joined(pending_gates))
                 return
             if text:

@@ -54,6 +54,10 @@ class Unauthenticated(CellstreamError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(CellstreamError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ModelLoadError(Exception):
     """A model file cannot be served; raised at start-up with the reason. `problems` lists each one
     (a graph can break the contract in several ways); the message joins them."""

@@ -7,11 +7,14 @@ on counters. A registry per instance keeps tests (and several servers in one pro
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -82,6 +85,21 @@ class Metrics:
                                         registry=r)
         self.sessions_evicted = Counter("cellstream_sessions_evicted",
                                         "Least recently used sessions evicted at max_sessions.", registry=r)
+        # Per model version (docs/OPERATIONS.md, "Model versions"): a version's label is its number.
+        self.version_steps = StepCounts()
+        r.register(self.version_steps)
+        self.version_sessions = Gauge("cellstream_model_version_sessions",
+                                      "Live sessions pinned to each loaded model version, as counted at the last "
+                                      "sweep or repository call (Redis: all replicas' sessions: aggregate with max).",
+                                      ["model", "version"], registry=r)
+        self.version_state = Gauge("cellstream_model_version_state",
+                                   "1 for each loaded model version's state (READY: takes new sessions; DRAINING: "
+                                   "unloaded, serving its live sessions until they end); gone once released.",
+                                   ["model", "version", "state"], registry=r)
+        self.model_events = Counter("cellstream_model_events",
+                                    "Model version lifecycle events: loaded, refused (its file failed the checks), "
+                                    "unloaded (draining begins), released (its onnxruntime sessions freed).",
+                                    ["model", "version", "event"], registry=r)
         self._call_series: dict[str, CallSeries] = {}
 
     def call_series(self, method: str) -> CallSeries:
@@ -139,6 +157,30 @@ def observe_many(histogram: Histogram, observations: Sequence[tuple[float, int]]
         if count:
             bucket.inc(int(count))
     histogram._sum.inc(float(np.dot(values, times)))
+
+
+class StepCounts(Collector):
+    """`cellstream_model_version_steps_total`: each loaded version's batcher counts its steps in a plain int, read
+    here at scrape time (a prometheus Counter would take a lock in every batch, on the hot path). A released
+    version's series goes with it."""
+
+    NAME = "cellstream_model_version_steps"
+    HELP = "Session and stateless steps run, by model and version (while the version is loaded)."
+
+    def __init__(self) -> None:
+        self._sources: dict[tuple[str, str], Callable[[], int]] = {}
+
+    def watch(self, model: str, version: int, steps: Callable[[], int]) -> None:
+        self._sources[(model, str(version))] = steps
+
+    def forget(self, model: str, version: int) -> None:
+        self._sources.pop((model, str(version)), None)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["model", "version"])
+        for labels, steps in list(self._sources.items()):
+            family.add_metric(labels, steps())
+        yield family
 
 
 class CallSeries:

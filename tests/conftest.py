@@ -38,14 +38,14 @@ def _write_glass_box(state_dict: dict, input_kind: str, path: Path) -> None:
     glassbox.write(ReferenceLSTM.from_state_dict({k: v.numpy() for k, v in state_dict.items()}), input_kind, path)
 
 
-def _export_tokens_model(path: Path) -> None:
+def _export_tokens_model(path: Path, seed: int = 1234, hidden_size: int = 16) -> None:
     import torch
 
     from cellstream.model.export import export_onnx, metadata_for
     from cellstream.model.network import LSTMLanguageModel, ModelConfig
 
-    torch.manual_seed(1234)
-    model = LSTMLanguageModel(ModelConfig(vocab_size=260, embed_dim=8, hidden_size=16, num_layers=2))
+    torch.manual_seed(seed)
+    model = LSTMLanguageModel(ModelConfig(vocab_size=260, embed_dim=8, hidden_size=hidden_size, num_layers=2))
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -106,6 +106,70 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _export_tokens_model(directory / f"{TINY_CHAT}.onnx")
     _export_features_model(directory / f"{TINY_FEATURES}.onnx")
     return directory
+
+
+def _export_broken_model(path: Path) -> None:
+    """A graph onnxruntime loads but the contract refuses: tokens and h0 in, no c0 (a GRU's signature)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    tokens = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])
+    h0 = helper.make_tensor_value_info("h0", TensorProto.FLOAT, [2, "batch", 16])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("logits", "hn")]
+    nodes = [helper.make_node("Identity", ["h0"], ["hn"]), helper.make_node("Cast", ["tokens"], ["logits"], to=1)]
+    graph = helper.make_graph(nodes, "broken", [tokens, h0], outputs)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.fixture(scope="session")
+def version_files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Model files to put in repositories as versions, each with its glass-box graph beside it: "v1" is
+    tiny-chat itself (2 layers x 16 units), "v2" another tokens model (other weights, 2 x 24 units), "v1-shaped"
+    other weights of v1's shape (a state of one would run on the other without an error), and "broken" a
+    graph the contract refuses (no c0)."""
+    directory = tmp_path_factory.mktemp("versions")
+    for suffix in (".onnx", ".gates.onnx"):
+        shutil.copy(tiny_model_dir / f"{TINY_CHAT}{suffix}", directory / f"v1{suffix}")
+    _export_tokens_model(directory / "v2.onnx", seed=4242, hidden_size=24)
+    _export_tokens_model(directory / "v1-shaped.onnx", seed=777)
+    _export_broken_model(directory / "broken.onnx")
+    return {name: directory / f"{name}.onnx" for name in ("v1", "v2", "v1-shaped", "broken")}
+
+
+class Repository:
+    """A model repository directory of a test's own, in Triton's layout (NAME/VERSION/model.onnx)."""
+
+    def __init__(self, path: Path, files: dict[str, Path]) -> None:
+        self.path = path
+        self.files = files
+
+    def add(self, name: str, version: int, source: str) -> Path:
+        """NAME/VERSION/model.onnx (and its glass box, if the source has one) from version_files[source]."""
+        folder = self.path / name / str(version)
+        folder.mkdir(parents=True, exist_ok=True)
+        graph = self.files[source]
+        shutil.copy(graph, folder / "model.onnx")
+        gates = graph.with_name(graph.stem + ".gates.onnx")
+        if gates.exists():
+            shutil.copy(gates, folder / "model.gates.onnx")
+        return folder / "model.onnx"
+
+    def remove(self, name: str, version: int) -> None:
+        shutil.rmtree(self.path / name / str(version))
+
+    def another(self, folder: str) -> Repository:
+        """A second, empty repository beside this one (another replica's, say)."""
+        path = self.path.parent / folder
+        path.mkdir()
+        return Repository(path, self.files)
+
+
+@pytest.fixture
+def repository(tmp_path: Path, version_files: dict[str, Path]) -> Repository:
+    """An empty model repository (Repository) for this test."""
+    path = tmp_path / "repository"
+    path.mkdir()
+    return Repository(path, version_files)
 
 
 class RedisServer:

@@ -1,15 +1,19 @@
 """inference.GRPCInferenceService (Open Inference Protocol, KServe v2) servicer.
 
 Thin like the native servicer: kserve_codec turns messages into validated arrays, and the shared
-core does the work — DataPlane for stateless calls, sequences.py for calls with a `sequence_id` — so
-both APIs share one batcher, one session store and one set of metrics.
+core does the work — DataPlane for stateless calls and the model repository, sequences.py for calls with
+a `sequence_id` — so both APIs share one batcher, one session store and one set of metrics.
+
+Versions: a request's `model_version` ("" for the model's default version, the latest loaded) names the
+version a stateless call or a sequence's START runs on; a sequence's later requests run on the version
+it started on. ModelMetadata lists the READY versions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from importlib import metadata
 
 import grpc
@@ -29,16 +33,21 @@ from cellstream.service.api.kserve_codec import (
 from cellstream.service.batcher import StepResult
 from cellstream.service.dataplane import FLOAT_BYTES
 from cellstream.service.engine import ModelSpec
-from cellstream.service.errors import CellstreamError, DeadlineExceeded, NotFound
+from cellstream.service.errors import CellstreamError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from cellstream.service.metrics import Metrics
-from cellstream.service.sequences import sequence_key, step_sequence
+from cellstream.service.model_control import IndexEntry
+from cellstream.service.registry import READY
+from cellstream.service.sequences import find_sequence, sequence_key, step_sequence
+from cellstream.service.versions import VERSION_PATTERN
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "cellstream"
-EXTENSIONS = ("sequence", "sequence(string_id)", "parameters")
-MODEL_VERSION = "1"  # each model is served in one version
+EXTENSIONS = ("sequence", "sequence(string_id)", "parameters", "model_repository")
 PLATFORM = "onnxruntime_onnx"
+# Load parameters of Triton's that would load something else than model_dir holds.
+OVERRIDES_REFUSED = ("config and file: parameters (a model sent with the request) are not supported: cellstream loads "
+                     "a model from model_dir (NAME.onnx or NAME/<version>/model.onnx); put the files there, then load")
 
 
 def _installed_version() -> str:
@@ -72,12 +81,33 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
         return self._dataplane is not None and not self._draining and self._store_up
 
     def model_spec(self, name: str, version: str) -> ModelSpec:
-        """The spec of a requested model and version ("" = default model, any version); NotFound otherwise."""
-        spec = self.dataplane.spec(name)
-        if version not in ("", MODEL_VERSION):
-            raise NotFound(f"model {spec.name!r} has no version {version!r}; it is served as version "
-                           f"{MODEL_VERSION!r} (or leave the version empty)")
-        return spec
+        """The spec of the READY version a request runs on ("" = default model, its default version); NotFound for a
+        model or version not loaded, FailedPrecondition for a draining one."""
+        return self.dataplane.spec(name, self.version_number(name, version) if version else 0)
+
+    def version_number(self, name: str, version: str) -> int:
+        """A request's model_version as a number (0 for none); NotFound when it is no version number."""
+        if not version:
+            return 0
+        if not VERSION_PATTERN.fullmatch(version):
+            raise NotFound(f"model {name or self.dataplane.registry.default!r} has no version {version[:40]!r}: "
+                           "versions are positive integers (or leave the version empty for the latest)")
+        return int(version)
+
+    def model_metadata(self, name: str, version: str) -> tuple[ModelSpec, list[str]]:
+        """The spec of a loaded version (a draining one when named) and the model's READY versions."""
+        spec = self.dataplane.loaded_spec(name, self.version_number(name, version))
+        return spec, [str(v.version) for v in self.dataplane.registry.of(spec.name) if v.state == READY]
+
+    def model_ready(self, name: str, version: str) -> bool:
+        """Whether the server is ready and the model version takes requests (NotFound for an unknown model)."""
+        if not self.ready:
+            return False
+        try:
+            self.model_spec(name, version)
+        except FailedPrecondition:  # draining
+            return False
+        return True
 
     # --- health and metadata ------------------------------------------------------------------
 
@@ -94,13 +124,10 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelReadyResponse:
-        if not self.ready:
-            return pb.ModelReadyResponse(ready=False)
         try:
-            self.model_spec(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.model_ready(request.name, request.version))
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
 
     @rpc
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -110,10 +137,10 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ModelMetadataResponse:
-        spec = self.model_spec(request.name, request.version)
+        spec, versions = self.model_metadata(request.name, request.version)
         sig = signature(spec)
         return pb.ModelMetadataResponse(
-            name=spec.name, versions=[MODEL_VERSION], platform=PLATFORM,
+            name=spec.name, versions=versions, platform=PLATFORM,
             inputs=[t.metadata() for t in sig.inputs.values()], outputs=[t.metadata() for t in sig.outputs.values()],
         )
 
@@ -124,9 +151,15 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
         """Validate everything, then run: a refused request changes no state. Shared by the gRPC and HTTP faces;
         `remaining`: seconds until the call's deadline, if it has one; `reply_limited`: the reply must fit in
         one gRPC message; `options`: the request's parameters when the caller has read them already."""
-        spec = self.model_spec(request.model_name, request.model_version)
         if options is None:
             options = read_options(request)
+        record = None
+        if options.sequence_id is not None and not options.start:  # on the version the sequence started on
+            named = request.model_version
+            version = self.version_number(request.model_name, named) if named else 0
+            spec, record = await find_sequence(self.dataplane, request.model_name, version, options.sequence_id)
+        else:
+            spec = self.model_spec(request.model_name, request.model_version)
         inputs = read_inputs(request, spec, self.dataplane)
         outputs = requested_outputs(request, spec)
         if reply_limited and spec.output_name in outputs:
@@ -139,11 +172,11 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
             if options.sequence_id is not None:
                 row = inputs.sequence_row(options.sequence_id)
                 results = [await step_sequence(self.dataplane, spec, options.sequence_id, row, start=options.start,
-                                               end=options.end, timeout=timeout)]
+                                               end=options.end, timeout=timeout, record=record)]
             else:
                 zeros = np.zeros((spec.num_layers, len(inputs.rows), spec.hidden_size), np.float32)
                 h, c = inputs.state or (zeros, zeros)
-                results = await self.dataplane.step_stateless(spec.name, inputs.rows, h, c, timeout=timeout)
+                results = await self.dataplane.step_stateless(spec.key, inputs.rows, h, c, timeout=timeout)
         except DeadlineExceeded as exc:
             if not options.timeout_us:
                 raise
@@ -153,7 +186,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
 
     def _response(self, request: pb.ModelInferRequest, spec: ModelSpec, outputs: list[str],
                   results: list[StepResult]) -> pb.ModelInferResponse:
-        response = pb.ModelInferResponse(model_name=spec.name, model_version=MODEL_VERSION, id=request.id)
+        response = pb.ModelInferResponse(model_name=spec.name, model_version=str(spec.version), id=request.id)
         write_outputs(response, outputs, {name: _batched(results, name == spec.output_name, name) for name in outputs})
         return response
 
@@ -210,7 +243,7 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
         both; (None, None) when the request will fail anyway (infer then says why)."""
         try:
             options = read_options(request)
-            model = self.dataplane.spec(request.model_name).name
+            model = self.dataplane.model_name(request.model_name)
         except CellstreamError:
             return None, None
         sequence_id = options.sequence_id
@@ -232,6 +265,50 @@ class KServeServicer(DataPlaneServicer, pb_grpc.GRPCInferenceServiceServicer):
             log.exception("unexpected error in ModelStreamInfer")
             response = _error_response(request, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         responses.put_nowait(response)
+
+
+    # --- the model repository extension ------------------------------------------------------------
+
+    async def index(self, repository: str, ready: bool) -> list[IndexEntry]:
+        """RepositoryIndex, shared with the HTTP face."""
+        check_repository(repository)
+        return await self.dataplane.repository_index(ready)
+
+    @rpc
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.RepositoryIndexResponse:
+        entries = await self.index(request.repository_name, request.ready)
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=e.name, version="" if e.version is None else str(e.version),
+                                                  state=e.state, reason=e.reason) for e in entries])
+
+    @rpc
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+                                  ) -> pb.RepositoryModelLoadResponse:
+        check_repository(request.repository_name)
+        check_load_parameters(request.parameters)
+        await self.dataplane.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+        check_repository(request.repository_name)  # its parameter unload_dependents: no model here has dependents
+        await self.dataplane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def check_repository(repository: str) -> None:
+    if repository:
+        raise InvalidArgument(f"repository_name is {repository[:80]!r}: cellstream serves one model repository "
+                              "(model_dir); leave it empty")
+
+
+def check_load_parameters(names: Iterable[str]) -> None:
+    """InvalidArgument for a load that sends a model of its own (Triton's `config`, `file:...`); other parameters
+    are ignored, as the protocol allows."""
+    if any(name == "config" or name.startswith("file:") for name in names):
+        raise InvalidArgument(OVERRIDES_REFUSED)
 
 
 def _batched(results: list[StepResult], main: bool, name: str) -> np.ndarray:

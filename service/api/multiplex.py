@@ -1,15 +1,16 @@
 """The items of StepMany and StreamMany: many sessions' steps per message, each with its own outcome.
 
 Every item is checked like a single Step (same rules, same statuses and messages) and queued in
-its model's batcher, so items batch with every other caller's steps and take their turn. What makes
-an item cheaper than a Step is what it does not do: a message's items travel through the batcher as
-groups (`StepGroup`: distinct sessions of one model and input length, at most a batch each), so an item
-has no job, future, callback or task of its own; no store read of its own (the batch's load checks that
-the session exists and is the caller's; only a server of several models must first learn each session's
-model, in one round trip per message for the sessions new to the call); and no copy of its reply (filled in
-place). A session named twice in a message has its second step in a later group, so it runs after the
-first. One difference follows: an item with several faults may report a different one of them than a
-Step would (a Step looks the session up before it checks the input).
+its model version's batcher, so items batch with every other caller's steps and take their turn. What
+makes an item cheaper than a Step is what it does not do: a message's items travel through the batcher
+as groups (`StepGroup`: distinct sessions of one model version and input length, at most a batch each),
+so an item has no job, future, callback or task of its own; no store read of its own (the batch's load
+checks that the session exists, is the caller's and is pinned to the batch's version; only a server of
+several model versions must first learn each session's version, in one round trip per message for the
+sessions new to the call); and no copy of its reply (filled in place). A session named twice in a
+message has its second step in a later group, so it runs after the first. One difference follows: an
+item with several faults may report a different one of them than a Step would (a Step looks the session
+up before it checks the input).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from cellstream.service.engine import ModelSpec
 from cellstream.service.errors import CellstreamError, InvalidArgument
 from cellstream.service.metrics import Metrics
 
-# (item, its session's model, the group its step is in and its index there, or the error that refused it)
+# (item, its session's model version, the group its step is in and its index there, or the error that refused it)
 Entry = tuple[pb.StepRequest, ModelSpec | None, StepGroup | CellstreamError, int]
 
-Made = tuple[str, StepGroup, list[Entry]]  # a group to queue: its model, the group, its items' entries
+Made = tuple[str, StepGroup, list[Entry]]  # a group to queue: its model version's key, the group, its items' entries
 
 HAS_EXPECTED_POSITION = methodcaller("HasField", "expected_position")
 HAS_WANT = methodcaller("HasField", "want")
@@ -80,14 +81,14 @@ class StepItems:
         self.method = method
         self.outbox: Outbox[Entry] = Outbox()
         self._ok = metrics.items.labels(method, grpc.StatusCode.OK.name)  # bound once: counted per message
-        self._models: dict[str, ModelSpec] = {}  # sessions this call found (and the caller owns): their model
+        self._models: dict[str, ModelSpec] = {}  # sessions this call found (and the caller owns): their version
         self._running: dict[int, tuple[StepGroup, list[Entry]]] = {}  # by id() of the group, in queue order
         self._after: dict[int, list[Entry]] = {}  # refused items waiting for an earlier group of their session
         self.large_replies = False  # some item asked for outputs: replies are then cut by size (see relay)
 
     async def _find(self, items: Sequence[pb.StepRequest]) -> dict[str, CellstreamError]:
-        """Learn the model of every session new to this call (one store round trip); the errors of the
-        ids that are no session of the caller's."""
+        """Learn the model version of every session new to this call (one store round trip); the errors of the
+        ids that are no session of the caller's, or of a version not served."""
         if len(self._models) > KNOWN_SESSIONS_PER_CALL:
             self._models.clear()
         known = self._models
@@ -98,8 +99,11 @@ class StepItems:
         for session_id, found in zip(new, await self.dataplane.sessions(new), strict=True):
             if isinstance(found, CellstreamError):
                 errors[session_id] = found
-            else:
-                known[session_id] = self.dataplane.spec(found.model)
+                continue
+            try:
+                known[session_id] = self.dataplane.pinned(found)
+            except CellstreamError as exc:
+                errors[session_id] = exc
         return errors
 
     def _check(self, items: Sequence[pb.StepRequest], only: ModelSpec | None,
@@ -181,18 +185,18 @@ class StepItems:
         entries: list[Entry] = []
         made: list[Made] = []
         largest = self.dataplane.settings.max_batch_size  # a group is taken into a batch whole
-        groups: dict[tuple[str, int], int] = {}  # the open group for (model, T): its index in `made`
+        groups: dict[tuple[str, int], int] = {}  # the open group for (model version, T): its index in `made`
         latest: dict[str, int] = {}  # each session's latest group, by index in `made`
         for k, (item, session_id, spec, step) in enumerate(zip(items, session_ids, specs, inputs, strict=True)):
             if isinstance(step, CellstreamError):
                 entries.append((item, spec, step, -1))
                 continue
             assert spec is not None
-            key = (spec.name, len(step))
+            key = (spec.key, len(step))
             index = groups.get(key, -1)
             if index <= latest.get(session_id, -1) or len(made[index][1]) == largest:
                 index = groups[key] = len(made)
-                made.append((spec.name, StepGroup([], [], None, deadline, owner, self._done), []))
+                made.append((spec.key, StepGroup([], [], None, deadline, owner, self._done), []))
             latest[session_id] = index
             _, group, members = made[index]
             entry = (item, spec, group, len(group))
@@ -215,7 +219,7 @@ class StepItems:
                               None if expected is None else expected[start:stop], deadline, owner, self._done)
             members: list[Entry] = list(zip(items[start:stop], repeat(spec), repeat(group), range(len(group))))
             entries += members
-            made.append((spec.name, group, members))
+            made.append((spec.key, group, members))
         return entries, made
 
     async def _queue(self, batch: pb.StepBatch, timeout: float | None, *, one_reply: bool = False
@@ -225,8 +229,9 @@ class StepItems:
         items = batch.items
         dataplane = self.dataplane
         check_item_count(len(items), dataplane.settings.max_items_per_message, "StepBatch")
-        # With one model, every session is of that model: an item needs no lookup before it is queued,
-        # and its batch's load checks that the session exists and is the caller's.
+        # With one model version loaded, the sessions are of that version (the batch refuses any that is not): an
+        # item needs no lookup before it is queued, and its batch's load checks that the session exists, is the
+        # caller's and is pinned to that version.
         only = dataplane.only_spec
         errors = {} if only is not None else await self._find(items)
         checked = self._check(items, only, errors)

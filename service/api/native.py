@@ -17,6 +17,7 @@ from cellstream.service.api.native_codec import (
     generate,
     initial_state,
     list_models,
+    model_status,
     session_info,
     step,
 )
@@ -30,7 +31,8 @@ class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
     @rpc
     async def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
                           ) -> pb.SessionInfo:
-        record = await self.dataplane.open_session(request.model, request.ttl_seconds, initial_state(request))
+        record = await self.dataplane.open_session(request.model, request.ttl_seconds, initial_state(request),
+                                                   request.model_version)
         return session_info(record)
 
     @rpc
@@ -96,4 +98,12 @@ class NativeServicer(DataPlaneServicer, pb_grpc.InferenceServicer):
     @rpc
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
-        return list_models(self.dataplane.registry)
+        return await list_models(self.dataplane)
+
+    @rpc
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        return model_status(self.dataplane, await self.dataplane.load_model(request.model))
+
+    @rpc
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatus:
+        return model_status(self.dataplane, await self.dataplane.unload_model(request.model))

@@ -15,11 +15,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service.batcher import StepInputs, StepResult
 from cellstream.service.dataplane import FLOAT_BYTES, DataPlane, GeneratedChunk, InitialState
-from cellstream.service.engine import LOGITS, ModelRegistry, ModelSpec
+from cellstream.service.engine import LOGITS, ModelSpec
 from cellstream.service.errors import CellstreamError, InvalidArgument
 from cellstream.service.gates import GATE_NAMES
+from cellstream.service.model_control import Change
+from cellstream.service.registry import ModelVersion
 from cellstream.service.sessions.base import SessionRecord
 from cellstream.service.textcodec import token_text
+from cellstream.service.versions import key_parts
 
 TOP_TOKEN_BYTES = 32  # a TokenProb: id, probability, text of a few bytes, tags
 WIRE_LENGTH_DELIMITED = 2  # the protobuf wire type of packed repeated fields
@@ -30,12 +33,15 @@ LOGITS_FIELD, OUTPUTS_FIELD = (pb.StepResponse.DESCRIPTOR.fields_by_name[name].n
 def session_info(record: SessionRecord) -> pb.SessionInfo:
     expires = Timestamp()
     expires.FromNanoseconds(int(record.expires_at * 1e9))
-    return pb.SessionInfo(session_id=record.session_id, model=record.model, position=record.position,
-                          expires_at=expires)
+    model, version = key_parts(record.model)
+    return pb.SessionInfo(session_id=record.session_id, model=model, position=record.position, expires_at=expires,
+                          model_version=version)
 
 
-def fill_state(state: pb.State, model: str, h: np.ndarray, c: np.ndarray, position: int) -> pb.State:
-    state.model, state.num_layers, state.hidden_size, state.position = model, h.shape[0], h.shape[1], position
+def fill_state(state: pb.State, key: str, h: np.ndarray, c: np.ndarray, position: int) -> pb.State:
+    """The state of a session of model version `key` (versions.py)."""
+    state.model, state.model_version = key_parts(key)
+    state.num_layers, state.hidden_size, state.position = h.shape[0], h.shape[1], position
     state.h.extend(h.ravel().tolist())
     state.c.extend(c.ravel().tolist())
     return state
@@ -89,7 +95,7 @@ def fill_response(response: pb.StepResponse, session_id: str, spec: ModelSpec, w
     if want.top_k:
         response.top.extend(top_tokens(result.logits[-1], want.top_k))
     if want.state:
-        fill_state(response.state, spec.name, result.h, result.c, result.position)
+        fill_state(response.state, spec.key, result.h, result.c, result.position)
     if result.gates is not None:
         fill_gates(response.gates, result.gates)
     return response
@@ -140,7 +146,7 @@ async def step(dataplane: DataPlane, request: pb.StepRequest, session_id: str, t
     """One Step (or one message of StreamSteps) of `session_id`: find the session, validate, run, reply.
     `reply_limited`: the reply must fit in one gRPC message (checked before the step)."""
     record = await dataplane.session(session_id)
-    spec = dataplane.spec(record.model)
+    spec = dataplane.pinned(record)
     inputs = step_inputs(dataplane, spec, request)
     want = wanted(request)
     if reply_limited and want is not None:
@@ -154,18 +160,37 @@ def initial_state(request: pb.OpenSessionRequest) -> InitialState | None:
     if not request.HasField("initial_state"):
         return None
     s = request.initial_state
-    return InitialState(s.model, s.num_layers, s.hidden_size, s.h, s.c, s.position)
+    return InitialState(s.model, s.num_layers, s.hidden_size, s.h, s.c, s.position, s.model_version)
 
 
-def list_models(registry: ModelRegistry) -> pb.ListModelsResponse:
-    models = [
-        pb.ModelInfo(name=name, input_kind=spec.input_kind, vocab_size=spec.vocab_size,
-                     feature_size=spec.feature_size, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-                     metadata=spec.metadata, is_default=name == registry.default, output_name=spec.output_name,
-                     gates=engine.glass_box is not None)
-        for name, engine in sorted(registry.engines.items()) for spec in (engine.spec,)
-    ]
+async def list_models(dataplane: DataPlane) -> pb.ListModelsResponse:
+    """One ModelInfo per model, describing its default version, with every loaded version's state and sessions."""
+    registry = dataplane.registry
+    by_model: dict[str, list[tuple[ModelVersion, int]]] = {}
+    for version, live in await dataplane.model_versions():
+        by_model.setdefault(version.name, []).append((version, live))
+    models = []
+    for name, versions in by_model.items():
+        described = registry.default_version(name) or versions[-1][0]
+        spec = described.spec
+        models.append(pb.ModelInfo(
+            name=name, input_kind=spec.input_kind, vocab_size=spec.vocab_size, feature_size=spec.feature_size,
+            num_layers=spec.num_layers, hidden_size=spec.hidden_size, metadata=spec.metadata,
+            is_default=name == registry.default, output_name=spec.output_name,
+            gates=described.engine.glass_box is not None, version=spec.version,
+            versions=[version_message(version, live) for version, live in versions]))
     return pb.ListModelsResponse(models=models, default_model=registry.default)
+
+
+def version_message(version: ModelVersion, live: int) -> pb.ModelVersion:
+    return pb.ModelVersion(version=version.version, state=version.state, live_sessions=live)
+
+
+def model_status(dataplane: DataPlane, change: Change) -> pb.ModelStatus:
+    """A model's loaded versions after a LoadModel or UnloadModel."""
+    return pb.ModelStatus(model=change.name, versions=[
+        version_message(version, dataplane.control.live_sessions(version.key))
+        for version in dataplane.registry.of(change.name)])
 
 
 def fill_status(status: pb.Status, error: CellstreamError) -> None:
@@ -178,7 +203,7 @@ async def generate(dataplane: DataPlane, request: pb.GenerateRequest, timeout: f
     """The chunks of one chat turn: find the session, validate the prompt, then sample. `reply_limited`: each
     chunk must fit in one gRPC message (checked before the prompt is fed)."""
     record = await dataplane.session(request.session_id)
-    spec = dataplane.spec(record.model)
+    spec = dataplane.pinned(record)
     prompt = dataplane.text_input(spec, request.prompt, "prompt")
     chunks = dataplane.generate(
         record, prompt, max_tokens=request.max_tokens, temperature=request.temperature, top_k=request.top_k,

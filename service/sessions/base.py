@@ -17,10 +17,10 @@ def new_session_id() -> str:
 
 @dataclass
 class SessionRecord:
-    """One session: its model, layer-major state h/c (L, H) float32 and tokens consumed."""
+    """One session: the model version it is pinned to, layer-major state h/c (L, H) float32 and tokens consumed."""
 
     session_id: str
-    model: str
+    model: str  # the key of its model version (versions.py): the model's name for version 1
     h: np.ndarray
     c: np.ndarray
     position: int
@@ -83,6 +83,11 @@ class SessionStore(Protocol):
 
     def count(self) -> int:
         """Live sessions, for the gauge; a shared store reports its last known total of all replicas."""
+
+    async def count_models(self) -> dict[str, int]:
+        """Live sessions per model version key, counted now (a shared store: all replicas' sessions); versions
+        without sessions may be left out. Sessions written before the store counted by version (Redis) are not
+        counted."""
 
     def state_bytes(self) -> int:
         """Bytes of h and C of those sessions, read like count()."""

@@ -29,8 +29,9 @@ async def open_store(
     clock: Callable[[], float] = time.monotonic, tracing: Telemetry | None = None,
 ) -> SessionStore:
     """The store, ready to serve; SnapshotError when its snapshot is unusable and the settings refuse it.
-    `clock` measures the memory store's idle TTLs (tests advance one by hand); Redis keeps its own time.
-    `tracing`: Redis operations are traced (the memory store's take microseconds: they are not)."""
+    `specs`: the model versions loaded, by key. `clock` measures the memory store's idle TTLs (tests advance one
+    by hand); Redis keeps its own time. `tracing`: Redis operations are traced (the memory store's take
+    microseconds: they are not)."""
     evict = settings.when_full == "evict"
     per_principal = settings.max_sessions_per_principal
     if settings.state_store != MEMORY:
@@ -60,18 +61,21 @@ async def _restore(store: MemoryStore, path: Path, settings: Settings, specs: Ma
         return
     # Idle time went on while no server ran; a snapshot from the future (clock change) costs none.
     downtime = max(0.0, time.time() - taken.written_at)
-    restored = expired = dropped = 0
+    restored = expired = dropped = elsewhere = 0
     for record, remaining in taken.sessions[-settings.max_sessions:]:
         spec = specs.get(record.model)
-        if spec is None or spec.state_shape != record.h.shape:
+        if spec is not None and spec.state_shape != record.h.shape:
             dropped += 1
         elif remaining - downtime <= 0:
             expired += 1
         else:
+            # A session of a version not loaded now is kept: its steps are refused (FAILED_PRECONDITION) until
+            # that version is loaded, never run on another.
             store.restore(record, remaining - downtime)
             restored += 1
+            elsewhere += spec is None
     # Consumed: a later start (after a crash, which writes no snapshot) must not bring back stale states.
     path.unlink()
-    log.info("restored %d sessions from %s (%d expired while down, %d of models no longer served or reshaped, "
-             "%d over max_sessions)", restored, path, expired, dropped,
-             max(0, len(taken.sessions) - settings.max_sessions))
+    log.info("restored %d sessions from %s (%d of them pinned to model versions not loaded now; %d expired while "
+             "down, %d of versions whose state shape changed, %d over max_sessions)", restored, path, elsewhere,
+             expired, dropped, max(0, len(taken.sessions) - settings.max_sessions))

@@ -42,6 +42,7 @@ class MemoryStore:
         self._columns: dict[str, tuple[StateSlab, int]] = {}  # where each session's state lives
         self._bytes = 0
         self._owned: Counter[str] = Counter()  # live sessions per non-empty owner
+        self._by_model: Counter[str] = Counter()  # live sessions per model version key (not yet swept)
         self._max_per_owner = max_sessions_per_principal
         self._metrics = metrics
         self._max_sessions = max_sessions
@@ -70,6 +71,7 @@ class MemoryStore:
         slab, column = self._columns.pop(session_id)
         slab.release(column)
         self._bytes -= record.state_bytes
+        self._by_model[record.model] -= 1
         if record.owner:
             self._owned[record.owner] -= 1
             if not self._owned[record.owner]:
@@ -93,6 +95,7 @@ class MemoryStore:
         self._columns[record.session_id] = slab, slab.take(record)
         self._records[record.session_id] = record
         self._bytes += record.state_bytes
+        self._by_model[record.model] += 1
         if record.owner:
             self._owned[record.owner] += 1
 
@@ -187,6 +190,10 @@ class MemoryStore:
 
     async def sweep(self) -> int:
         return self._sweep()
+
+    async def count_models(self) -> dict[str, int]:
+        """Sessions that expired since the last sweep count until it removes them."""
+        return {model: count for model, count in self._by_model.items() if count}
 
     async def ping(self) -> None:
         """Always reachable: it lives in this process."""

@@ -45,7 +45,8 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-SCRIPTS = {name: _Script(getattr(redis_lua, name)) for name in ("CREATE", "LOAD", "COMMIT", "DELETE", "SWEEP")}
+SCRIPTS = {name: _Script(getattr(redis_lua, name))
+           for name in ("CREATE", "LOAD", "COMMIT", "DELETE", "SWEEP", "COUNT")}
 
 
 def _record(session_id: str, values: Sequence[bytes | int | None], now_ms: int) -> SessionRecord | None:
@@ -204,6 +205,11 @@ class RedisStore:
                 break
         self._metrics.sessions_expired.inc(forgotten)
         return forgotten
+
+    async def count_models(self) -> dict[str, int]:
+        reply = await self._guarded(lambda: self._run("COUNT", (), (PREFIX, SWEEP_BATCH)), "counting sessions",
+                                    "COUNT", 0)
+        return {model.decode(): int(count) for model, count in zip(reply[::2], reply[1::2], strict=True)}
 
     async def ping(self) -> None:
         """One round trip that also refreshes the gauges between sweeps."""

@@ -5,7 +5,11 @@ Layout under a key prefix P (ARGV[1] of every script):
                          its Redis expiry is the idle TTL, refreshed on every access
   P.."idx"         zset  id -> expiry (ms) when last looked at: counts the store's sessions
   P.."own:"..owner zset  the same, per owner: counts a principal's sessions
-  P.."meta"        hash  id -> "<state bytes> <owner>", to unaccount a session whose hash Redis expired
+  P.."mdl:"..model zset  the same, per model version key (`m`): counts the sessions pinned to a version
+  P.."models"      set   the model version keys that may have sessions
+  P.."meta"        hash  id -> "<state bytes> <owner> <model>", to unaccount a session whose hash Redis expired
+                         (sessions written before versions were counted have "<state bytes> <owner>": they are
+                         in no per-model index)
   P.."bytes"       int   state bytes of the indexed sessions
 
 The indexes are not refreshed on each step (a step writes only its session's hash): an entry whose
@@ -24,15 +28,19 @@ local function now_ms()
 end
 local function meta_of(id)
   local meta = redis.call('HGET', P .. 'meta', id)
-  if not meta then return nil, nil end
+  if not meta then return nil, nil, nil end
   local space = string.find(meta, ' ', 1, true)
-  return tonumber(string.sub(meta, 1, space - 1)), string.sub(meta, space + 1)
+  local rest = string.sub(meta, space + 1)
+  local second = string.find(rest, ' ', 1, true)
+  if not second then return tonumber(string.sub(meta, 1, space - 1)), rest, nil end
+  return tonumber(string.sub(meta, 1, space - 1)), string.sub(rest, 1, second - 1), string.sub(rest, second + 1)
 end
 local function forget(id)
-  local bytes, owner = meta_of(id)
+  local bytes, owner, model = meta_of(id)
   redis.call('ZREM', P .. 'idx', id)
   if bytes then
     redis.call('ZREM', P .. 'own:' .. owner, id)
+    if model then redis.call('ZREM', P .. 'mdl:' .. model, id) end
     redis.call('DECRBY', P .. 'bytes', bytes)
     redis.call('HDEL', P .. 'meta', id)
   end
@@ -47,9 +55,10 @@ local function prune(zkey, now, limit)
       gone = gone + 1
     else
       local score = now + math.max(pttl, 1000)
-      local _, owner = meta_of(id)
+      local _, owner, model = meta_of(id)
       redis.call('ZADD', P .. 'idx', score, id)
       if owner then redis.call('ZADD', P .. 'own:' .. owner, score, id) end
+      if model then redis.call('ZADD', P .. 'mdl:' .. model, score, id) end
     end
   end
   return gone, #ids
@@ -89,7 +98,9 @@ redis.call('PEXPIRE', key, ttl)
 local bytes = string.len(ARGV[7]) + string.len(ARGV[8])
 redis.call('ZADD', P .. 'idx', now + ttl, id)
 redis.call('ZADD', P .. 'own:' .. owner, now + ttl, id)
-redis.call('HSET', P .. 'meta', id, bytes .. ' ' .. owner)
+redis.call('ZADD', P .. 'mdl:' .. ARGV[3], now + ttl, id)
+redis.call('SADD', P .. 'models', ARGV[3])
+redis.call('HSET', P .. 'meta', id, bytes .. ' ' .. owner .. ' ' .. ARGV[3])
 redis.call('INCRBY', P .. 'bytes', bytes)
 return {'ok', now + ttl, evicted}
 """
@@ -136,4 +147,22 @@ return v
 SWEEP = _COMMON + """
 local gone, seen = prune(P .. 'idx', now_ms(), tonumber(ARGV[2]))
 return {gone, seen, redis.call('ZCARD', P .. 'idx'), tonumber(redis.call('GET', P .. 'bytes') or '0')}
+"""
+
+# ARGV: P, limit -> {model, live sessions, model, live sessions, ...} of every model version key with sessions.
+# Entries whose recorded expiry passed are looked at again first (at most `limit` per version).
+COUNT = _COMMON + """
+local now, out = now_ms(), {}
+for _, model in ipairs(redis.call('SMEMBERS', P .. 'models')) do
+  local zkey = P .. 'mdl:' .. model
+  prune(zkey, now, tonumber(ARGV[2]))
+  local count = redis.call('ZCARD', zkey)
+  if count == 0 then
+    redis.call('SREM', P .. 'models', model)
+  else
+    out[#out + 1] = model
+    out[#out + 1] = count
+  end
+end
+return out
 """

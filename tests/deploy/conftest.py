@@ -10,8 +10,10 @@ import yaml
 from kustomize_subset import Resource, render
 from manifests import K8S
 
-# What users apply: the two overlays, and the HA overlay with the TLS component added to it.
-VARIANTS = {"single": ("overlays/single",), "ha": ("overlays/ha",), "ha+tls": ("overlays/ha", "components/tls")}
+# What users apply: the two overlays, and the HA overlay with the TLS component or the model repository on a
+# volume added to it.
+VARIANTS = {"single": ("overlays/single",), "ha": ("overlays/ha",), "ha+tls": ("overlays/ha", "components/tls"),
+            "ha+models": ("overlays/ha", "components/model-repository")}
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,11 @@ machine also makes the base (about 3 minutes in all, docs/DEPLOY.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import urllib.request
+from collections.abc import AsyncIterator
 
 import dockerfile
 import grpc
@@ -23,7 +25,7 @@ from manifests import DOCKERFILE, environment, find, server_container
 
 from cellstream.bench.otlp import TraceSink
 from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
-from cellstream.service.client import Client
+from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.skipif(PODMAN is None, reason="podman is not installed (.ci/run installs it: apt-get "
                                                          "install podman runc buildah mmdebstrap)"),
@@ -34,6 +36,17 @@ MAX_IMAGE_BYTES = 350 * 10**6
 # Installed only by extras the image leaves out.
 NOT_IN_IMAGE = ("torch", "onnx", "tqdm", "pytest", "hypothesis", "tritonclient", "grpc_tools", "matplotlib")
 COMPILERS = ("gcc", "cc", "c++", "g++", "clang", "make")
+
+
+@contextlib.asynccontextmanager
+async def inference(target: str) -> AsyncIterator[pb_grpc.InferenceStub]:
+    """The generated cellstream.v1 stub on a channel to `target` (the RPCs as they are on the wire)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        yield pb_grpc.InferenceStub(channel)
+
+
+def tokens(*ids: int, session_id: str = "", logits: bool = False) -> pb.StepRequest:
+    return pb.StepRequest(session_id=session_id, tokens=pb.TokenSequence(ids=ids), want=pb.Outputs(logits=logits))
 
 
 @pytest.fixture(scope="session")
@@ -82,11 +95,13 @@ def test_it_serves_read_only_as_its_user_and_its_healthcheck_passes(containers):
         assert podman("top", container.name, "user").stdout.split()[1:] == [USER.partition(":")[0]]
 
         async def chat() -> str:
-            async with Client(container.target, timeout=30) as client:
-                session = await client.open_session()
-                await client.step(session.session_id, text="user: my name is alice.\nbot: hello alice!\n")
-                return await client.reply(session.session_id, "user: what is my name?\nbot: ", stop=["\n"],
+            async with inference(container.target) as stub:
+                session = (await stub.OpenSession(pb.OpenSessionRequest(), timeout=30)).session_id
+                await stub.Step(pb.StepRequest(session_id=session, text="user: my name is alice.\nbot: hello alice!\n"),
+                                timeout=30)
+                turn = pb.GenerateRequest(session_id=session, prompt="user: what is my name?\nbot: ", stop=["\n"],
                                           max_tokens=40)
+                return "".join([chunk.text async for chunk in stub.Generate(turn, timeout=30)])
 
         assert "alice" in asyncio.run(chat())
         body = json.dumps({"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 3], "data": [104, 105, 10]}],
@@ -115,17 +130,17 @@ def test_sigterm_drains_in_flight_calls_and_exits_0_within_the_grace_period(cont
     container.wait_serving()
 
     async def drain() -> tuple[list[int], grpc.StatusCode, int, float]:
-        async with Client(container.target, timeout=60) as client:
-            session = (await client.open_session()).session_id
-            stream = client.stream_steps()
-            await stream.write(client.step_request(session, tokens=[1]))
+        async with inference(container.target) as stub:
+            session = (await stub.OpenSession(pb.OpenSessionRequest(), timeout=60)).session_id
+            stream = stub.StreamSteps(timeout=60)
+            await stream.write(tokens(1, session_id=session))
             positions = [(await stream.read()).position]
             stopping = asyncio.create_task(asyncio.to_thread(container.stop, budget))
             await asyncio.to_thread(container.wait_draining)
             with pytest.raises(grpc.aio.AioRpcError) as refused:  # a new call while it drains
-                await client.step(session, tokens=[2])
+                await stub.Step(tokens(2, session_id=session), timeout=60)
             for token in (3, 4, 5):  # the stream in flight goes on
-                await stream.write(client.step_request(tokens=[token]))
+                await stream.write(tokens(token))
                 positions.append((await stream.read()).position)
             await stream.done_writing()
             assert await stream.code() == grpc.StatusCode.OK
@@ -157,13 +172,15 @@ def test_a_session_continues_exactly_in_a_new_container(store, containers, rende
     first.wait_serving()
 
     async def before() -> tuple[str, pb.State, list[float]]:
-        async with Client(first.target, timeout=30) as client:
-            session = (await client.open_session(ttl_seconds=600)).session_id
-            await client.step(session, text="user: my name is alice.\nbot: hello alice!\nuser: i live in paris.\n")
-            fork = (await client.fork(session)).session_id  # what the next step gives, without moving the session
-            expected = list((await client.step(fork, tokens=[98], logits=True)).logits)
-            await client.close_session(fork)
-            return session, await client.get_state(session), expected
+        async with inference(first.target) as stub:
+            session = (await stub.OpenSession(pb.OpenSessionRequest(ttl_seconds=600), timeout=30)).session_id
+            await stub.Step(pb.StepRequest(session_id=session, text="user: my name is alice.\nbot: hello alice!\n"
+                                                                    "user: i live in paris.\n"), timeout=30)
+            # What the next step gives, without moving the session:
+            fork = (await stub.ForkSession(pb.ForkSessionRequest(session_id=session), timeout=30)).session_id
+            expected = list((await stub.Step(tokens(98, session_id=fork, logits=True), timeout=30)).logits)
+            await stub.CloseSession(pb.SessionRef(session_id=fork), timeout=30)
+            return session, await stub.GetState(pb.SessionRef(session_id=session), timeout=30), expected
 
     session, state, expected = asyncio.run(before())
     exit_status, _ = first.stop(30)
@@ -174,9 +191,9 @@ def test_a_session_continues_exactly_in_a_new_container(store, containers, rende
     second.wait_serving()
 
     async def after() -> tuple[pb.State, list[float]]:
-        async with Client(second.target, timeout=30) as client:
-            restored = await client.get_state(session)
-            return restored, list((await client.step(session, tokens=[98], logits=True)).logits)
+        async with inference(second.target) as stub:
+            restored = await stub.GetState(pb.SessionRef(session_id=session), timeout=30)
+            return restored, list((await stub.Step(tokens(98, session_id=session, logits=True), timeout=30)).logits)
 
     restored, logits = asyncio.run(after())
     assert restored.position == state.position > 0

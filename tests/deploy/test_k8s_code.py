@@ -29,7 +29,7 @@ from cellstream.service.cli import build_parser
 from cellstream.service.config import Settings, SettingsError, load_settings
 from cellstream.service.tracing import start_tracing
 
-VARIANT_NAMES = ("single", "ha", "ha+tls")
+VARIANT_NAMES = ("single", "ha", "ha+tls", "ha+models")
 PREFIX = "CELLSTREAM_"
 # Settings no deployment should leave to chance: where it listens, what it serves, who may call, where
 # sessions live, how long it drains, and its capacity.
@@ -149,8 +149,16 @@ def test_files_the_settings_name_are_where_the_pod_puts_them(rendered, variant, 
     settings = settings_of(resources, monkeypatch)
     mounted = mounts(resources, container)
     runtime = dockerfile.parse(DOCKERFILE)[-1]
-    assert str(settings.model_dir) == runtime.env()["CELLSTREAM_MODEL_DIR"]
-    assert volume_of(str(settings.model_dir), mounted) is None, "the model is baked into the image"
+    if settings.model_control == "none":
+        assert str(settings.model_dir) == runtime.env()["CELLSTREAM_MODEL_DIR"]
+        assert volume_of(str(settings.model_dir), mounted) is None, "the model is baked into the image"
+    else:  # a repository that changes while the pods run: on a volume every replica reads, none writes
+        volume = volume_of(str(settings.model_dir), mounted)
+        assert volume is not None and volume["persistentVolumeClaim"]["readOnly"] is True
+        claim = find(resources, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every replica, on any node, during a release"
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == str(settings.model_dir)]
+        assert mount["readOnly"] is True
     secret_files = {"auth_token_file": "cellstream-tokens", "tls_cert_path": "cellstream-tls",
                     "tls_key_path": "cellstream-tls"}
     for name, secret in secret_files.items():
@@ -183,7 +191,7 @@ def test_single_keeps_sessions_across_restarts_on_one_replica(rendered, monkeypa
     assert of_kind(resources, "HorizontalPodAutoscaler") == []
 
 
-@pytest.mark.parametrize("variant", ["ha", "ha+tls"])
+@pytest.mark.parametrize("variant", ["ha", "ha+tls", "ha+models"])
 def test_ha_shares_sessions_in_a_persistent_redis(rendered, variant, monkeypatch):
     resources = rendered[variant]
     settings = settings_of(resources, monkeypatch)
@@ -201,7 +209,7 @@ def test_ha_shares_sessions_in_a_persistent_redis(rendered, variant, monkeypatch
     assert [t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]] == ["data"]
 
 
-@pytest.mark.parametrize("variant", ["ha", "ha+tls"])
+@pytest.mark.parametrize("variant", ["ha", "ha+tls", "ha+models"])
 def test_ha_runs_three_or_more_spread_replicas_that_clients_balance_over(rendered, variant):
     resources = rendered[variant]
     deployment = find(resources, "Deployment", "cellstream")

@@ -18,7 +18,7 @@ from manifests import DEPLOY, of_kind
 # package knows. Strict: a field the API does not know fails, as a typo would be dropped by the server.
 KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 OPERATOR_API = "monitoring.coreos.com/v1"
-VARIANT_NAMES = ("single", "ha", "ha+tls")
+VARIANT_NAMES = ("single", "ha", "ha+tls", "ha+models")
 
 
 @pytest.mark.parametrize("variant", VARIANT_NAMES)

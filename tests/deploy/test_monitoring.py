@@ -23,6 +23,7 @@ from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
 from cellstream.service._proto.cellstream.v1 import inference_pb2_grpc as pb_grpc
 from cellstream.service._proto.inference import grpc_service_pb2
 from cellstream.service.config import load_settings
+from cellstream.service.registry import DRAINING, READY
 from cellstream.service.server import start_server
 
 DASHBOARD = DEPLOY / "grafana" / "cellstream.json"
@@ -34,14 +35,16 @@ TARGET_LABELS = {"namespace", "pod", "job", "instance", "service", "endpoint", "
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 # What the dashboard must show (issue 7): calls and errors by code, latency, batch size, queue wait,
 # onnxruntime compute, active sessions, expirations and evictions, session store errors; (issue 16) the
-# HTTP port's requests and latency by route.
+# HTTP port's requests and latency by route; (issue 27) sessions, steps, states and events per model version.
 DASHBOARD_METRICS = {"cellstream_requests_total", "cellstream_request_duration_seconds_bucket",
                      "cellstream_http_requests_total", "cellstream_http_request_duration_seconds_bucket",
                      "cellstream_batch_size_bucket", "cellstream_queue_wait_seconds_bucket",
                      "cellstream_compute_seconds_bucket", "cellstream_sessions_active",
-                     "cellstream_sessions_expired_total", "cellstream_sessions_evicted_total"}
+                     "cellstream_sessions_expired_total", "cellstream_sessions_evicted_total",
+                     "cellstream_model_version_sessions", "cellstream_model_version_steps_total",
+                     "cellstream_model_version_state", "cellstream_model_events_total"}
 ALERTS = {"CellstreamHighErrorRatio", "CellstreamHighLatencyP99", "CellstreamSessionsNearCapacity",
-          "CellstreamStateStoreUnavailable"}
+          "CellstreamStateStoreUnavailable", "CellstreamModelVersionDrainingTooLong"}
 
 
 def rpc_methods() -> dict[str, bool]:
@@ -184,7 +187,7 @@ async def test_every_metric_the_dashboard_and_alerts_read_is_exported(exposition
             assert grouped <= available, f"{where}: grouped by {grouped - available}, which {below} lack"
 
 
-def test_label_values_are_real_rpc_methods_and_status_codes():
+def test_label_values_are_real_rpc_methods_status_codes_and_version_states():
     methods = rpc_methods()
     codes = {code.name for code in grpc.StatusCode}
     for where, selector in all_selectors():
@@ -196,6 +199,9 @@ def test_label_values_are_real_rpc_methods_and_status_codes():
                     assert values == {name for name, streams in methods.items() if streams}, where
             if matcher.name == "code":
                 assert values <= codes, f"{where}: {values - codes} are not gRPC status codes"
+            if matcher.name == "state":
+                assert values <= {READY, DRAINING}, f"{where}: {values - {READY, DRAINING}} is no state a loaded " \
+                                                    "model version has"
 
 
 def test_the_capacity_alert_uses_the_configured_max_sessions(rendered):

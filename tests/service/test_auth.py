@@ -224,7 +224,8 @@ async def test_token_file_changes_apply_and_a_broken_one_is_ignored(start, token
     [
         (None, "cannot read the token file"),
         ("", "no tokens"),
-        (f"alice {ALICE} extra\n", "line 1: expected `<principal> <token>`, found 3 fields"),
+        ("alice\n", r"line 1: expected `<principal> <token> \[<scope> \.\.\.\]`, found 1 field"),
+        (f"alice {ALICE} extra\n", r"line 1: unknown scope 'extra'; scopes: admin \(the model repository calls"),
         (f"al/ice {ALICE}\n", "line 1: principal must be"),
         (f"alice {ALICE}\nbob {ALICE}\n", "line 2: token for 'bob' is already given"),
     ],

@@ -18,8 +18,9 @@ from onnx import TensorProto, helper
 
 from cellstream.bench.server import free_ports
 from cellstream.service.config import Settings, SettingsError, load_settings
-from cellstream.service.engine import Engine, ModelRegistry
+from cellstream.service.engine import Engine
 from cellstream.service.errors import ModelLoadError
+from cellstream.service.model_control import read_versions
 from cellstream.service.server import start_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,12 +136,38 @@ def test_serve_on_own_models_without_a_default_names_the_flag_before_binding(own
             f"{own_models}: demand, spotter") in wrong.stderr, wrong.stderr
 
 
-def test_the_only_model_of_a_directory_is_the_default(own_models, caplog):
+async def test_the_only_model_of_a_directory_is_the_default(own_models, caplog):
     (own_models / "spotter.onnx").unlink()
-    with caplog.at_level(logging.INFO, logger="cellstream.service.engine"):
-        registry = ModelRegistry.from_directory(own_models)
-    assert registry.default == "demand" and registry.resolve("") == "demand"
+    settings = load_settings(model_dir=own_models, host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0)
+    with caplog.at_level(logging.INFO, logger="cellstream.service.model_control"):
+        running = await start_server(settings)
+    try:
+        registry = running.dataplane.registry
+        assert registry.default == "demand" and registry.resolve("").name == "demand"
+    finally:
+        await running.stop(0)
     assert "default model: demand (no default_model set: the only model, or cellstream-chat)" in caplog.text
+
+
+def test_models_named_by_load_model_are_checked_before_binding(own_models, tmp_path):
+    """Explicit model control: the models start-up loads are those load_model names, each of them there; a
+    repository of versions (NAME/VERSION/model.onnx) counts its models by name."""
+    absent = serve_on_taken_ports(own_models, "--model-control", "explicit", "--load-model", "forecast")
+    assert absent.returncode == 2
+    assert f"load_model names ['forecast'], which {own_models} does not hold" in absent.stderr, absent.stderr
+    assert "bind" not in absent.stderr and "Traceback" not in absent.stderr
+    several = serve_on_taken_ports(own_models, "--model-control", "explicit", "--load-model", "demand,spotter")
+    assert several.returncode == 2
+    assert ("2 models named by load_model (demand, spotter) and no default model: choose the one used by requests "
+            "that name none with --default-model NAME") in several.stderr, several.stderr
+    versioned = tmp_path / "versioned"
+    for name, version in (("demand", 1), ("demand", 2), ("spotter", 1)):
+        (versioned / name / str(version)).mkdir(parents=True)
+        (versioned / name / str(version) / "model.onnx").symlink_to(own_models / f"{name}.onnx")
+    unnamed = serve_on_taken_ports(versioned)
+    assert unnamed.returncode == 2
+    assert f"2 models in {versioned} (demand, spotter) and no default model" in unnamed.stderr, unnamed.stderr
+    assert "bind" not in unnamed.stderr
 
 
 def test_serve_with_invalid_flag_value_fails_cleanly():
@@ -200,16 +227,17 @@ def test_engine_refuses_missing_and_unreadable_files(tmp_path):
         Engine(garbage)
 
 
-def test_registry_checks(tmp_path, tiny_model_dir):
+async def test_start_up_checks_the_model_directory(tmp_path, tiny_model_dir):
+    common = dict(host="127.0.0.1", port=0, metrics_host="127.0.0.1", metrics_port=0)
     with pytest.raises(ModelLoadError, match="model directory not found"):
-        ModelRegistry.from_directory(tmp_path / "absent")
+        await start_server(load_settings(model_dir=tmp_path / "absent", **common))
     with pytest.raises(ModelLoadError, match=r"no \.onnx models"):
-        ModelRegistry.from_directory(tmp_path)
+        await start_server(load_settings(model_dir=tmp_path, **common))
     with pytest.raises(ModelLoadError, match=r"default model 'nope' .* is not among the models"):
-        ModelRegistry.from_directory(tiny_model_dir, default="nope")
-    registry = ModelRegistry.from_directory(tiny_model_dir, default="tiny-features")
-    assert registry.resolve("") == "tiny-features" and registry.resolve("tiny-chat") == "tiny-chat"
-    engine = registry.engines["tiny-chat"]
+        await start_server(load_settings(model_dir=tiny_model_dir, default_model="nope", **common))
+    loaded = read_versions(tiny_model_dir, None, "all", 1)
+    assert sorted(engine.spec.key for engine, _ in loaded) == ["tiny-chat", "tiny-features"]
+    engine = next(engine for engine, _ in loaded if engine.spec.name == "tiny-chat")
     logits, hn, cn = engine.run(
         np.zeros((3, 4), np.int64), np.zeros((2, 3, 16), np.float32), np.zeros((2, 3, 16), np.float32)
     )

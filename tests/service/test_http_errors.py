@@ -91,7 +91,7 @@ def bad_requests(sid: str) -> list[tuple[str, str, object, dict, int, str]]:
          "declares 16 bytes of binary data"),
         ("POST", INFER, tokens([1], sequence_id="seq"), {"Content-Encoding": "gzip"}, 415, "uncompressed"),
         ("POST", "/v2/models/nope/infer", tokens([1]), {}, 404, "'nope' is not served"),
-        ("POST", f"/v2/models/{CHAT}/versions/2/infer", tokens([1], sequence_id="seq"), {}, 404, "no version '2'"),
+        ("POST", f"/v2/models/{CHAT}/versions/2/infer", tokens([1], sequence_id="seq"), {}, 404, "no version 2 loaded"),
         ("GET", "/v2/models/nope", None, {}, 404, "'nope' is not served"),
         ("GET", "/v2/models/nope/ready", None, {}, 404, "'nope' is not served"),
         ("POST", step, b"nope", {}, 400, "request body is not JSON"),

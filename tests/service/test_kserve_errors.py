@@ -157,7 +157,8 @@ async def test_refused_requests_change_nothing(server, connect, triton, stub, re
 
     # Models and versions.
     await check(infer("nope", [tokens(1)]), NOT_FOUND, "model 'nope' is not served", "tiny-chat")
-    await check(infer(CHAT, [tokens(1)], model_version="2"), NOT_FOUND, "has no version '2'")
+    await check(infer(CHAT, [tokens(1)], model_version="2"), NOT_FOUND,
+                "has no version 2 loaded; its loaded versions: 1 (READY)")
 
     # What tritonclient never sends: typed contents of the wrong length, raw data for some inputs
     # only, both kinds at once, a repeated input, parameters of the wrong type or sign.

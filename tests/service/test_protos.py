@@ -59,7 +59,7 @@ def test_kserve_proto_is_wire_compatible_with_tritonclient():
     service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert service.full_name == theirs.full_name
-    assert len(service.methods) == 7
+    assert len(service.methods) == 10  # health, metadata, inference, and the model repository extension
     for method in service.methods:
         other = theirs.methods_by_name[method.name]
         assert (method.input_type.full_name, method.output_type.full_name, method.client_streaming,

@@ -1,5 +1,6 @@
 """OpenTelemetry tracing against a real OTLP receiver (bench/otlp.py: opentelemetry-proto's TraceService on a
-free port): in-process servers started with OTEL_* in their environment, real clients on real ports."""
+free port): in-process servers started with OTEL_* in their environment, the generated stubs on real ports (a
+call's metadata carries the caller's `traceparent`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from cellstream.bench.otlp import ReceivedSpan, TraceSink
 from cellstream.bench.server import free_ports
 from cellstream.service import logs
 from cellstream.service._proto.cellstream.v1 import inference_pb2 as pb
-from cellstream.service.client import Client
 from cellstream.service.errors import TracingError
 from cellstream.service.tracing import EXTRA_MISSING, exporter_names, start_tracing
 
@@ -61,25 +61,25 @@ def named(spans: list[ReceivedSpan], name: str) -> list[ReceivedSpan]:
     return [span for span in spans if span.name == name]
 
 
-async def test_a_batched_step_of_8_sessions_is_one_batch_span_linking_the_8_request_spans(traced, sink, start, gate):
+async def test_a_batched_step_of_8_sessions_is_one_batch_span_linking_the_8_request_spans(traced, sink, start, gate,
+                                                                                           connect, step):
     traced()
     running = await start()
     held = gate(running)
-    async with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
-        blocker = (await client.open_session()).session_id
-        ids = [(await client.open_session()).session_id for _ in range(8)]
-        callers = [traceparent() for _ in ids]
-        first = asyncio.create_task(client.step(blocker, tokens=[1]))
-        await asyncio.to_thread(held.running.wait, 30)  # the model is busy: the 8 steps queue together
-        steps = [asyncio.ensure_future(client.stub.Step(client.step_request(sid, tokens=[7]), timeout=30,
-                                                        metadata=(("traceparent", header),)))
-                 for sid, (_, _, header) in zip(ids, callers, strict=True)]
-        batcher = running.dataplane.batchers[CHAT]
-        while batcher.queued < 8:
-            await asyncio.sleep(0.005)
-        held.open.set()
-        await first
-        await asyncio.gather(*steps)
+    stub = connect(running)
+    blocker = (await stub.OpenSession(pb.OpenSessionRequest(), timeout=30)).session_id
+    ids = [(await stub.OpenSession(pb.OpenSessionRequest(), timeout=30)).session_id for _ in range(8)]
+    callers = [traceparent() for _ in ids]
+    first = asyncio.ensure_future(stub.Step(step(blocker, tokens=[1]), timeout=30))
+    await asyncio.to_thread(held.running.wait, 30)  # the model is busy: the 8 steps queue together
+    steps = [asyncio.ensure_future(stub.Step(step(sid, tokens=[7]), timeout=30, metadata=(("traceparent", header),)))
+             for sid, (_, _, header) in zip(ids, callers, strict=True)]
+    batcher = running.dataplane.batchers[CHAT]
+    while batcher.queued < 8:
+        await asyncio.sleep(0.005)
+    held.open.set()
+    await first
+    await asyncio.gather(*steps)
 
     def complete(spans: list[ReceivedSpan]) -> bool:
         return len(named(spans, STEP)) == 9 and any(s.attributes.get("cellstream.batch.size") == 8 for s in spans)
@@ -105,7 +105,7 @@ async def test_a_batched_step_of_8_sessions_is_one_batch_span_linking_the_8_requ
     assert batch.resource["service.name"] == "cellstream" and batch.protocol == "grpc"
 
 
-async def test_a_clients_trace_reaches_the_request_spans_of_both_apis_on_both_ports(traced, sink, start):
+async def test_a_clients_trace_reaches_the_request_spans_of_both_apis_on_both_ports(traced, sink, start, connect):
     traced("http/protobuf")
     [http_port] = free_ports(1)
     running = await start(http_port=http_port)
@@ -126,11 +126,11 @@ async def test_a_clients_trace_reaches_the_request_spans_of_both_apis_on_both_po
         await triton.infer(CHAT, [tokens], sequence_id=5, sequence_start=True, headers={"traceparent": header_kserve})
     finally:
         await triton.close()
-    async with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
-        await client.stub.GetState(pb.SessionRef(session_id=opened), metadata=(("traceparent", header_grpc),))
-        before = (await client.get_state(opened)).position
-        turn = [chunk async for chunk in client.stub.Generate(
-            pb.GenerateRequest(session_id=opened, prompt="ok", max_tokens=6), metadata=(("traceparent", header_turn),))]
+    stub = connect(running)
+    await stub.GetState(pb.SessionRef(session_id=opened), timeout=30, metadata=(("traceparent", header_grpc),))
+    before = (await stub.GetState(pb.SessionRef(session_id=opened), timeout=30)).position
+    turn = [chunk async for chunk in stub.Generate(pb.GenerateRequest(session_id=opened, prompt="ok", max_tokens=6),
+                                                   timeout=30, metadata=(("traceparent", header_turn),))]
 
     def complete(spans: list[ReceivedSpan]) -> bool:
         return {trace_grpc, trace_http, trace_kserve, trace_turn} <= {span.trace_id for span in spans}
@@ -155,13 +155,13 @@ async def test_a_clients_trace_reaches_the_request_spans_of_both_apis_on_both_po
 
 
 async def test_redis_operations_are_children_of_the_request_or_batch_that_caused_them(traced, sink, start,
-                                                                                      redis_server):
+                                                                                      redis_server, connect, step):
     traced()
     running = await start(state_store=redis_server.url)
     trace_id, _, header = traceparent()
-    async with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
-        sid = (await client.open_session()).session_id
-        await client.stub.Step(client.step_request(sid, tokens=[1, 2, 3]), metadata=(("traceparent", header),))
+    stub = connect(running)
+    sid = (await stub.OpenSession(pb.OpenSessionRequest(), timeout=30)).session_id
+    await stub.Step(step(sid, tokens=[1, 2, 3]), timeout=30, metadata=(("traceparent", header),))
 
     def complete(spans: list[ReceivedSpan]) -> bool:
         return len(named(spans, "redis COMMIT")) >= 1 and len(named(spans, "redis CREATE")) == 1
@@ -183,17 +183,18 @@ async def test_redis_operations_are_children_of_the_request_or_batch_that_caused
     assert not named(spans, "redis PING") and not named(spans, "redis SWEEP")
 
 
-async def test_a_sampled_caller_is_traced_with_its_batches_and_the_others_not_at_all(traced, sink, start):
+async def test_a_sampled_caller_is_traced_with_its_batches_and_the_others_not_at_all(traced, sink, start, connect,
+                                                                                      step):
     traced(OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0")
     running = await start()
     trace_id, _, header = traceparent()
-    async with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
-        sid = (await client.open_session()).session_id
-        for _ in range(5):  # no parent: the ratio 0 draws none of them, nor their batches
-            await client.step(sid, tokens=[4])
-        await client.stub.Step(client.step_request(sid, tokens=[5]), metadata=(("traceparent", header),))
-        await client.stub.Step(client.step_request(sid, tokens=[6]),
-                               metadata=(("traceparent", header[:-2] + "00"),))  # the caller's: not sampled
+    stub = connect(running)
+    sid = (await stub.OpenSession(pb.OpenSessionRequest(), timeout=30)).session_id
+    for _ in range(5):  # no parent: the ratio 0 draws none of them, nor their batches
+        await stub.Step(step(sid, tokens=[4]), timeout=30)
+    await stub.Step(step(sid, tokens=[5]), timeout=30, metadata=(("traceparent", header),))
+    await stub.Step(step(sid, tokens=[6]), timeout=30,
+                    metadata=(("traceparent", header[:-2] + "00"),))  # the caller's: not sampled
 
     spans = await asyncio.to_thread(sink.wait_for, lambda spans: len(spans) >= 2)
     await asyncio.sleep(0.3)  # anything else would have come by now (50 ms export delay)
@@ -205,22 +206,23 @@ async def test_a_sampled_caller_is_traced_with_its_batches_and_the_others_not_at
     assert len(spans) == 2, [span.name for span in spans]
 
 
-async def test_each_outcome_is_on_its_span(traced, sink, start, tmp_path):
+async def test_each_outcome_is_on_its_span(traced, sink, start, tmp_path, connect, step):
     traced()
     tokens = tmp_path / "tokens"
     tokens.write_text("alice s3cret-s3cret-s3cret\n")
     running = await start(auth_token_file=tokens)
-    async with Client(f"127.0.0.1:{running.port}", timeout=30, token="s3cret-s3cret-s3cret") as client:
-        with pytest.raises(grpc.aio.AioRpcError) as missing:
-            await client.step("no-such-session", tokens=[1])
-        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-        with pytest.raises(grpc.aio.AioRpcError) as invalid:
-            await client.open_session(model="no-such-model")
-        assert invalid.value.code() == grpc.StatusCode.NOT_FOUND
-    async with Client(f"127.0.0.1:{running.port}", timeout=30, token="wrong-wrong-wrong-wrong") as stranger:
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stranger.list_models()
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    stub = connect(running)
+    alice, stranger = ((("authorization", f"Bearer {token}"),) for token in ("s3cret-s3cret-s3cret",
+                                                                               "wrong-wrong-wrong-wrong"))
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.Step(step("no-such-session", tokens=[1]), timeout=30, metadata=alice)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await stub.OpenSession(pb.OpenSessionRequest(model="no-such-model"), timeout=30, metadata=alice)
+    assert invalid.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=stranger)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     spans = await asyncio.to_thread(sink.wait_for, lambda spans: len(spans) >= 3)
     outcomes = {span.name: (span.attributes["rpc.response.status_code"], span.status_code) for span in spans}
     # The caller's mistakes are answered as designed: a status code, not an error of the server.
@@ -229,7 +231,8 @@ async def test_each_outcome_is_on_its_span(traced, sink, start, tmp_path):
     assert named(spans, STEP)[0].attributes.get("cellstream.session_id") is None  # no such session to name
 
 
-async def test_an_internal_error_is_an_error_span_and_its_log_line_carries_the_trace_id(traced, sink, start):
+async def test_an_internal_error_is_an_error_span_and_its_log_line_carries_the_trace_id(traced, sink, start, connect,
+                                                                                       step):
     traced()
     running = await start()
     stream = io.StringIO()
@@ -244,11 +247,11 @@ async def test_an_internal_error_is_an_error_span_and_its_log_line_carries_the_t
 
     running.dataplane.batchers[CHAT].engine.run = broken
     try:
-        async with Client(f"127.0.0.1:{running.port}", timeout=30) as client:
-            sid = (await client.open_session()).session_id
-            with pytest.raises(grpc.aio.AioRpcError) as failed:
-                await client.step(sid, tokens=[1])
-            assert failed.value.code() == grpc.StatusCode.INTERNAL
+        stub = connect(running)
+        sid = (await stub.OpenSession(pb.OpenSessionRequest(), timeout=30)).session_id
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.Step(step(sid, tokens=[1]), timeout=30)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
     finally:
         batcher_log.removeHandler(handler)
     spans = await asyncio.to_thread(sink.wait_for,
@@ -257,7 +260,7 @@ async def test_an_internal_error_is_an_error_span_and_its_log_line_carries_the_t
     assert step.attributes["rpc.response.status_code"] == "INTERNAL" and step.status_code == ERROR
     assert batch.status_code == ERROR
     [line] = [json.loads(text) for text in stream.getvalue().splitlines()]
-    assert line["level"] == "ERROR" and "batch of 1 entries on model tiny-chat failed" in line["message"]
+    assert line["level"] == "ERROR" and "batch of 1 entries on version 1 of model 'tiny-chat' failed" in line["message"]
     assert (line["trace_id"], line["span_id"]) == (batch.trace_id, batch.span_id)
     assert "RuntimeError: the model broke" in line["exception"]
 

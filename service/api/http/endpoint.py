@@ -196,11 +196,11 @@ class Endpoint:
         tokens = self.guards.tokens
         if tokens is None:
             return
-        principal, problem = auth.authenticate(tokens, request.headers.getlist("authorization"), "header")
-        if principal is None:
+        caller, problem = auth.authenticate(tokens, request.headers.getlist("authorization"), "header")
+        if caller is None:
             self.guards.metrics.calls_refused.labels("unauthenticated").inc()
             raise Unauthenticated(problem)
-        auth.act_as(principal)
+        auth.act_as(caller)
 
     def _deadline(self, request: Request) -> float | None:
         timeout = self.guards.settings.http_request_timeout_seconds or math.inf

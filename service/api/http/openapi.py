@@ -59,9 +59,16 @@ KSERVE = {
         "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
         "platform": {"type": "string"}, "inputs": {"type": "array", "items": _METADATA_TENSOR},
         "outputs": {"type": "array", "items": _METADATA_TENSOR}}},
+    "RepositoryIndexRequest": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+    "RepositoryIndex": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "version": {"type": "string"},
+        "state": {"type": "string", "enum": ["READY", "DRAINING", "UNAVAILABLE"]}, "reason": {"type": "string"}}}},
+    "RepositoryRequest": {"type": "object", "properties": {"parameters": {
+        "$ref": "#/components/schemas/Parameters"}}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
 }
 ERRORS = {"400": "invalid request: the message names the field and the rule", "401": "missing or unknown token",
+          "403": "the token lacks the scope the call needs (admin: the model repository)",
           "404": "unknown model, session or route", "409": "expected_position: the session moved",
           "413": "body larger than max_message_bytes", "429": "overloaded or queue full: retry with backoff",
           "503": "not ready: models loading, store down or shutting down", "504": "deadline exceeded"}

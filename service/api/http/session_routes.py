@@ -72,6 +72,10 @@ class SessionRoutes:
         return [
             Api("/v1/models", "GET", self.list_models, "The models served (ListModels)",
                 reply=v1 + "ListModelsResponse"),
+            Api("/v1/models/{model}/load", "POST", self.load_model, "Load (or reload) a model's versions from the "
+                "model repository (LoadModel; admin scope)", reply=v1 + "ModelStatus"),
+            Api("/v1/models/{model}/unload", "POST", self.unload_model, "Unload every version of a model; those "
+                "with live sessions drain (UnloadModel; admin scope)", reply=v1 + "ModelStatus"),
             Api("/v1/sessions", "POST", self.open_session, "A new session (OpenSession); the body may be empty",
                 request=v1 + "OpenSessionRequest", reply=v1 + "SessionInfo"),
             Api(f"{SESSION}/step", "POST", self.step, "Feed tokens, text or features (Step)",
@@ -96,12 +100,20 @@ class SessionRoutes:
         return session_id
 
     async def list_models(self, call: Call) -> Response:
-        return reply(native_codec.list_models(self.native.dataplane.registry))
+        return reply(await native_codec.list_models(self.native.dataplane))
+
+    async def load_model(self, call: Call) -> Response:
+        dataplane = self.native.dataplane
+        return reply(native_codec.model_status(dataplane, await dataplane.load_model(call.path["model"])))
+
+    async def unload_model(self, call: Call) -> Response:
+        dataplane = self.native.dataplane
+        return reply(native_codec.model_status(dataplane, await dataplane.unload_model(call.path["model"])))
 
     async def open_session(self, call: Call) -> Response:
         request = parse(await call.json(empty_is={}), pb.OpenSessionRequest())
         record = await self.native.dataplane.open_session(request.model, request.ttl_seconds,
-                                                          native_codec.initial_state(request))
+                                                          native_codec.initial_state(request), request.model_version)
         return reply(native_codec.session_info(record))
 
     async def step(self, call: Call) -> Response:

@@ -10,42 +10,48 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class State(_message.Message):
-    __slots__ = ("model", "num_layers", "hidden_size", "h", "c", "position")
+    __slots__ = ("model", "num_layers", "hidden_size", "h", "c", "position", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     H_FIELD_NUMBER: _ClassVar[int]
     C_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_layers: int
     hidden_size: int
     h: _containers.RepeatedScalarFieldContainer[float]
     c: _containers.RepeatedScalarFieldContainer[float]
     position: int
-    def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., h: _Optional[_Iterable[float]] = ..., c: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ...) -> None: ...
+    model_version: int
+    def __init__(self, model: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., h: _Optional[_Iterable[float]] = ..., c: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("model", "ttl_seconds", "initial_state")
+    __slots__ = ("model", "ttl_seconds", "initial_state", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     INITIAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     ttl_seconds: int
     initial_state: State
-    def __init__(self, model: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., initial_state: _Optional[_Union[State, _Mapping]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, model: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., initial_state: _Optional[_Union[State, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "model", "position", "expires_at")
+    __slots__ = ("session_id", "model", "position", "expires_at", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     position: int
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., position: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., position: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class SessionRef(_message.Message):
     __slots__ = ("session_id",)
@@ -254,7 +260,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input_kind", "vocab_size", "feature_size", "num_layers", "hidden_size", "metadata", "is_default", "output_name", "gates")
+    __slots__ = ("name", "input_kind", "vocab_size", "feature_size", "num_layers", "hidden_size", "metadata", "is_default", "output_name", "gates", "version", "versions")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +278,8 @@ class ModelInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
     GATES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     input_kind: str
     vocab_size: int
@@ -282,7 +290,19 @@ class ModelInfo(_message.Message):
     is_default: bool
     output_name: str
     gates: bool
-    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., is_default: _Optional[bool] = ..., output_name: _Optional[str] = ..., gates: _Optional[bool] = ...) -> None: ...
+    version: int
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., feature_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., is_default: _Optional[bool] = ..., output_name: _Optional[str] = ..., gates: _Optional[bool] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "state", "live_sessions")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    state: str
+    live_sessions: int
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., live_sessions: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")
@@ -291,3 +311,23 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_model: str
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("model", "versions")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    def __init__(self, model: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...

@@ -89,6 +89,16 @@ class InferenceStub:
                 request_serializer=cellstream_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=cellstream_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/cellstream.v1.Inference/LoadModel',
+                request_serializer=cellstream_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_inference__pb2.ModelStatus.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/cellstream.v1.Inference/UnloadModel',
+                request_serializer=cellstream_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=cellstream_dot_v1_dot_inference__pb2.ModelStatus.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -167,7 +177,23 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The models this server serves.
+        """The models this server serves, with each loaded version's state and live sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load (or reload) a model's versions from the model repository: new versions are loaded, versions no longer
+        there are unloaded. Needs model_control=explicit and a token with the `admin` scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload every version of a model; a version with live sessions drains (no new sessions, the live ones go on)
+        and is released after its last session ends. Needs model_control=explicit and the `admin` scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +256,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=cellstream_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=cellstream_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=cellstream_dot_v1_dot_inference__pb2.LoadModelRequest.FromString,
+                    response_serializer=cellstream_dot_v1_dot_inference__pb2.ModelStatus.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=cellstream_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
+                    response_serializer=cellstream_dot_v1_dot_inference__pb2.ModelStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +565,60 @@ class Inference:
             '/cellstream.v1.Inference/ListModels',
             cellstream_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             cellstream_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellstream.v1.Inference/LoadModel',
+            cellstream_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+            cellstream_dot_v1_dot_inference__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cellstream.v1.Inference/UnloadModel',
+            cellstream_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+            cellstream_dot_v1_dot_inference__pb2.ModelStatus.FromString,
             options,
             channel_credentials,
             insecure,
