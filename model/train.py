@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint path; a run that stopped early continues from it")
     parser.add_argument("--resume", type=Path, help="continue from this checkpoint instead of --out's")
     parser.add_argument("--fresh", action="store_true", help="start from scratch even when --out exists")
-    parser.add_argument("--steps", type=_positive_int, default=4500, help="optimiser steps in total")
+    parser.add_argument("--steps", type=_positive_int, default=9000, help="optimiser steps in total")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="sequences per batch")
     parser.add_argument("--bptt", type=_positive_int, default=1024, help="truncated-BPTT window (text corpus)")
     parser.add_argument("--lr", type=_positive_float, default=1e-3,
