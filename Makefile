@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
-MODEL := model/artifacts/cellstream-chat.onnx
 HOST ?= 0.0.0.0
 PORT ?= 50051
 # Extra flags for `make bench`, e.g. BENCH_ARGS="--quick --out-dir /tmp/bench".
@@ -74,13 +73,18 @@ image:
 protos: $(VENV)/.dev
 	$(BIN)/python -m cellstream.service.protogen
 
-# Full training + export + quality report of the shipped models (about 60 minutes on 2 cores: the chat model 58.5).
+# Full training + export + quality report of the chat model and the sensor forecaster into $(MODEL_OUT)
+# (default runs/default/; MODEL_OUT=model/artifacts replaces the shipped ones). The chat model's recipe is issue
+# 24's copy curriculum, estimated at about 165 minutes on 2 cores; the shipped chat model is still issue 14's
+# (`make model` at 3b9b36c), which the copy curriculum does not beat yet: README, "Remembering values it never saw".
+MODEL_OUT ?= runs/default
 model: $(VENV)/.dev
-	$(BIN)/python -m cellstream.model.train --out runs/default/model.pt --quiet
-	$(BIN)/python -m cellstream.model.export runs/default/model.pt --out $(MODEL)
-	$(BIN)/python -m cellstream.model.evaluate $(MODEL) --out model/artifacts/cellstream-chat.quality.json
-	$(BIN)/python -m cellstream.model.forecaster --out model/artifacts/cellstream-sensor.onnx \
-		--quality model/artifacts/cellstream-sensor.quality.json
+	$(BIN)/python -m cellstream.model.train --out $(MODEL_OUT)/model.pt --quiet
+	$(BIN)/python -m cellstream.model.export $(MODEL_OUT)/model.pt --out $(MODEL_OUT)/cellstream-chat.onnx
+	$(BIN)/python -m cellstream.model.evaluate $(MODEL_OUT)/cellstream-chat.onnx \
+		--out $(MODEL_OUT)/cellstream-chat.quality.json
+	$(BIN)/python -m cellstream.model.forecaster --out $(MODEL_OUT)/cellstream-sensor.onnx \
+		--quality $(MODEL_OUT)/cellstream-sensor.quality.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,23 +1,27 @@
-"""Training batches: token ids, next-token targets and per-target loss weights as tensors.
+"""Training batches: token ids, next-token targets, per-target loss weights and spelling targets as tensors.
 
-Dialogue batches hold whole dialogues (each starts from zero state), padded and bucketed by length;
-text batches hold contiguous streams of a user's corpus whose state carries from batch to batch.
+Dialogue batches hold whole dialogues (each starts from zero state), padded and bucketed by length, at
+the curriculum's current stage; text batches hold contiguous streams of a user's corpus whose state
+carries from batch to batch.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from cellstream.model import corpus, tokenizer
-from cellstream.model.languages import CITIES, JOBS, JOBS_FR, NAMES
+from cellstream.model.curriculum import Curriculum
+from cellstream.model.languages import KINDS
+from cellstream.model.values import MAX_VALUE_BYTES
 
-# What the probe names, per kind: the values of every language (French jobs after the English ones).
-FACT_VALUES: dict[str, tuple[str, ...]] = {"name": tuple(NAMES), "city": tuple(CITIES), "job": (*JOBS, *JOBS_FR)}
-UNKNOWN = -100  # fact label where the fact is not stated yet (cross_entropy's ignore_index)
+IGNORE = -100  # spelling target where there is nothing to spell (cross_entropy's ignore_index)
+END = tokenizer.BYTE_VOCAB  # spelling target just past a value's last byte
+SLOTS = MAX_VALUE_BYTES + 1  # a value's bytes, then END
+SPELLING_CLASSES = END + 1
 
 
 @dataclass(frozen=True)
@@ -26,16 +30,17 @@ class Batch:
     targets: torch.Tensor  # (B, L) int64
     weights: torch.Tensor  # (B, L) float32, 0 where the target is padding
     carry_state: bool  # True when each row continues the previous batch's row
-    facts: torch.Tensor | None = None  # (B, L, len(FACT_VALUES)) int64: each fact's index once stated
+    cuts: tuple[int, ...] = ()  # input lengths after which the state is read for the spelling probe
+    spelling: torch.Tensor | None = None  # (B, cuts, kinds, SLOTS) int64: each fact's latest value's bytes
 
 
 @dataclass(frozen=True)
 class Row:
-    """One sequence to train on: ids, the weight of predicting each, and optional fact labels."""
+    """One sequence to train on: ids, the weight of predicting each, and the facts stated in it."""
 
     ids: list[int]
     weights: list[float]
-    facts: torch.Tensor | None = None  # (len(ids), kinds): the facts known once ids[k] is read
+    statements: tuple[corpus.Statement, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,73 +70,67 @@ def dialogue_weights(dialogue: corpus.Dialogue, weights: LossWeights) -> list[fl
     return out
 
 
-def fact_labels(dialogue: corpus.Dialogue, length: int) -> torch.Tensor:
-    """(length, kinds) labels: at byte k, the index of each fact's latest stated value in its list."""
-    labels = torch.full((length, len(FACT_VALUES)), UNKNOWN, dtype=torch.long)
-    columns = {kind: column for column, kind in enumerate(FACT_VALUES)}
-    for statement in dialogue.statements:  # in order: an update overwrites from its own byte on
-        # Reading byte end - 1 (the value's last) completes the fact.
-        labels[statement.end - 1 :, columns[statement.kind]] = FACT_VALUES[statement.kind].index(statement.value)
-    return labels
+def spelling_targets(statements: Sequence[corpus.Statement], cuts: Sequence[int], length: int) -> torch.Tensor:
+    """(cuts, kinds, SLOTS): after reading the first `cut` bytes, each fact's latest stated value, byte by
+    byte, then END; IGNORE for facts not stated yet, for slots past END and for cuts past `length`."""
+    out = torch.full((len(cuts), len(KINDS), SLOTS), IGNORE, dtype=torch.long)
+    for j, cut in enumerate(cuts):
+        if cut > length:
+            continue
+        for statement in statements:  # in order: an update replaces the value from its own end on
+            if statement.end <= cut:
+                value = list(statement.value.encode("utf-8"))
+                row = out[j, KINDS.index(statement.kind)]
+                row[:] = IGNORE
+                row[: len(value)] = torch.tensor(value)
+                row[len(value)] = END
+    return out
 
 
 def encode_dialogue(dialogue: corpus.Dialogue, weights: LossWeights) -> Row:
-    """Ids of a dialogue followed by EOS, the weight of predicting each id, and the facts known."""
+    """Ids of a dialogue followed by EOS, the weight of predicting each id, and its statements."""
     ids = tokenizer.encode(dialogue.text, eos=True)
-    return Row(ids, [*dialogue_weights(dialogue, weights), 1.0], fact_labels(dialogue, len(ids)))
+    return Row(ids, [*dialogue_weights(dialogue, weights), 1.0], dialogue.statements)
 
 
-def pad_batch(rows: list[Row]) -> Batch:
-    """Right-pad rows into a batch; the first id of each row is only an input."""
+def pad_batch(rows: list[Row], cuts: Sequence[int] = ()) -> Batch:
+    """Right-pad rows into a batch; the first id of each row is only an input. With `cuts`, the spelling
+    targets of each row after each cut."""
     width = max(len(row.ids) for row in rows) - 1
     inputs = torch.full((len(rows), width), tokenizer.PAD, dtype=torch.long)
     targets = torch.full((len(rows), width), tokenizer.PAD, dtype=torch.long)
     weights = torch.zeros((len(rows), width))
-    labelled = all(row.facts is not None for row in rows)
-    facts = torch.full((len(rows), width, len(FACT_VALUES)), UNKNOWN, dtype=torch.long) if labelled else None
     for index, row in enumerate(rows):
         n = len(row.ids) - 1
         inputs[index, :n] = torch.tensor(row.ids[:-1])
         targets[index, :n] = torch.tensor(row.ids[1:])
         weights[index, :n] = torch.tensor(row.weights[1:])
-        if facts is not None and row.facts is not None:
-            facts[index, :n] = row.facts[:n]
-    return Batch(inputs, targets, weights, carry_state=False, facts=facts)
+    spelling = None
+    if cuts:
+        spelling = torch.stack([spelling_targets(row.statements, cuts, len(row.ids) - 1) for row in rows])
+    return Batch(inputs, targets, weights, carry_state=False, cuts=tuple(cuts), spelling=spelling)
 
 
-def curriculum_max_filler(batch_index: int, ramp_batches: int) -> int:
-    """Most filler turns at a point of training: none at first, growing to 8 by `ramp_batches`.
-
-    Short gaps between a fact and its question teach the model to store facts in its cell state
-    quickly; the forget gates it learns then carry them across the longer gaps.
-    """
-    if ramp_batches <= 0 or batch_index >= ramp_batches:
-        return 8
-    return (8 * batch_index) // ramp_batches
+def random_cuts(rng: random.Random, width: int, count: int) -> list[int]:
+    """`count` distinct input lengths in 1..width, sorted."""
+    return sorted(rng.sample(range(1, width + 1), min(count, width)))
 
 
 def dialogue_batches(
-    seed: int, batch_size: int, weights: LossWeights, *, first_batch: int = 0, ramp_batches: int = 0,
-    quiz_rate: float = 0.0, update_rate: float = 0.0, french_rate: float = 0.0, bucket: int = 16,
+    seed: int, batch_size: int, weights: LossWeights, curriculum: Curriculum, *, cuts: int = 0,
+    bucket: int = 16, rng: random.Random | None = None,
 ) -> Iterator[Batch]:
-    """Endless batches of training dialogues (0 to the curriculum's most filler turns), French with
-    probability `french_rate`; `bucket` batches at a time are sorted by length."""
-    rng = random.Random(seed)
-    index = first_batch
+    """Endless batches of training dialogues at the curriculum's stage when each bucket is drawn;
+    `bucket` batches at a time are sorted by length. Pass `rng` to continue a saved stream."""
+    rng = rng or random.Random(seed)
     while True:
-        max_filler = curriculum_max_filler(index, ramp_batches)
-        index += bucket
-        rows = [
-            encode_dialogue(corpus.make_dialogue(rng, language="fr" if rng.random() < french_rate else "en",
-                                                 min_filler=0, max_filler=max_filler, quiz_rate=quiz_rate,
-                                                 update_rate=update_rate), weights)
-            for _ in range(batch_size * bucket)
-        ]
+        rows = [encode_dialogue(curriculum.dialogue(rng), weights) for _ in range(batch_size * bucket)]
         rows.sort(key=lambda row: len(row.ids))
         groups = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
         rng.shuffle(groups)
         for group in groups:
-            yield pad_batch(group)
+            width = max(len(row.ids) for row in group) - 1
+            yield pad_batch(group, random_cuts(rng, width, cuts) if cuts else ())
 
 
 def text_batches(text: str, batch_size: int, window: int) -> Iterator[Batch]:

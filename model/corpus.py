@@ -13,7 +13,7 @@ so evaluation measures recall across text the model never saw.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -72,6 +72,8 @@ class QuestionAnswer:
 
 
 Role = Literal["greeting", "fact", "update", "small talk", "quiz"]
+# Draws a fact's value: (kind, language code, rng) -> the value as the user types it.
+ValueSource = Callable[[str, str, random.Random], str]
 
 
 @dataclass(frozen=True)
@@ -151,16 +153,21 @@ def make_dialogue(
     exact_questions: bool = False,
     quiz_rate: float = 0.0,
     update_rate: float = 0.0,
+    values: ValueSource | None = None,
+    variants: bool = False,
 ) -> Dialogue:
     """A dialogue in `language`: facts, then `min_filler`..`max_filler` small-talk turns, then questions.
 
     With probability `update_rate` the user changes one fact after a small-talk turn (in the user's
     words, e.g. "i moved to berlin."); the bot acknowledges the new value and every later question
     expects it. `quiz_rate` (training only) asks a fact back after a small-talk turn with that
-    probability, so recall is practised at every distance, not only after all the filler.
+    probability, so recall is practised at every distance, not only after all the filler. `values` draws
+    the facts' values (e.g. `model.values.ValuePool.draw`); by default they come from the fixed lists.
+    `variants` adds the language's other natural phrasings of facts and updates to issue 14's.
     """
     lang = LANGUAGES[language]
-    facts = {kind: rng.choice(lang.values(kind)) for kind in KINDS}
+    draw = values or _listed_value
+    facts = {kind: draw(kind, language, rng) for kind in KINDS}
     filler = FillerGenerator(heldout=heldout, language=lang)
     order = list(facts)
     rng.shuffle(order)
@@ -169,7 +176,8 @@ def make_dialogue(
         turns.append(Turn("greeting", *lang.greeting))
     for kind in order:
         value = facts[kind]
-        turns.append(Turn("fact", rng.choice(lang.facts[kind]).format(v=value),
+        stating = lang.facts[kind] + (lang.fact_variants[kind] if variants else ())
+        turns.append(Turn("fact", rng.choice(stating).format(v=value),
                           rng.choice(lang.acks[kind]).format(v=value), kind, value))
     small_talk = rng.randint(min_filler, max_filler)
     # The update comes after the k-th small-talk turn (k >= 1 when there is small talk at all).
@@ -178,9 +186,11 @@ def make_dialogue(
     for k in range(small_talk + 1):
         if k == update_after:
             kind = rng.choice(KINDS)
-            value = rng.choice([v for v in lang.values(kind) if v != facts[kind]])
+            value = _another_value(draw, kind, language, facts[kind], rng) if values else \
+                rng.choice([v for v in lang.values(kind) if v != facts[kind]])
             previous[kind], facts[kind] = facts[kind], value
-            turns.append(Turn("update", rng.choice(lang.updates[kind]).format(v=value),
+            changing = lang.updates[kind] + (lang.update_variants[kind] if variants else ())
+            turns.append(Turn("update", rng.choice(changing).format(v=value),
                               rng.choice(lang.update_acks[kind]).format(v=value), kind, value))
         if k == small_talk:
             break
@@ -193,6 +203,17 @@ def make_dialogue(
     questions = [_question(lang, kind, facts, rng, exact_questions) for kind in asked]
     return Dialogue(turns=tuple(turns), questions=tuple(questions), facts=facts, language=language,
                     previous=previous)
+
+
+def _listed_value(kind: str, language: str, rng: random.Random) -> str:
+    return rng.choice(LANGUAGES[language].values(kind))
+
+
+def _another_value(draw: ValueSource, kind: str, language: str, old: str, rng: random.Random) -> str:
+    """A value of `kind` other than `old` in any casing (an update must change the fact)."""
+    while (value := draw(kind, language, rng)).casefold() == old.casefold():
+        pass
+    return value
 
 
 def _question(lang: Language, kind: str, facts: dict[str, str], rng: random.Random, exact: bool) -> QuestionAnswer:

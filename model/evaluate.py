@@ -8,6 +8,13 @@ Two ways to hold a conversation, per language:
   (acknowledgements, small talk, answers) is the model's own greedy reply, fed back.
 
 Dialogues with an update (a fact changed after some small talk) score the new value and the old one.
+
+Values come from the fixed lists the model trained on (`listed`, issue 14's figures: an answer counts when
+it is the expected line exactly), or are `unseen`: names, cities and jobs held out of training
+(`model.values`), as people type them and stated in every phrasing of `model.languages` (issue 14's and
+the variants); an answer then counts when it contains the value exactly as typed
+(`copied`), with the case-insensitive rate beside it. In chat mode, every small-talk reply is checked
+against the corpus's reply shapes (`model.shapes`).
 """
 
 from __future__ import annotations
@@ -27,49 +34,73 @@ import onnxruntime as ort
 
 from cellstream.model import corpus, tokenizer
 from cellstream.model.languages import KINDS, LANGUAGES
+from cellstream.model.shapes import follows_a_shape
+from cellstream.model.values import ValuePool
 
 EVAL_SEED = 20_261_125
 MAX_REPLY_TOKENS = 48
 NEWLINE = ord("\n")
 Mode = Literal["fed", "chat"]
+Values = Literal["listed", "unseen"]
+
+
+def _counts() -> dict[str, int]:
+    return dict.fromkeys(KINDS, 0)
 
 
 @dataclass
 class Recall:
+    """Per kind: answers that are the expected line exactly (`correct`), that contain the value exactly as
+    typed (`copied`), and that contain it in any case (`casefolded`)."""
+
     dialogues: int = 0
-    correct: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    correct: dict[str, int] = field(default_factory=_counts)
+    copied: dict[str, int] = field(default_factory=_counts)
+    casefolded: dict[str, int] = field(default_factory=_counts)
 
-    def rate(self, kind: str) -> float:
-        return self.correct[kind] / max(1, self.dialogues)
+    def rate(self, kind: str, counts: dict[str, int] | None = None) -> float:
+        return (self.correct if counts is None else counts)[kind] / max(1, self.dialogues)
 
-    def overall(self) -> float:
-        return sum(self.correct.values()) / max(1, len(KINDS) * self.dialogues)
+    def overall(self, counts: dict[str, int] | None = None) -> float:
+        return sum((self.correct if counts is None else counts).values()) / max(1, len(KINDS) * self.dialogues)
 
-    def as_dict(self) -> dict[str, float]:
-        return {**{k: round(self.rate(k), 4) for k in self.correct}, "overall": round(self.overall(), 4)}
+    def as_dict(self, counts: dict[str, int] | None = None) -> dict[str, float]:
+        return {**{k: round(self.rate(k, counts), 4) for k in KINDS}, "overall": round(self.overall(counts), 4)}
 
 
 @dataclass
 class Scores:
     """What one evaluation run counted: recall of the latest values; for the questions on an updated
     fact, how often the reply is the new value's answer and how often it says the old value; and in
-    chat mode, how often an acknowledgement says back the value the user just stated."""
+    chat mode, how often an acknowledgement says back the value the user just stated and how many small-talk
+    replies follow a reply shape. With `copy`, an answer counts (recall, new value) when it contains the
+    value exactly as typed rather than when it is the expected line."""
 
+    copy: bool = False
     recall: Recall = field(default_factory=Recall)
     updated: int = 0
     new_value: int = 0
     old_value: int = 0
     acknowledgements: int = 0
     echoed: int = 0
+    small_talk: int = 0
+    shaped: int = 0
+
+    def answered(self, reply: str, qa: corpus.QuestionAnswer, value: str) -> bool:
+        return says(reply, value) if self.copy else reply == qa.answer
 
     def as_dict(self) -> dict:
-        out: dict = {"recall": self.recall.as_dict()}
+        out: dict = {"recall": self.recall.as_dict(self.recall.copied if self.copy else None)}
+        if self.copy:
+            out["recall_casefolded"] = self.recall.as_dict(self.recall.casefolded)
         if self.updated:
             out["update"] = {"questions": self.updated, "new_value": round(self.new_value / self.updated, 4),
                              "old_value": round(self.old_value / self.updated, 4)}
         if self.acknowledgements:
             out["acknowledged"] = {"statements": self.acknowledgements,
                                    "echoed": round(self.echoed / self.acknowledgements, 4)}
+        if self.small_talk:
+            out["small_talk"] = {"replies": self.small_talk, "shaped": round(self.shaped / self.small_talk, 4)}
         return out
 
 
@@ -130,28 +161,36 @@ def converse(chat: GreedyChat, dialogue: corpus.Dialogue, scores: Scores, *, mod
             if turn.role in ("fact", "update"):
                 scores.acknowledgements += 1
                 scores.echoed += says(reply, turn.value)
+            elif turn.role == "small talk":
+                scores.small_talk += 1
+                scores.shaped += follows_a_shape(reply, turn.user, dialogue.language)
     for qa in dialogue.questions:
         if reset:
             chat.reset()
         reply = chat.ask(qa.question)
+        value = dialogue.facts[qa.kind]
         scores.recall.correct[qa.kind] += reply == qa.answer
+        scores.recall.copied[qa.kind] += says(reply, value)
+        scores.recall.casefolded[qa.kind] += says(reply.casefold(), value.casefold())
         if qa.kind in dialogue.previous:
             scores.updated += 1
-            scores.new_value += reply == qa.answer
-            scores.old_value += says(reply, dialogue.previous[qa.kind])
+            scores.new_value += scores.answered(reply, qa, value)
+            scores.old_value += says(reply.casefold(), dialogue.previous[qa.kind].casefold())
     scores.recall.dialogues += 1
 
 
 def evaluate(model_path: Path, count: int, *, language: str = "en", mode: Mode = "fed", reset: bool = False,
-             updates: bool = False, seed: int = EVAL_SEED) -> Scores:
+             updates: bool = False, seed: int = EVAL_SEED, values: Values = "listed") -> Scores:
     """Greedy scores on `count` held-out-filler dialogues in `language` asked the exact questions; with
-    `updates`, every dialogue changes one fact after some small talk."""
+    `updates`, every dialogue changes one fact after some small talk; `values` says where facts come from."""
     chat = GreedyChat.load(model_path)
-    rng = random.Random(f"{seed}-{language}-{'updates' if updates else 'facts'}")
-    scores = Scores()
+    unseen = values == "unseen"
+    rng = random.Random(f"{seed}-{language}-{'updates' if updates else 'facts'}{'-unseen' if unseen else ''}")
+    draw = ValuePool.load(heldout=True).draw if unseen else None
+    scores = Scores(copy=unseen)
     for _ in range(count):
         dialogue = corpus.make_dialogue(rng, heldout=True, exact_questions=True, language=language,
-                                        update_rate=float(updates))
+                                        update_rate=float(updates), values=draw, variants=unseen)
         converse(chat, dialogue, scores, mode=mode, reset=reset)
     return scores
 
@@ -162,14 +201,15 @@ def evaluate_recall(model_path: Path, count: int, *, reset: bool, seed: int = EV
     return evaluate(model_path, count, language=language, reset=reset, seed=seed).recall
 
 
-def language_report(model_path: Path, count: int, language: str) -> dict:
-    """Every figure of one language (the README's quality table)."""
+def language_report(model_path: Path, count: int, language: str, values: Values = "listed") -> dict:
+    """Every figure of one language and source of values (the README's quality tables)."""
     report = {}
     for mode in ("fed", "chat"):
-        facts = evaluate(model_path, count, language=language, mode=mode)
-        moved = evaluate(model_path, count, language=language, mode=mode, updates=True)
+        facts = evaluate(model_path, count, language=language, mode=mode, values=values)
+        moved = evaluate(model_path, count, language=language, mode=mode, updates=True, values=values)
         report[mode] = {"facts": facts.as_dict(), "updates": moved.as_dict()}
-    report["fed"]["facts_state_reset"] = evaluate(model_path, count, language=language, reset=True).as_dict()
+    report["fed"]["facts_state_reset"] = evaluate(model_path, count, language=language, reset=True,
+                                                  values=values).as_dict()
     return report
 
 
@@ -189,6 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "modes": {"fed": "context fed as written, then the questions",
                   "chat": "every bot line generated by the model and fed back, one turn at a time"},
         "languages": {language: language_report(args.model, args.dialogues, language) for language in LANGUAGES},
+        "unseen": {
+            "values": "names, cities and jobs held out of training (model.values), as people type them",
+            "scoring": "an answer counts when it contains the value exactly as typed; recall_casefolded beside it",
+            "languages": {language: language_report(args.model, args.dialogues, language, "unseen")
+                          for language in LANGUAGES},
+        },
     }
     text = json.dumps(report, indent=2, ensure_ascii=False)
     print(text)

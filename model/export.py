@@ -35,7 +35,7 @@ PARITY_DIALOGUES = 8
 def load_checkpoint(path: Path) -> tuple[LSTMLanguageModel, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     model = LSTMLanguageModel(ModelConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
     model.eval()

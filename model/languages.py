@@ -58,6 +58,10 @@ class Language:
     acks: dict[str, tuple[str, ...]]  # how the bot acknowledges it
     updates: dict[str, tuple[str, ...]]  # how the user changes a fact later on
     update_acks: dict[str, tuple[str, ...]]
+    # More natural ways to state and change a fact (issue 24), drawn beside the ones above where a dialogue
+    # asks for them: in training and in the unseen-values evaluation, not in issue 14's figures.
+    fact_variants: dict[str, tuple[str, ...]]
+    update_variants: dict[str, tuple[str, ...]]
     questions: dict[str, tuple[str, str]]  # the exact question and its answer
     question_variants: dict[str, tuple[str, ...]]  # training questions
     small_talk: SmallTalk
@@ -93,6 +97,16 @@ ENGLISH = Language(
         "name": ("sorry, {v} then.", "got it, you are {v}.", "ok, {v} it is."),
         "city": ("so you live in {v} now.", "{v}, what a move!", "noted, {v} now."),
         "job": ("a {v} now, nice.", "noted, a {v} now.", "so you are a {v} now."),
+    },
+    fact_variants={
+        "name": ("i'm {v}.", "my name's {v}.", "hi, my name is {v}."),
+        "city": ("i'm based in {v}.", "i live in {v} with my family.", "home for me is {v}."),
+        "job": ("i'm a {v}.", "i work as a {v} these days.", "by trade i am a {v}."),
+    },
+    update_variants={
+        "name": ("i changed my name to {v}.", "sorry, my name is {v}, not that."),
+        "city": ("i have moved to {v}.", "i live in {v} now."),
+        "job": ("i'm a {v} now.", "my new job: {v}."),
     },
     questions={
         "name": ("what is my name?", "your name is {v}."),
@@ -215,6 +229,16 @@ FRENCH = Language(
         "name": ("pardon, {v} alors.", "d'accord, tu es {v}.", "entendu, {v}."),
         "city": ("donc tu habites à {v} maintenant.", "{v}, quel changement !", "noté, {v} maintenant."),
         "job": ("{v} maintenant, très bien.", "noté, {v} maintenant.", "donc tu es {v} maintenant."),
+    },
+    fact_variants={
+        "name": ("moi, c'est {v}.", "mon nom est {v}.", "bonjour, je m'appelle {v}."),
+        "city": ("je vis à {v} avec ma famille.", "ma ville, c'est {v}."),
+        "job": ("je suis {v} de métier.", "mon travail : {v}."),
+    },
+    update_variants={
+        "name": ("mon nouveau prénom est {v}.",),
+        "city": ("je vis à {v} maintenant.", "je viens de déménager à {v}."),
+        "job": ("je suis {v} maintenant.",),
     },
     questions={
         "name": ("comment je m'appelle ?", "tu t'appelles {v}."),

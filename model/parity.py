@@ -10,6 +10,9 @@ and onnxruntime float32 round differently, and a trained memory amplifies roundi
 weights the two float32 runs can be further apart than 1e-5 while both are as close to the exact
 result as float32 allows. The export passes when onnxruntime is at most EXPORT_FACTOR times as far
 from float64 as torch float32 is (never held below TOLERANCE), and within EXPORT_TO_TORCH of torch.
+The float32 yardstick is torch's worst error over all the inputs judged, not its error on each one:
+on one input torch can round luckily (2.7e-6 where onnxruntime's honest 1.15e-5 then "fails"), while
+a wrong export (gates swapped, a bias dropped) is more than 100 times over on every input.
 """
 
 from __future__ import annotations
@@ -56,22 +59,28 @@ class ExportErrors:
 
     @property
     def allowed_to_float64(self) -> float:
-        return max(EXPORT_FACTOR * self.torch_to_float64, TOLERANCE)
+        return allowed_beside(self.torch_to_float64)
 
     def summary(self, float32: str = "torch float32") -> str:
         """The three errors in words; `float32` names the float32 computation onnxruntime is judged beside."""
         return (f"onnxruntime to float64 {self.onnxruntime_to_float64:.2e} ({float32} "
                 f"{self.torch_to_float64:.2e}), onnxruntime to {float32} {self.onnxruntime_to_torch:.2e}")
 
-    def problem(self, float32: str = "torch float32") -> str | None:
-        """Why the export is not faithful on these inputs, or None when it is."""
-        if not self.onnxruntime_to_float64 <= self.allowed_to_float64:
+    def problem(self, float32: str = "torch float32", yardstick: float | None = None) -> str | None:
+        """Why the export is not faithful on these inputs, or None when it is; `yardstick` is the float32
+        computation's error the bound is made from (default: its error on these inputs)."""
+        yardstick = self.torch_to_float64 if yardstick is None else yardstick
+        if not self.onnxruntime_to_float64 <= allowed_beside(yardstick):
             return (f"onnxruntime is {self.onnxruntime_to_float64:.3g} from float64, more than "
-                    f"{EXPORT_FACTOR:g} x {float32}'s {self.torch_to_float64:.3g} (allowed "
-                    f"{self.allowed_to_float64:.3g})")
+                    f"{EXPORT_FACTOR:g} x {float32}'s worst {yardstick:.3g} (allowed {allowed_beside(yardstick):.3g})")
         if not self.onnxruntime_to_torch <= EXPORT_TO_TORCH:
             return f"onnxruntime and {float32} differ by {self.onnxruntime_to_torch:.3g} > {EXPORT_TO_TORCH:g}"
         return None
+
+
+def allowed_beside(float32_error: float) -> float:
+    """How far from float64 onnxruntime may be, given the float32 computation's own error."""
+    return max(EXPORT_FACTOR * float32_error, TOLERANCE)
 
 
 class ExportError(RuntimeError):
@@ -81,10 +90,13 @@ class ExportError(RuntimeError):
 def judge(measured: Iterable[tuple[str, ExportErrors]], subject: str, float32: str = "torch float32"
           ) -> ExportErrors:
     """The worst of each error, or ExportError on the first output and inputs where the export is not the
-    `subject`'s computation (cellstream.model.parity's rule, beside the float32 computation named `float32`)."""
+    `subject`'s computation (cellstream.model.parity's rule, beside the float32 computation named `float32`,
+    whose worst error over every input is the yardstick)."""
+    measured = list(measured)
+    yardstick = max((errors.torch_to_float64 for _, errors in measured), default=0.0)
     worst = ExportErrors(0.0, 0.0, 0.0)
     for where, errors in measured:
-        problem = errors.problem(float32)
+        problem = errors.problem(float32, yardstick)
         if problem is not None:
             raise ExportError(f"the export is not the {subject}'s computation: {where}: {problem}")
         worst = worst.worst(errors)

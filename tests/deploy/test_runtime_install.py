@@ -28,8 +28,8 @@ pytestmark = pytest.mark.timeout(180)
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PROJECT["project"]["version"]
 # Installed only by the extras: none of them may reach the image.
-EXTRAS_ONLY = ("torch", "onnx", "tqdm", "pytest", "hypothesis", "tritonclient", "grpc_tools", "matplotlib",
-               "opentelemetry")
+EXTRAS_ONLY = ("torch", "onnx", "tqdm", "faker", "pytest", "hypothesis", "tritonclient", "grpc_tools",
+               "matplotlib", "opentelemetry")
 
 
 def run(*argv: str | Path, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess:

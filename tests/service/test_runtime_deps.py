@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINING_ONLY = ("torch", "onnx", "tqdm")
+TRAINING_ONLY = ("torch", "onnx", "tqdm", "faker")
 # Every runtime dependency reaches the image and every install: adding one is a decision, taken here and in
 # the README's list. starlette, uvicorn and httptools serve the HTTP port.
 RUNTIME = {"numpy", "onnxruntime", "grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf",
@@ -26,7 +26,7 @@ def package_names(requirements: list[str]) -> set[str]:
 def test_runtime_dependencies_exclude_training_packages():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert package_names(project["dependencies"]).isdisjoint(TRAINING_ONLY)
-    assert {"torch", "onnx"} <= package_names(project["optional-dependencies"]["train"])
+    assert {"torch", "onnx", "faker"} <= package_names(project["optional-dependencies"]["train"])
 
 
 def test_the_runtime_dependencies_are_the_chosen_few():

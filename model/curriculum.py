@@ -1,0 +1,78 @@
+"""The training curriculum: from echoing one fact to recalling three across eight turns of small talk.
+
+Copying a value the model has never seen appears suddenly, after thousands of steps of near-zero
+accuracy (issue 24's probes), and not at all when it must first bridge hundreds of bytes. So training
+starts where copying is short and cheap, and moves on only once the held-out values are copied:
+
+- stage 0: one fact and the bot's acknowledgement, which says the value back (a copy ~15 bytes later);
+- stage 1: one to three facts, then the questions on them (recall across the other facts);
+- stage s >= 2: small talk of up to s - 1 turns between facts and questions, a recall question after
+  each small-talk turn, and updates; the last stage has up to 8 turns, as evaluated.
+
+Half of each batch is at the current stage, the rest revisits earlier stages (cheap, short dialogues
+that keep the copying sharp).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from cellstream.model import corpus
+
+LAST_STAGE = 9
+CURRENT_STAGE_SHARE = 0.5
+
+
+def max_filler(stage: int) -> int:
+    return max(0, stage - 1)
+
+
+def first_facts(dialogue: corpus.Dialogue, count: int, ask: bool) -> corpus.Dialogue:
+    """The dialogue cut to its first `count` fact turns, with the questions on them when `ask`."""
+    facts = tuple(turn for turn in dialogue.turns if turn.role == "fact")[:count]
+    kinds = {turn.kind for turn in facts}
+    return corpus.Dialogue(turns=facts, questions=tuple(q for q in dialogue.questions if q.kind in kinds) if ask
+                           else (), facts={turn.kind: turn.value for turn in facts}, language=dialogue.language)
+
+
+@dataclass
+class Curriculum:
+    """Draws training dialogues at the current stage (or an earlier one); `advance` moves it on."""
+
+    values: corpus.ValueSource  # the training values (model.values.ValuePool.draw)
+    french_rate: float = 0.5
+    update_rate: float = 0.5
+    quiz_rate: float = 1.0
+    listed_rate: float = 0.15  # dialogues whose facts come from the fixed lists of model.languages
+    stage: int = 0
+    last_stage: int = LAST_STAGE
+
+    def dialogue(self, rng: random.Random) -> corpus.Dialogue:
+        stage = self.stage if rng.random() < CURRENT_STAGE_SHARE else rng.randint(0, self.stage)
+        language = "fr" if rng.random() < self.french_rate else "en"
+        values = None if rng.random() < self.listed_rate else self.values
+        return self.at_stage(stage, rng, language=language, values=values)
+
+    def at_stage(self, stage: int, rng: random.Random, *, language: str, values: corpus.ValueSource | None,
+                 heldout: bool = False, update_rate: float | None = None) -> corpus.Dialogue:
+        """A dialogue of `stage`; `heldout` makes it an evaluation one (held-out small talk, the exact
+        questions, no quizzes, all three facts and at least one small-talk turn where the stage has any)."""
+        filler = max_filler(stage)
+        dialogue = corpus.make_dialogue(
+            rng, heldout=heldout, language=language, min_filler=min(filler, int(heldout)), max_filler=filler,
+            exact_questions=heldout, quiz_rate=0.0 if heldout else self.quiz_rate,
+            update_rate=(self.update_rate if update_rate is None else update_rate) if stage >= 2 else 0.0,
+            values=values, variants=True)
+        if stage == 0:
+            return first_facts(dialogue, 1, ask=False)
+        if stage == 1:
+            return first_facts(dialogue, 3 if heldout else rng.randint(1, 3), ask=True)
+        return dialogue
+
+    def advance(self) -> bool:
+        """Move to the next stage, if there is one."""
+        if self.stage >= self.last_stage:
+            return False
+        self.stage += 1
+        return True

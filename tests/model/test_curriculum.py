@@ -1,0 +1,175 @@
+"""The training curriculum (model/curriculum.py): what each stage's dialogues hold, and how it moves on."""
+
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from cellstream.model import corpus
+from cellstream.model.curriculum import LAST_STAGE, Curriculum, first_facts, max_filler
+from cellstream.model.languages import KINDS, LANGUAGES
+
+
+def source(kind: str, language: str, rng: random.Random) -> str:
+    """A value source whose values say where they come from (never one of the fixed lists)."""
+    return f"{kind[0]}{language}{rng.randrange(10**6)}"
+
+
+def drawn(curriculum: Curriculum, count: int, seed: int = 0) -> list[corpus.Dialogue]:
+    rng = random.Random(seed)
+    return [curriculum.dialogue(rng) for _ in range(count)]
+
+
+def roles(dialogue: corpus.Dialogue) -> Counter:
+    return Counter(turn.role for turn in dialogue.turns)
+
+
+def from_source(dialogue: corpus.Dialogue) -> bool:
+    return all(value.startswith(f"{kind[0]}{dialogue.language}") for kind, value in dialogue.facts.items())
+
+
+def test_stage_0_is_one_fact_and_its_acknowledgement():
+    for dialogue in drawn(Curriculum(source, stage=0), 200):
+        (turn,) = dialogue.turns
+        assert turn.role == "fact" and dialogue.questions == () and dialogue.previous == {}
+        assert dialogue.facts == {turn.kind: turn.value}
+        assert turn.value in turn.user and turn.value in turn.bot  # the bot says it back
+        assert dialogue.text == corpus.line("user", turn.user) + corpus.line("bot", turn.bot)
+        assert [s.value for s in dialogue.statements] == [turn.value]
+
+
+def test_stage_1_asks_the_facts_back_without_small_talk():
+    dialogues = drawn(Curriculum(source, stage=1, update_rate=1.0, quiz_rate=1.0), 300)
+    fact_counts = Counter()
+    for dialogue in dialogues:
+        counts = roles(dialogue)
+        assert set(counts) == {"fact"} and dialogue.previous == {}
+        if dialogue.questions:  # stage 1: one to three facts, all asked back
+            fact_counts[counts["fact"]] += 1
+            assert sorted(qa.kind for qa in dialogue.questions) == sorted(dialogue.facts)
+            assert all(dialogue.facts[qa.kind] in qa.answer for qa in dialogue.questions)
+        else:  # stage 0, revisited
+            assert counts["fact"] == 1
+    # Half at stage 1, the other half at stage 0 or 1.
+    assert 0.65 < sum(fact_counts.values()) / len(dialogues) < 0.85
+    assert set(fact_counts) == {1, 2, 3}
+
+
+@pytest.mark.parametrize("stage", [2, 3, 5, LAST_STAGE])
+def test_a_later_stage_has_at_most_stage_minus_1_turns_of_small_talk(stage):
+    dialogues = drawn(Curriculum(source, stage=stage), 300, seed=stage)
+    small_talk = [roles(d)["small talk"] for d in dialogues]
+    assert max(small_talk) == max_filler(stage) == stage - 1
+    assert min(small_talk) == 0
+    # Quizzes (quiz_rate 1 by default) follow every small-talk turn.
+    assert all(roles(d)["quiz"] == roles(d)["small talk"] for d in dialogues)
+    assert LAST_STAGE == 9 and max_filler(LAST_STAGE) == 8 and max_filler(0) == max_filler(1) == 0
+
+
+def test_half_the_dialogues_are_at_the_current_stage_the_rest_earlier():
+    dialogues = drawn(Curriculum(source, stage=4, update_rate=0.0), 1000)
+    single = sum(len(d.turns) == 1 and not d.questions for d in dialogues)  # stage 0: 1/2 x 1/5
+    longest = sum(roles(d)["small talk"] == 3 for d in dialogues)  # only stage 4 reaches 3 turns
+    assert 0.06 < single / len(dialogues) < 0.14
+    assert 0.1 < longest / len(dialogues) < 0.25
+
+
+def test_french_update_and_listed_rates():
+    def share(predicate, **rates):
+        dialogues = drawn(Curriculum(source, stage=LAST_STAGE, **rates), 400)
+        return sum(map(predicate, dialogues)) / len(dialogues)
+
+    def french(dialogue):
+        return dialogue.language == "fr"
+
+    def updated(dialogue):
+        return bool(dialogue.previous)
+
+    assert share(french, french_rate=0.0) == 0.0 and share(french, french_rate=1.0) == 1.0
+    assert 0.4 < share(french, french_rate=0.5) < 0.6
+    assert share(updated, update_rate=0.0) == 0.0
+    # Stages 0 and 1 never update: 1/2 x 2/10 of the dialogues.
+    assert 0.85 < share(updated, update_rate=1.0) < 0.95
+    assert share(from_source, listed_rate=0.0) == 1.0
+    assert 0.1 < 1 - share(from_source, listed_rate=0.15) < 0.2
+    listed = drawn(Curriculum(source, stage=LAST_STAGE, listed_rate=1.0), 100)
+    for dialogue in listed:
+        lang = LANGUAGES[dialogue.language]
+        assert all(value in lang.values(kind) for kind, value in dialogue.facts.items())
+
+
+def test_an_update_takes_a_new_value_from_the_source():
+    for dialogue in drawn(Curriculum(source, stage=LAST_STAGE, update_rate=1.0, listed_rate=0.0), 200):
+        for kind, old in dialogue.previous.items():
+            assert from_source(dialogue) and dialogue.facts[kind] != old
+
+
+@pytest.mark.parametrize("stage", range(LAST_STAGE + 1))
+def test_evaluation_dialogues_of_a_stage(stage):
+    """heldout: held-out small talk, the exact questions, no quizzes, all three facts asked (from stage 1),
+    small talk of at least one turn where the stage has any, updates as asked."""
+    curriculum = Curriculum(source, stage=0)
+    rng = random.Random(stage)
+    for k in range(40):
+        language = ("en", "fr")[k % 2]
+        dialogue = curriculum.at_stage(stage, rng, language=language, values=source, heldout=True,
+                                       update_rate=float(k % 4 >= 2))
+        counts = roles(dialogue)
+        assert dialogue.language == language and from_source(dialogue) and counts["quiz"] == 0
+        if stage == 0:
+            assert counts == {"fact": 1} and not dialogue.questions
+            continue
+        assert sorted(qa.kind for qa in dialogue.questions) == sorted(KINDS) == sorted(dialogue.facts)
+        exact = LANGUAGES[language].questions
+        assert all(qa.question == exact[qa.kind][0] for qa in dialogue.questions)
+        if stage == 1:
+            assert counts == {"fact": 3}
+        else:
+            assert 1 <= counts["small talk"] <= stage - 1
+            assert bool(dialogue.previous) == (k % 4 >= 2)
+            heldout, training = (user_lines(language, half) for half in (True, False))
+            for turn in dialogue.turns:
+                if turn.role == "small talk":
+                    assert heldout.fullmatch(turn.user) and not training.fullmatch(turn.user), turn.user
+
+
+def user_lines(language: str, heldout: bool) -> re.Pattern:
+    """Any user small-talk line of the held-out (or training) half: its shapes filled from its word pools."""
+    filler = corpus.FillerGenerator(heldout, LANGUAGES[language])
+
+    def fill(shape: str) -> str:
+        return re.sub(r"\\\{(\w+)\\\}", lambda slot: "(?:" + "|".join(map(re.escape, filler._pool(slot[1]))) + ")",
+                      re.escape(shape))
+
+    return re.compile("|".join(fill(shape) for shape in filler._shapes(filler.language.small_talk.user_shapes)))
+
+
+def test_first_facts_cuts_a_dialogue_to_its_first_facts():
+    dialogue = corpus.make_dialogue(random.Random(4), exact_questions=True, quiz_rate=1.0, values=source)
+    facts = [turn for turn in dialogue.turns if turn.role == "fact"]
+    for count in (1, 2, 3):
+        cut = first_facts(dialogue, count, ask=True)
+        assert cut.turns == tuple(facts[:count]) and cut.language == dialogue.language
+        assert cut.facts == {turn.kind: turn.value for turn in facts[:count]} and cut.previous == {}
+        assert [qa.kind for qa in cut.questions] == [qa.kind for qa in dialogue.questions if qa.kind in cut.facts]
+        assert all(cut.facts[qa.kind] in qa.answer for qa in cut.questions)
+        assert first_facts(dialogue, count, ask=False).questions == ()
+
+
+def test_advance_moves_one_stage_at_a_time_up_to_the_last():
+    curriculum = Curriculum(source)
+    assert curriculum.stage == 0
+    stages = []
+    while curriculum.advance():
+        stages.append(curriculum.stage)
+    assert stages == list(range(1, LAST_STAGE + 1))
+    assert not curriculum.advance() and curriculum.stage == LAST_STAGE
+    short = Curriculum(source, stage=2, last_stage=3)
+    assert short.advance() and not short.advance() and short.stage == 3
+
+
+def test_dialogues_are_seed_deterministic():
+    curriculum = Curriculum(source, stage=6)
+    assert [d.text for d in drawn(curriculum, 30, seed=1)] == [d.text for d in drawn(curriculum, 30, seed=1)]
+    assert [d.text for d in drawn(curriculum, 30, seed=1)] != [d.text for d in drawn(curriculum, 30, seed=2)]
