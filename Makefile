@@ -75,7 +75,7 @@ protos: $(VENV)/.dev
 
 # Full training + export + quality report of the chat model and the sensor forecaster into $(MODEL_OUT)
 # (default runs/default/; MODEL_OUT=model/artifacts replaces the shipped ones). The chat model's recipe is issue
-# 24's copy curriculum, estimated at about 165 minutes on 2 cores; the shipped chat model is still issue 14's
+# 24's copy curriculum (141 minutes of training on 2 partly shared cores); the shipped chat model is still issue 14's
 # (`make model` at 3b9b36c), which the copy curriculum does not beat yet: README, "Remembering values it never saw".
 MODEL_OUT ?= runs/default
 model: $(VENV)/.dev
