@@ -29,7 +29,15 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from cellstream.model import corpus, tokenizer
-from cellstream.model.batches import Batch, LossWeights, dialogue_batches, encode_dialogue, pad_batch, text_batches
+from cellstream.model.batches import (
+    Batch,
+    LossWeights,
+    dialogue_batches,
+    encode_dialogue,
+    pad_batch,
+    random_cuts,
+    text_batches,
+)
 from cellstream.model.curriculum import LAST_STAGE, Curriculum
 from cellstream.model.network import LSTMLanguageModel, ModelConfig
 from cellstream.model.probe import SpellingProbe
@@ -207,11 +215,10 @@ def evaluate_dialogues(model: LSTMLanguageModel, probe: SpellingProbe, seed: int
     rng = random.Random(seed + EVAL_SEED_OFFSET + stage)
     dialogues = [curriculum.at_stage(stage, rng, language=("en", "fr")[k % 2], values=values, heldout=True,
                                      update_rate=float(k % 4 >= 2)) for k in range(count)]
-    weights = LossWeights()
     device = next(model.parameters()).device
-    width = max(len(tokenizer.encode(d.text)) for d in dialogues)
-    cuts = sorted(random.Random(seed).sample(range(1, width + 1), min(EVAL_CUTS, width)))
-    batch = pad_batch([encode_dialogue(d, weights) for d in dialogues], cuts)
+    rows = [encode_dialogue(d, LossWeights()) for d in dialogues]
+    width = max(len(row.ids) for row in rows) - 1
+    batch = pad_batch(rows, random_cuts(random.Random(seed), width, EVAL_CUTS))
     hidden, states = states_at_cuts(model, batch.inputs.to(device), batch.cuts)
     logits = model.head(hidden).cpu()
     predicted = logits.argmax(-1)
