@@ -62,8 +62,10 @@ class LSTMLanguageModel(nn.Module):
                     bias[2 * hidden - slow : 2 * hidden] = torch.empty(slow).uniform_(*SLOW_FORGET_BIAS)
 
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, c) of zeros, on the model's device (CPU, or the GPU training runs on)."""
         shape = (self.config.num_layers, batch, self.config.hidden_size)
-        return torch.zeros(shape), torch.zeros(shape)
+        device = self.head.weight.device
+        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
 
     def forward(
         self, tokens: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor

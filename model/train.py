@@ -154,7 +154,7 @@ def run_batch(
     h, c = state
     for start in range(0, batch.inputs.shape[1], bptt):
         window = slice(start, start + bptt)
-        hidden, h, c = model.hidden_states(batch.inputs[:, window], h, c)
+        hidden, h, c = model.hidden_states(batch.inputs[:, window].to(h.device), h, c)
         yield hidden, (h, c), window
         h, c = h.detach(), c.detach()
 
@@ -165,7 +165,6 @@ def states_at_cuts(model: LSTMLanguageModel, inputs: torch.Tensor, cuts: Sequenc
     the sequence runs in pieces between the cuts, which gives the same result as one run."""
     batch = inputs.shape[0]
     h, c = model.zero_state(batch)
-    h, c = h.to(inputs.device), c.to(inputs.device)
     hidden, states, start = [], [], 0
     for cut in [*cuts, inputs.shape[1]]:
         if cut > start:
@@ -252,7 +251,7 @@ def evaluate_curriculum(model: LSTMLanguageModel, probe: SpellingProbe, args: ar
 def evaluate_text(model: LSTMLanguageModel, text: str, bptt: int) -> Evaluation:
     batch = next(text_batches(text, 1, bptt * 4))
     device = next(model.parameters()).device
-    logits, _, _ = model(batch.inputs.to(device), *(t.to(device) for t in model.zero_state(1)))
+    logits, _, _ = model(batch.inputs.to(device), *model.zero_state(1))
     return Evaluation(loss=weighted_loss(logits.cpu(), batch.targets, batch.weights).item(), answer_accuracy=None)
 
 
@@ -368,7 +367,7 @@ def train(args: argparse.Namespace) -> dict:
             total_loss = loss.item()
         else:
             if not batch.carry_state or state[0].shape[1] != batch.inputs.shape[0]:
-                state = tuple(t.to(device) for t in model.zero_state(batch.inputs.shape[0]))
+                state = model.zero_state(batch.inputs.shape[0])
             for hidden, window_state, window in run_batch(model, batch, state, args.bptt):
                 loss = weighted_loss(model.head(hidden), batch.targets[:, window].to(device),
                                      batch.weights[:, window].to(device))
