@@ -186,6 +186,7 @@ def make_dialogue(
     for k in range(small_talk + 1):
         if k == update_after:
             kind = rng.choice(KINDS)
+            # The listed values keep issue 14's draw, so its dialogues (and figures) stay the same to the byte.
             value = _another_value(draw, kind, language, facts[kind], rng) if values else \
                 rng.choice([v for v in lang.values(kind) if v != facts[kind]])
             previous[kind], facts[kind] = facts[kind], value

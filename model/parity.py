@@ -57,10 +57,6 @@ class ExportErrors:
         """The larger of each error of the two."""
         return ExportErrors(*(max(a, b) for a, b in zip(astuple(self), astuple(other), strict=True)))
 
-    @property
-    def allowed_to_float64(self) -> float:
-        return allowed_beside(self.torch_to_float64)
-
     def summary(self, float32: str = "torch float32") -> str:
         """The three errors in words; `float32` names the float32 computation onnxruntime is judged beside."""
         return (f"onnxruntime to float64 {self.onnxruntime_to_float64:.2e} ({float32} "
