@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TextIO
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TraceIds = Callable[[], "tuple[str, str] | None"]
@@ -60,9 +61,14 @@ class JsonFormatter(logging.Formatter):
         return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
 
 
+def handler(log_format: str, stream: TextIO | None = None) -> logging.Handler:
+    """A handler writing lines in `log_format` (text or json), with the trace ids, to `stream` (stderr)."""
+    out = logging.StreamHandler(stream)
+    out.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    out.addFilter(TraceIdFilter())
+    return out
+
+
 def configure(level: str, log_format: str) -> None:
     """The root logger's one handler (stderr) in `log_format` (text or json), at `level`."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    handler.addFilter(TraceIdFilter())
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler(log_format)], force=True)

@@ -236,9 +236,7 @@ async def test_an_internal_error_is_an_error_span_and_its_log_line_carries_the_t
     traced()
     running = await start()
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.JsonFormatter())
-    handler.addFilter(logs.TraceIdFilter())
+    handler = logs.handler("json", stream)
     batcher_log = logging.getLogger("cellstream.service.batcher")
     batcher_log.addHandler(handler)
 
@@ -312,9 +310,7 @@ def test_text_log_lines_made_inside_a_span_end_with_its_ids():
     telemetry = start_tracing({"OTEL_TRACES_EXPORTER": "console"})
     assert telemetry is not None
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.TextFormatter())
-    handler.addFilter(logs.TraceIdFilter())
+    handler = logs.handler("text", stream)
     logger = logging.getLogger("tests.tracing.text")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
