@@ -4,13 +4,17 @@ Copying a value the model has never seen appears suddenly, after thousands of st
 accuracy (issue 24's probes), and not at all when it must first bridge hundreds of bytes. So training
 starts where copying is short and cheap, and moves on only once the held-out values are copied:
 
-- stage 0: one fact and the bot's acknowledgement, which says the value back (a copy ~15 bytes later);
+- stage 0: one to `echo_facts` facts, each with the bot's acknowledgement, which says the value back (a copy
+  ~15 bytes later; several per dialogue: more copy practice for the bytes of small talk around it);
 - stage 1: one to three facts, then the questions on them (recall across the other facts);
 - stage s >= 2: small talk of up to s - 1 turns between facts and questions, a recall question after
   each small-talk turn, and updates; the last stage has up to 8 turns, as evaluated.
 
 Half of each batch is at the current stage, the rest revisits earlier stages (cheap, short dialogues
-that keep the copying sharp).
+that keep the copying sharp). Independently of the stage, training values may be capped in length
+(`max_value_bytes`, raised by the training loop): short values are copied first, long ones much later
+(a 2x128 model on stage 0 echoed 76% of held-out values of 1-6 bytes and 29% of 7-12 when those of 13 and
+more were still at 0%).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import random
 from dataclasses import dataclass
 
 from cellstream.model import corpus
+from cellstream.model.values import MAX_VALUE_BYTES
 
 LAST_STAGE = 9
 CURRENT_STAGE_SHARE = 0.5
@@ -47,12 +52,20 @@ class Curriculum:
     listed_rate: float = 0.15  # dialogues whose facts come from the fixed lists of model.languages
     stage: int = 0
     last_stage: int = LAST_STAGE
+    echo_facts: int = 1  # facts (with their acknowledgements) in a training dialogue of stage 0: 1 to this
+    max_value_bytes: int = MAX_VALUE_BYTES  # longest value a training dialogue states (UTF-8 bytes)
 
     def dialogue(self, rng: random.Random) -> corpus.Dialogue:
         stage = self.stage if rng.random() < CURRENT_STAGE_SHARE else rng.randint(0, self.stage)
         language = "fr" if rng.random() < self.french_rate else "en"
-        values = None if rng.random() < self.listed_rate else self.values
+        values = None if rng.random() < self.listed_rate else self._capped
         return self.at_stage(stage, rng, language=language, values=values)
+
+    def _capped(self, kind: str, language: str, rng: random.Random) -> str:
+        """A training value of at most `max_value_bytes` bytes (drawn again until one is)."""
+        while len((value := self.values(kind, language, rng)).encode("utf-8")) > self.max_value_bytes:
+            pass
+        return value
 
     def at_stage(self, stage: int, rng: random.Random, *, language: str, values: corpus.ValueSource | None,
                  heldout: bool = False, update_rate: float | None = None) -> corpus.Dialogue:
@@ -65,7 +78,8 @@ class Curriculum:
             update_rate=(self.update_rate if update_rate is None else update_rate) if stage >= 2 else 0.0,
             values=values, variants=True)
         if stage == 0:
-            return first_facts(dialogue, 1, ask=False)
+            echoes = 1 if heldout or self.echo_facts == 1 else rng.randint(1, self.echo_facts)
+            return first_facts(dialogue, echoes, ask=False)
         if stage == 1:
             return first_facts(dialogue, 3 if heldout else rng.randint(1, 3), ask=True)
         return dialogue

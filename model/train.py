@@ -41,10 +41,11 @@ from cellstream.model.batches import (
 from cellstream.model.curriculum import LAST_STAGE, Curriculum
 from cellstream.model.network import LSTMLanguageModel, ModelConfig
 from cellstream.model.probe import SpellingProbe
-from cellstream.model.values import ValuePool
+from cellstream.model.values import MAX_VALUE_BYTES, ValuePool
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation dialogues never share a seed with training ones
 EVAL_CUTS = 16
+LENGTH_BUCKET = 6  # bytes: echoes are also counted by value length, 1-6, 7-12, 13-18, 19-24
 
 
 def _bounded(cast: type, what: str, minimum: float, *, strict: bool = False, maximum: float = math.inf
@@ -70,6 +71,8 @@ _positive_float = _bounded(float, "a positive finite number", 0.0, strict=True)
 _non_negative_float = _bounded(float, "a finite number >= 0", 0.0)
 _probability = _bounded(float, "a probability in [0, 1]", 0.0, maximum=1.0)
 _stage = _bounded(int, f"a stage in 0..{LAST_STAGE}", 0, maximum=LAST_STAGE)
+_value_bytes = _bounded(int, f"a length in 4..{MAX_VALUE_BYTES} bytes", 4, maximum=MAX_VALUE_BYTES)
+_echo_facts = _bounded(int, "1, 2 or 3 facts", 1, maximum=3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-weight-decay", type=_non_negative_float, default=0.0,
                         help="decoupled weight decay on the head's weights (AdamW); smaller head weights "
                              "amplify float32 rounding in h less, which the export's parity check measures")
-    parser.add_argument("--answer-weight", type=_positive_float, default=5.0,
-                        help="loss weight of the bytes where the bot says a stated fact back")
+    parser.add_argument("--answer-weight", type=_positive_float, default=20.0,
+                        help="loss weight of the bytes where the bot says a stated fact back (the copies)")
     parser.add_argument("--user-weight", type=_non_negative_float, default=0.1,
                         help="loss weight of the user's lines (the bot never writes them)")
     parser.add_argument("--probe-weight", type=_non_negative_float, default=1.0,
@@ -111,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--advance-at", type=_probability, default=0.7,
                         help="held-out exactness (echo at stage 0, answers after) that moves the curriculum on")
     parser.add_argument("--first-stage", type=_stage, default=0, help="curriculum stage to start at")
+    parser.add_argument("--echo-facts", type=_echo_facts, default=3,
+                        help="facts, each acknowledged, in a training dialogue of stage 0 (1 to this many)")
+    parser.add_argument("--value-bytes-from", type=_value_bytes, default=6,
+                        help="longest training value at the first step, in bytes; it grows by one byte every "
+                             f"--value-bytes-every steps up to {MAX_VALUE_BYTES} (evaluation values are never capped)")
+    parser.add_argument("--value-bytes-every", type=_non_negative_int, default=300,
+                        help=f"steps per byte of growth of the training values' cap (0: no cap, {MAX_VALUE_BYTES} "
+                             "bytes from the start)")
     parser.add_argument("--last-stage-by", type=_probability, default=0.6,
                         help="share of --steps by which the curriculum reaches its last stage, mastered or not "
                              "(stage s by s/9 of it)")
@@ -133,6 +144,7 @@ class Evaluation:
     answer_accuracy: float | None  # teacher-forced exact answers, all eight turns of small talk at most
     stage_answer_accuracy: float | None = None  # the same at the curriculum's current stage
     echo_accuracy: float | None = None  # acknowledgements that say the value back, byte for byte
+    echo_by_length: dict[str, float] | None = None  # the same by the value's length in bytes ("1-6": ...)
     probe_accuracy: float | None = None  # bytes of the stated facts spelt from the state
     stage: int | None = None
 
@@ -142,8 +154,23 @@ def describe_corpus(args: argparse.Namespace) -> str:
         return (f"synthetic memory dialogues (seed {args.seed}, curriculum from stage {args.first_stage} to "
                 f"{LAST_STAGE}, advancing at {args.advance_at}, quiz rate {args.quiz_rate}, update rate "
                 f"{args.update_rate}, French {args.french_rate}, listed values {args.listed_rate}, other values "
-                f"from model.values' training half, spelling probe weight {args.probe_weight})")
+                f"from model.values' training half, {value_cap(args)}, up to {args.echo_facts} facts a dialogue "
+                f"at stage 0, spelling probe weight {args.probe_weight})")
     return f"text file {args.corpus.name}"
+
+
+def value_cap(args: argparse.Namespace) -> str:
+    if not args.value_bytes_every:
+        return f"values up to {MAX_VALUE_BYTES} bytes"
+    return (f"values up to {args.value_bytes_from} bytes at first, one more every {args.value_bytes_every} steps "
+            f"up to {MAX_VALUE_BYTES}")
+
+
+def max_value_bytes(args: argparse.Namespace, step: int) -> int:
+    """The cap on training values' length at `step`: short values are copied long before long ones."""
+    if not args.value_bytes_every:
+        return MAX_VALUE_BYTES
+    return min(MAX_VALUE_BYTES, args.value_bytes_from + step // args.value_bytes_every)
 
 
 def run_batch(
@@ -221,15 +248,21 @@ def evaluate_dialogues(model: LSTMLanguageModel, probe: SpellingProbe, seed: int
     hidden, states = states_at_cuts(model, batch.inputs.to(device), batch.cuts)
     logits = model.head(hidden).cpu()
     predicted = logits.argmax(-1)
-    echoed, answered = [], []
+    echoed, answered, by_length = [], [], {}
     for row, dialogue in enumerate(dialogues):
         echoes, answers = _spans(dialogue)
-        echoed += _exact(predicted[row], batch.targets[row], echoes)
+        exact = _exact(predicted[row], batch.targets[row], echoes)
+        echoed += exact
         answered += _exact(predicted[row], batch.targets[row], answers)
+        for (start, end), right in zip(echoes, exact, strict=True):
+            bucket = (end - start - 1) // LENGTH_BUCKET
+            by_length.setdefault(bucket, []).append(right)
     assert batch.spelling is not None
     return Evaluation(loss=weighted_loss(logits, batch.targets, batch.weights).item(),
                       answer_accuracy=sum(answered) / len(answered) if answered else None,
                       echo_accuracy=sum(echoed) / len(echoed) if echoed else None,
+                      echo_by_length={f"{LENGTH_BUCKET * b + 1}-{LENGTH_BUCKET * (b + 1)}": round(sum(r) / len(r), 4)
+                                      for b, r in sorted(by_length.items())} or None,
                       probe_accuracy=probe.accuracy(states.cpu(), batch.spelling), stage=stage)
 
 
@@ -243,7 +276,7 @@ def evaluate_curriculum(model: LSTMLanguageModel, probe: SpellingProbe, args: ar
     full.stage = curriculum.stage
     full.stage_answer_accuracy = current.answer_accuracy
     if curriculum.stage == 0:
-        full.echo_accuracy = current.echo_accuracy
+        full.echo_accuracy, full.echo_by_length = current.echo_accuracy, current.echo_by_length
     return full
 
 
@@ -313,7 +346,8 @@ def train(args: argparse.Namespace) -> dict:
     )
     training, heldout = ValuePool.load(heldout=False), ValuePool.load(heldout=True)
     curriculum = Curriculum(training.draw, french_rate=args.french_rate, update_rate=args.update_rate,
-                            quiz_rate=args.quiz_rate, listed_rate=args.listed_rate, stage=args.first_stage)
+                            quiz_rate=args.quiz_rate, listed_rate=args.listed_rate, stage=args.first_stage,
+                            echo_facts=args.echo_facts)
     data_rng = random.Random(args.seed)
     start_step, history, started_before = 0, [], 0.0
     checkpoint = _starting_point(args)
@@ -355,6 +389,7 @@ def train(args: argparse.Namespace) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args, step)
         curriculum.stage = max(curriculum.stage, scheduled_stage(args, step))
+        curriculum.max_value_bytes = max_value_bytes(args, step)
         batch = next(batches)
         optimizer.zero_grad()
         total_loss = 0.0

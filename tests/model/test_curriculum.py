@@ -39,6 +39,34 @@ def test_stage_0_is_one_fact_and_its_acknowledgement():
         assert [s.value for s in dialogue.statements] == [turn.value]
 
 
+def test_stage_0_may_hold_up_to_echo_facts_acknowledged_facts():
+    counts = Counter()
+    for dialogue in drawn(Curriculum(source, stage=0, echo_facts=3), 300):
+        facts = [turn for turn in dialogue.turns if turn.role == "fact"]
+        assert len(facts) == len(dialogue.turns) and dialogue.questions == () and dialogue.previous == {}
+        assert all(turn.value in turn.bot for turn in facts) and len({turn.kind for turn in facts}) == len(facts)
+        counts[len(facts)] += 1
+    assert set(counts) == {1, 2, 3} and min(counts.values()) > 70
+
+
+def lengthy(kind: str, language: str, rng: random.Random) -> str:
+    """Values of 2 to 24 bytes, some of them accented (two bytes a letter)."""
+    return rng.choice(("é", "e")) * rng.randint(1, 12) + "x" * rng.randint(0, 12)
+
+
+def test_training_values_are_capped_in_bytes_and_evaluation_values_are_not():
+    curriculum = Curriculum(lengthy, stage=LAST_STAGE, listed_rate=0.0, update_rate=1.0, max_value_bytes=7)
+    values = [s.value for d in drawn(curriculum, 300) for s in d.statements]
+    sizes = Counter(len(v.encode("utf-8")) for v in values)
+    assert max(sizes) == 7 and min(sizes) <= 2
+    curriculum.max_value_bytes = 24
+    assert max(len(s.value.encode("utf-8")) for d in drawn(curriculum, 300) for s in d.statements) > 20
+    curriculum.max_value_bytes = 7
+    rng = random.Random(1)
+    heldout = [curriculum.at_stage(LAST_STAGE, rng, language="en", values=lengthy, heldout=True) for _ in range(100)]
+    assert max(len(v.encode("utf-8")) for d in heldout for v in d.facts.values()) > 20
+
+
 def test_stage_1_asks_the_facts_back_without_small_talk():
     dialogues = drawn(Curriculum(source, stage=1, update_rate=1.0, quiz_rate=1.0), 300)
     fact_counts = Counter()

@@ -22,7 +22,7 @@ FRENCH = (
     "Où est la bibliothèque ? Près de l'église, à côté du café.\n"
 )
 EVALUATION_KEYS = {"step", "seconds", "loss", "answer_accuracy", "stage_answer_accuracy", "echo_accuracy",
-                   "probe_accuracy", "stage"}
+                   "echo_by_length", "probe_accuracy", "stage"}
 
 
 def load(path):

@@ -18,11 +18,12 @@ from cellstream.model.train import (
     evaluate_curriculum,
     evaluate_dialogues,
     learning_rate,
+    max_value_bytes,
     pick_device,
     scheduled_stage,
     states_at_cuts,
 )
-from cellstream.model.values import ValuePool
+from cellstream.model.values import MAX_VALUE_BYTES, ValuePool
 
 
 class Oracle(nn.Module):
@@ -73,6 +74,14 @@ def test_answer_and_echo_accuracy_count_right_answers(heldout):
     assert right.loss < 0.1 < 5 < wrong.loss
     assert right.stage == wrong.stage == LAST_STAGE
     assert 0.0 <= right.probe_accuracy <= 1.0
+
+
+def test_echoes_are_also_counted_by_the_value_s_length(heldout):
+    right, wrong = evaluate(Oracle(), heldout, LAST_STAGE), evaluate(Oracle(shift=2), heldout, LAST_STAGE)
+    buckets = ("1-6", "7-12", "13-18", "19-24")
+    assert set(right.echo_by_length) <= set(buckets) and len(right.echo_by_length) >= 3
+    assert set(right.echo_by_length.values()) == {1.0} and set(wrong.echo_by_length.values()) == {0.0}
+    assert right.echo_by_length.keys() == wrong.echo_by_length.keys()
 
 
 def test_stage_0_has_echoes_and_no_answers(heldout):
@@ -188,8 +197,19 @@ def test_the_curriculum_reaches_stage_s_by_s_ninths_of_its_deadline():
 def test_defaults_of_the_schedule_and_curriculum():
     args = schedule()
     assert (args.warmup_steps, args.final_lr_ratio, args.first_stage, args.probe_weight) == (300, 0.1, 0, 1.0)
-    assert args.last_stage_by == 0.6
+    assert args.last_stage_by == 0.6 and (args.echo_facts, args.answer_weight) == (3, 20.0)
     assert not args.fresh and args.resume is None and args.device == "auto"
+
+
+def test_training_values_start_short_and_grow_a_byte_at_a_time():
+    args = schedule("--value-bytes-from", "6", "--value-bytes-every", "300")
+    assert [max_value_bytes(args, step) for step in (0, 299, 300, 899, 900, 5399, 5400, 9000)] == \
+        [6, 6, 7, 8, 9, 23, 24, 24]
+    assert max_value_bytes(schedule("--value-bytes-every", "0"), 0) == MAX_VALUE_BYTES == 24
+    for bad in ("3", "25"):
+        with pytest.raises(SystemExit):
+            schedule("--value-bytes-from", bad)
+    assert max_value_bytes(schedule(), 0) == 6  # the default: short first
 
 
 def test_pick_device():
