@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "bytes from the start)")
     parser.add_argument("--last-stage-by", type=_probability, default=0.6,
                         help="share of --steps by which the curriculum reaches its last stage, mastered or not "
-                             "(stage s by s/9 of it)")
+                             f"(stage s by s/{LAST_STAGE} of it)")
     parser.add_argument("--embed-dim", type=_positive_int, default=64)
     parser.add_argument("--hidden-size", type=_positive_int, default=256)
     parser.add_argument("--layers", type=_positive_int, default=2)

@@ -7,7 +7,15 @@ from collections import Counter
 import pytest
 
 from cellstream.model import corpus
-from cellstream.model.curriculum import LAST_STAGE, Curriculum, first_facts, max_filler
+from cellstream.model.curriculum import (
+    LAST_STAGE,
+    SHORT_EXCHANGES,
+    SHORT_TURNS,
+    Curriculum,
+    first_facts,
+    max_filler,
+    with_short_exchanges,
+)
 from cellstream.model.languages import KINDS, LANGUAGES
 
 
@@ -23,6 +31,11 @@ def drawn(curriculum: Curriculum, count: int, seed: int = 0) -> list[corpus.Dial
 
 def roles(dialogue: corpus.Dialogue) -> Counter:
     return Counter(turn.role for turn in dialogue.turns)
+
+
+def short_exchanges(dialogue: corpus.Dialogue) -> bool:
+    """Whether the dialogue is one of stage 1's (its small talk, if any, is short exchanges)."""
+    return any((turn.user, turn.bot) in SHORT_EXCHANGES[dialogue.language] for turn in dialogue.turns)
 
 
 def from_source(dialogue: corpus.Dialogue) -> bool:
@@ -67,38 +80,65 @@ def test_training_values_are_capped_in_bytes_and_evaluation_values_are_not():
     assert max(len(v.encode("utf-8")) for d in heldout for v in d.facts.values()) > 20
 
 
-def test_stage_1_asks_the_facts_back_without_small_talk():
-    dialogues = drawn(Curriculum(source, stage=1, update_rate=1.0, quiz_rate=1.0), 300)
+def test_stage_1_asks_one_fact_back_after_up_to_8_short_exchanges():
+    gaps = Counter()
+    for dialogue in drawn(Curriculum(source, stage=1, update_rate=1.0, quiz_rate=1.0), 400):
+        if not dialogue.questions:  # stage 0, revisited
+            assert roles(dialogue) == {"fact": 1}
+            continue
+        fact, *exchanges = dialogue.turns
+        (qa,) = dialogue.questions
+        assert fact.role == "fact" and qa.kind == fact.kind and fact.value in qa.answer and dialogue.previous == {}
+        assert all((turn.role, (turn.user, turn.bot)) in {("small talk", pair) for pair in
+                                                         SHORT_EXCHANGES[dialogue.language]} for turn in exchanges)
+        gaps[len(exchanges)] += 1
+    assert set(gaps) == set(range(SHORT_TURNS + 1)) and SHORT_TURNS == 8
+    assert 0.65 < sum(gaps.values()) / 400 < 0.85  # half at stage 1, the other half at stage 0 or 1
+
+
+def test_short_exchanges_go_between_the_turns_and_the_questions():
+    dialogue = first_facts(corpus.make_dialogue(random.Random(3), values=source, language="fr"), 1, ask=True)
+    longer = with_short_exchanges(dialogue, 3, random.Random(0))
+    assert longer.turns[:1] == dialogue.turns and len(longer.turns) == 4 and longer.questions == dialogue.questions
+    assert longer.text.startswith(dialogue.context) and longer.text.endswith(dialogue.text[len(dialogue.context):])
+    assert [s.value for s in longer.statements] == [s.value for s in dialogue.statements]
+    assert with_short_exchanges(dialogue, 0, random.Random(0)) == dialogue
+
+
+def test_stage_2_asks_the_facts_back_without_small_talk():
+    dialogues = drawn(Curriculum(source, stage=2, update_rate=1.0, quiz_rate=1.0), 300)
     fact_counts = Counter()
     for dialogue in dialogues:
         counts = roles(dialogue)
-        assert set(counts) == {"fact"} and dialogue.previous == {}
-        if dialogue.questions:  # stage 1: one to three facts, all asked back
+        assert set(counts) <= {"fact", "small talk"} and dialogue.previous == {}
+        if "small talk" in counts:  # stage 1, revisited
+            assert counts["fact"] == 1 and len(dialogue.questions) == 1
+        elif dialogue.questions:  # stage 2 or 1: one to three facts, all asked back
             fact_counts[counts["fact"]] += 1
             assert sorted(qa.kind for qa in dialogue.questions) == sorted(dialogue.facts)
             assert all(dialogue.facts[qa.kind] in qa.answer for qa in dialogue.questions)
         else:  # stage 0, revisited
             assert counts["fact"] == 1
-    # Half at stage 1, the other half at stage 0 or 1.
-    assert 0.65 < sum(fact_counts.values()) / len(dialogues) < 0.85
+    # Half at stage 2, the other half at stage 0, 1 or 2 (stage 1 without a short exchange counts here too).
+    assert 0.6 < sum(fact_counts.values()) / len(dialogues) < 0.8
     assert set(fact_counts) == {1, 2, 3}
 
 
-@pytest.mark.parametrize("stage", [2, 3, 5, LAST_STAGE])
-def test_a_later_stage_has_at_most_stage_minus_1_turns_of_small_talk(stage):
+@pytest.mark.parametrize("stage", [3, 4, 6, LAST_STAGE])
+def test_a_later_stage_has_at_most_stage_minus_2_turns_of_small_talk(stage):
     dialogues = drawn(Curriculum(source, stage=stage), 300, seed=stage)
-    small_talk = [roles(d)["small talk"] for d in dialogues]
-    assert max(small_talk) == max_filler(stage) == stage - 1
-    assert min(small_talk) == 0
+    talk = [d for d in dialogues if not short_exchanges(d)]
+    small_talk = [roles(d)["small talk"] for d in talk]
+    assert max(small_talk) == max_filler(stage) == stage - 2
     # Quizzes (quiz_rate 1 by default) follow every small-talk turn.
-    assert all(roles(d)["quiz"] == roles(d)["small talk"] for d in dialogues)
-    assert LAST_STAGE == 9 and max_filler(LAST_STAGE) == 8 and max_filler(0) == max_filler(1) == 0
+    assert all(roles(d)["quiz"] == roles(d)["small talk"] for d in talk)
+    assert LAST_STAGE == 10 and max_filler(LAST_STAGE) == 8 and max_filler(0) == max_filler(1) == max_filler(2) == 0
 
 
 def test_half_the_dialogues_are_at_the_current_stage_the_rest_earlier():
-    dialogues = drawn(Curriculum(source, stage=4, update_rate=0.0), 1000)
+    dialogues = [d for d in drawn(Curriculum(source, stage=4, update_rate=0.0), 1000) if not short_exchanges(d)]
     single = sum(len(d.turns) == 1 and not d.questions for d in dialogues)  # stage 0: 1/2 x 1/5
-    longest = sum(roles(d)["small talk"] == 3 for d in dialogues)  # only stage 4 reaches 3 turns
+    longest = sum(roles(d)["small talk"] == 2 for d in dialogues)  # only stage 4 reaches 2 turns of small talk
     assert 0.06 < single / len(dialogues) < 0.14
     assert 0.1 < longest / len(dialogues) < 0.25
 
@@ -135,8 +175,9 @@ def test_an_update_takes_a_new_value_from_the_source():
 
 @pytest.mark.parametrize("stage", range(LAST_STAGE + 1))
 def test_evaluation_dialogues_of_a_stage(stage):
-    """heldout: held-out small talk, the exact questions, no quizzes, all three facts asked (from stage 1),
-    small talk of at least one turn where the stage has any, updates as asked."""
+    """heldout: held-out small talk, the exact questions, no quizzes, one fact asked after short exchanges at
+    stage 1, all three facts asked from stage 2, small talk of at least one turn where the stage has any,
+    updates as asked."""
     curriculum = Curriculum(source, stage=0)
     rng = random.Random(stage)
     for k in range(40):
@@ -148,13 +189,18 @@ def test_evaluation_dialogues_of_a_stage(stage):
         if stage == 0:
             assert counts == {"fact": 1} and not dialogue.questions
             continue
+        if stage == 1:
+            assert counts["fact"] == 1 and set(counts) <= {"fact", "small talk"} and short_exchanges(dialogue) \
+                == bool(counts["small talk"])
+            assert [qa.kind for qa in dialogue.questions] == list(dialogue.facts) and not dialogue.previous
+            continue
         assert sorted(qa.kind for qa in dialogue.questions) == sorted(KINDS) == sorted(dialogue.facts)
         exact = LANGUAGES[language].questions
         assert all(qa.question == exact[qa.kind][0] for qa in dialogue.questions)
-        if stage == 1:
+        if stage == 2:
             assert counts == {"fact": 3}
         else:
-            assert 1 <= counts["small talk"] <= stage - 1
+            assert 1 <= counts["small talk"] <= stage - 2
             assert bool(dialogue.previous) == (k % 4 >= 2)
             heldout, training = (user_lines(language, half) for half in (True, False))
             for turn in dialogue.turns:

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from cellstream.model.curriculum import LAST_STAGE
 from cellstream.model.train import main as train_main
 
 TRAIN, EXPORT = ("-m", "cellstream.model.train"), ("-m", "cellstream.model.export")
@@ -65,12 +66,12 @@ def test_train_writes_checkpoint_with_history(trained):
         assert evaluation["answer_accuracy"] == 0.0  # six steps say no answer right (counting: test_model_train)
         assert evaluation["stage_answer_accuracy"] == 0.0  # the current stage has questions too
         assert 0.0 <= evaluation["echo_accuracy"] < 0.7 and 0.0 <= evaluation["probe_accuracy"] < 0.5
-    # Unmastered, the curriculum follows its schedule: stage s by s/9 of --last-stage-by (60%) of the steps.
-    assert [h["stage"] for h in checkpoint["history"]] == [5, 9]
+    # Unmastered, the curriculum follows its schedule: stage s by s/10 of --last-stage-by (60%) of the steps.
+    assert [h["stage"] for h in checkpoint["history"]] == [5, 10]
     assert checkpoint["config"] == {"vocab_size": 260, "embed_dim": 8, "hidden_size": 32, "num_layers": 1}
     assert checkpoint["seed"] == 1234 and "synthetic" in checkpoint["corpus"] and "curriculum" in checkpoint["corpus"]
     assert {"model", "probe", "optimizer", "tokenizer", "torch_rng"} <= set(checkpoint)
-    assert checkpoint["stage"] == 9
+    assert checkpoint["stage"] == LAST_STAGE == 10
     random.Random().setstate(checkpoint["data_rng"])  # the data stream's state, to continue it
     assert checkpoint["args"]["fresh"] is False and checkpoint["args"]["device"] == "auto"
     assert adam_steps(checkpoint) == {6.0}
@@ -93,7 +94,7 @@ def test_resume_continues_from_checkpoint_step(run_module, trained, tmp_path):
     out = tmp_path / "model2.pt"
     result = run_module(*TRAIN, "--steps", "9", *TINY, "--resume", str(trained), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert f"resuming from {trained} at step 6 of 9 (curriculum stage 9)" in result.stderr
+    assert f"resuming from {trained} at step 6 of 9 (curriculum stage 10)" in result.stderr
     before, after = load(trained), load(out)
     assert after["step"] == 9
     # The resumed run evaluates at step 9 only, after the history it continues: it started at step 6.
@@ -109,13 +110,13 @@ def test_a_run_continues_from_its_own_out(capsys, trained, tmp_path):
     shutil.copy(trained, out)
     code, err = train_here(capsys, "--steps", "9", "--out", out)
     assert code == 0, err
-    assert f"cellstream train: resuming from {out} at step 6 of 9 (curriculum stage 9)" in err
+    assert f"cellstream train: resuming from {out} at step 6 of 9 (curriculum stage 10)" in err
     before, after = load(trained), load(out)
     assert after["step"] == 9 and [h["step"] for h in after["history"]] == [3, 6, 9]
     assert after["history"][:2] == before["history"]
     seconds = [h["seconds"] for h in after["history"]]
     assert seconds == sorted(seconds)  # the clock continues too
-    assert adam_steps(after) == {9.0} and after["stage"] == 9
+    assert adam_steps(after) == {9.0} and after["stage"] == LAST_STAGE
     assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
     # Weights, optimiser, data stream and torch's generator all come from the checkpoint: continuing it again
     # is the same run.

@@ -105,7 +105,7 @@ def test_evaluate_curriculum_measures_the_last_stage_and_the_current_one(monkeyp
 
     def fake(model, probe, seed, count, curriculum, stage, values):
         calls.append((seed, count, stage, values))
-        return Evaluation(loss=float(stage), answer_accuracy=None if stage == 0 else stage / 10,
+        return Evaluation(loss=float(stage), answer_accuracy=None if stage == 0 else stage / 20,
                           echo_accuracy=stage / 100, probe_accuracy=0.5, stage=stage)
 
     monkeypatch.setattr("cellstream.model.train.evaluate_dialogues", fake)
@@ -116,20 +116,20 @@ def test_evaluate_curriculum_measures_the_last_stage_and_the_current_one(monkeyp
     assert [(seed, count, stage) for seed, count, stage, _ in calls] == [(5, 12, LAST_STAGE), (5, 12, 0)]
     assert all(values == heldout.draw for *_, values in calls)  # held-out values, always
     # The curve's figures are the last stage's; stage 0's echoes (what it advances on) replace its echoes.
-    assert (at_0.loss, at_0.answer_accuracy, at_0.stage) == (LAST_STAGE, 0.9, 0)
+    assert (at_0.loss, at_0.answer_accuracy, at_0.stage) == (LAST_STAGE, 0.5, 0)
     assert at_0.stage_answer_accuracy is None and at_0.echo_accuracy == 0.0
 
     calls.clear()
     curriculum.stage = 4
     at_4 = evaluate_curriculum(None, None, args, curriculum, heldout)
     assert [stage for _, _, stage, _ in calls] == [LAST_STAGE, 4]
-    assert (at_4.answer_accuracy, at_4.stage_answer_accuracy, at_4.echo_accuracy, at_4.stage) == (0.9, 0.4, 0.09, 4)
+    assert (at_4.answer_accuracy, at_4.stage_answer_accuracy, at_4.echo_accuracy, at_4.stage) == (0.5, 0.2, 0.1, 4)
 
     calls.clear()
     curriculum.stage = LAST_STAGE
     last = evaluate_curriculum(None, None, args, curriculum, heldout)
     assert [stage for _, _, stage, _ in calls] == [LAST_STAGE]  # one evaluation when they are the same
-    assert last.answer_accuracy == last.stage_answer_accuracy == 0.9 and last.stage == LAST_STAGE
+    assert last.answer_accuracy == last.stage_answer_accuracy == 0.5 and last.stage == LAST_STAGE
 
 
 @pytest.mark.parametrize("cuts", [[1, 7, 8, 25, 40], [40], [13], []])
@@ -181,17 +181,17 @@ def test_learning_rate_without_warm_up_and_with_warm_up_beyond_the_run():
                                                                                 for k in range(10)])
 
 
-def test_the_curriculum_reaches_stage_s_by_s_ninths_of_its_deadline():
+def test_the_curriculum_reaches_stage_s_by_s_tenths_of_its_deadline():
     args = schedule("--steps", "1000", "--last-stage-by", "0.6")  # the last stage by step 600
     stages = [scheduled_stage(args, step) for step in range(1000)]
     assert stages[0] == 0 and all(a <= b for a, b in pairwise(stages))
     for stage in range(1, LAST_STAGE + 1):
         first = stages.index(stage)
-        assert first == -(-stage * 600 // LAST_STAGE), stage  # the first step at or past stage / 9 of 600
+        assert first == -(-stage * 600 // LAST_STAGE), stage  # the first step at or past stage / 10 of 600
     assert set(stages[600:]) == {LAST_STAGE}
     assert {scheduled_stage(schedule("--last-stage-by", "0"), step) for step in (0, 1, 4000)} == {LAST_STAGE}
     late = schedule("--steps", "90", "--last-stage-by", "1")
-    assert [scheduled_stage(late, step) for step in (0, 9, 10, 89)] == [0, 0, 1, 8]
+    assert [scheduled_stage(late, step) for step in (0, 8, 9, 89)] == [0, 0, 1, 9] and LAST_STAGE == 10
 
 
 def test_defaults_of_the_schedule_and_curriculum():
