@@ -91,7 +91,9 @@ class Curriculum:
     def at_stage(self, stage: int, rng: random.Random, *, language: str, values: corpus.ValueSource | None,
                  heldout: bool = False, update_rate: float | None = None) -> corpus.Dialogue:
         """A dialogue of `stage`; `heldout` makes it an evaluation one (held-out small talk, the exact
-        questions, no quizzes, all three facts and at least one small-talk turn where the stage has any)."""
+        questions, no quizzes, all three facts from stage 2 on and at least one small-talk turn where the stage
+        has any). Stage 1's short exchanges are the same in training and evaluation: they carry nothing to learn
+        by heart."""
         filler = max_filler(stage)
         dialogue = corpus.make_dialogue(
             rng, heldout=heldout, language=language, min_filler=min(filler, int(heldout)), max_filler=filler,

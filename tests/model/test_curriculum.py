@@ -130,6 +130,7 @@ def test_a_later_stage_has_at_most_stage_minus_2_turns_of_small_talk(stage):
     talk = [d for d in dialogues if not short_exchanges(d)]
     small_talk = [roles(d)["small talk"] for d in talk]
     assert max(small_talk) == max_filler(stage) == stage - 2
+    assert min(small_talk) == 0
     # Quizzes (quiz_rate 1 by default) follow every small-talk turn.
     assert all(roles(d)["quiz"] == roles(d)["small talk"] for d in talk)
     assert LAST_STAGE == 10 and max_filler(LAST_STAGE) == 8 and max_filler(0) == max_filler(1) == max_filler(2) == 0
