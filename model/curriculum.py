@@ -40,6 +40,7 @@ SHORT_EXCHANGES = {
     "en": (("ok.", "ok."), ("yes.", "good."), ("hm.", "yes?"), ("cool.", "indeed."), ("right.", "sure.")),
     "fr": (("ok.", "d'accord."), ("oui.", "bien."), ("hm.", "oui ?"), ("cool.", "en effet."), ("bon.", "oui.")),
 }
+SEVERAL_FACTS_STAGE = 2  # the first stage that asks several facts (after echo, then one fact)
 FIRST_SMALL_TALK_STAGE = 3
 
 
@@ -106,7 +107,7 @@ class Curriculum:
             return first_facts(dialogue, echoes, ask=False)
         if stage == 1:
             return with_short_exchanges(first_facts(dialogue, 1, ask=True), rng.randint(0, SHORT_TURNS), rng)
-        if stage == 2:
+        if stage == SEVERAL_FACTS_STAGE:
             return first_facts(dialogue, 3 if heldout else rng.randint(1, 3), ask=True)
         return dialogue
 

@@ -15,6 +15,7 @@ from cellstream.model.probe import SpellingProbe
 from cellstream.model.train import (
     Evaluation,
     build_parser,
+    describe_corpus,
     evaluate_curriculum,
     evaluate_dialogues,
     learning_rate,
@@ -22,6 +23,7 @@ from cellstream.model.train import (
     pick_device,
     scheduled_stage,
     states_at_cuts,
+    train,
 )
 from cellstream.model.values import MAX_VALUE_BYTES, ValuePool
 
@@ -194,10 +196,31 @@ def test_the_curriculum_reaches_stage_s_by_s_tenths_of_its_deadline():
     assert [scheduled_stage(late, step) for step in (0, 8, 9, 89)] == [0, 0, 1, 9] and LAST_STAGE == 10
 
 
+def test_several_facts_by_gives_the_echo_and_one_fact_stages_their_own_share_of_the_steps():
+    args = schedule("--steps", "1000", "--several-facts-by", "0.4", "--last-stage-by", "0.8")
+    stages = [scheduled_stage(args, step) for step in range(1000)]
+    assert all(a <= b for a, b in pairwise(stages))
+    # Stage 1 (one fact) by step 200, stage 2 by 400, then stages 3..10 every 50 steps up to 800.
+    assert [stages.index(stage) for stage in range(LAST_STAGE + 1)] == [0, 200, 400, *range(450, 801, 50)]
+    assert set(stages[800:]) == {LAST_STAGE}
+    assert "stage 2 by 40% of the steps and the last stage by 80%" in describe_corpus(args)
+    assert "the last stage by 60% of the steps" in describe_corpus(schedule())
+    whole = schedule("--steps", "100", "--several-facts-by", "0.5", "--last-stage-by", "0.5")
+    assert [scheduled_stage(whole, step) for step in (0, 24, 25, 49, 50, 99)] == [0, 0, 1, 1, LAST_STAGE, LAST_STAGE]
+
+
+def test_several_facts_after_the_last_stage_is_refused_before_training(tmp_path):
+    args = schedule("--several-facts-by", "0.7", "--last-stage-by", "0.6", "--out", str(tmp_path / "m.pt"))
+    with pytest.raises(ValueError, match=r"--several-facts-by 0\.7 comes after --last-stage-by 0\.6"):
+        train(args)
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_defaults_of_the_schedule_and_curriculum():
     args = schedule()
     assert (args.warmup_steps, args.final_lr_ratio, args.first_stage, args.probe_weight) == (300, 0.1, 0, 1.0)
-    assert args.last_stage_by == 0.6 and (args.echo_facts, args.answer_weight) == (3, 20.0)
+    assert args.last_stage_by == 0.6 and args.several_facts_by is None
+    assert (args.echo_facts, args.answer_weight) == (3, 20.0)
     assert not args.fresh and args.resume is None and args.device == "auto"
 
 
