@@ -40,6 +40,11 @@ SHORT_EXCHANGES = {
     "en": (("ok.", "ok."), ("yes.", "good."), ("hm.", "yes?"), ("cool.", "indeed."), ("right.", "sure.")),
     "fr": (("ok.", "d'accord."), ("oui.", "bien."), ("hm.", "oui ?"), ("cool.", "en effet."), ("bon.", "oui.")),
 }
+# Those of the evaluation, never trained on: stage 1's figures are on filler the model has not seen.
+HELDOUT_SHORT_EXCHANGES = {
+    "en": (("fine.", "great."), ("uh-huh.", "go on."), ("i see.", "right.")),
+    "fr": (("bien.", "parfait."), ("ah.", "vas-y."), ("je vois.", "voilà.")),
+}
 SEVERAL_FACTS_STAGE = 2  # the first stage that asks several facts (after echo, then one fact)
 FIRST_SMALL_TALK_STAGE = 3
 
@@ -56,9 +61,12 @@ def first_facts(dialogue: corpus.Dialogue, count: int, ask: bool) -> corpus.Dial
                            else (), facts={turn.kind: turn.value for turn in facts}, language=dialogue.language)
 
 
-def with_short_exchanges(dialogue: corpus.Dialogue, count: int, rng: random.Random) -> corpus.Dialogue:
-    """The dialogue with `count` short exchanges after its turns, before its questions."""
-    exchanges = tuple(corpus.Turn("small talk", *rng.choice(SHORT_EXCHANGES[dialogue.language])) for _ in range(count))
+def with_short_exchanges(dialogue: corpus.Dialogue, count: int, rng: random.Random, *,
+                         heldout: bool = False) -> corpus.Dialogue:
+    """The dialogue with `count` short exchanges (the evaluation's with `heldout`) after its turns, before
+    its questions."""
+    pairs = (HELDOUT_SHORT_EXCHANGES if heldout else SHORT_EXCHANGES)[dialogue.language]
+    exchanges = tuple(corpus.Turn("small talk", *rng.choice(pairs)) for _ in range(count))
     return corpus.Dialogue(turns=dialogue.turns + exchanges, questions=dialogue.questions, facts=dialogue.facts,
                            language=dialogue.language, previous=dialogue.previous)
 
@@ -91,10 +99,9 @@ class Curriculum:
 
     def at_stage(self, stage: int, rng: random.Random, *, language: str, values: corpus.ValueSource | None,
                  heldout: bool = False, update_rate: float | None = None) -> corpus.Dialogue:
-        """A dialogue of `stage`; `heldout` makes it an evaluation one (held-out small talk, the exact
-        questions, no quizzes, all three facts from stage 2 on and at least one small-talk turn where the stage
-        has any). Stage 1's short exchanges are the same in training and evaluation: they carry nothing to learn
-        by heart."""
+        """A dialogue of `stage`; `heldout` makes it an evaluation one (held-out small talk and short
+        exchanges, the exact questions, no quizzes, all three facts from stage 2 on and at least one small-talk
+        turn where the stage has any)."""
         filler = max_filler(stage)
         dialogue = corpus.make_dialogue(
             rng, heldout=heldout, language=language, min_filler=min(filler, int(heldout)), max_filler=filler,
@@ -106,7 +113,8 @@ class Curriculum:
             echoes = 1 if heldout or self.echo_facts == 1 else rng.randint(1, self.echo_facts)
             return first_facts(dialogue, echoes, ask=False)
         if stage == 1:
-            return with_short_exchanges(first_facts(dialogue, 1, ask=True), rng.randint(0, SHORT_TURNS), rng)
+            return with_short_exchanges(first_facts(dialogue, 1, ask=True), rng.randint(0, SHORT_TURNS), rng,
+                                        heldout=heldout)
         if stage == SEVERAL_FACTS_STAGE:
             return first_facts(dialogue, 3 if heldout else rng.randint(1, 3), ask=True)
         return dialogue

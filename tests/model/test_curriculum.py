@@ -8,6 +8,7 @@ import pytest
 
 from cellstream.model import corpus
 from cellstream.model.curriculum import (
+    HELDOUT_SHORT_EXCHANGES,
     LAST_STAGE,
     SHORT_EXCHANGES,
     SHORT_TURNS,
@@ -94,6 +95,18 @@ def test_stage_1_asks_one_fact_back_after_up_to_8_short_exchanges():
         gaps[len(exchanges)] += 1
     assert set(gaps) == set(range(SHORT_TURNS + 1)) and SHORT_TURNS == 8
     assert 0.65 < sum(gaps.values()) / 400 < 0.85  # half at stage 1, the other half at stage 0 or 1
+
+
+def test_stage_1_of_the_evaluation_has_short_exchanges_never_trained_on():
+    curriculum = Curriculum(source, stage=1)
+    for language in ("en", "fr"):
+        trained = set(SHORT_EXCHANGES[language])
+        assert not trained & set(HELDOUT_SHORT_EXCHANGES[language])
+        rng = random.Random(5)
+        heldout = [curriculum.at_stage(1, rng, language=language, values=source, heldout=True) for _ in range(60)]
+        pairs = {(turn.user, turn.bot) for d in heldout for turn in d.turns if turn.role == "small talk"}
+        assert pairs == set(HELDOUT_SHORT_EXCHANGES[language])
+        assert all(len(d.questions) == 1 and d.turns[0].role == "fact" for d in heldout)
 
 
 def test_short_exchanges_go_between_the_turns_and_the_questions():
@@ -191,8 +204,8 @@ def test_evaluation_dialogues_of_a_stage(stage):
             assert counts == {"fact": 1} and not dialogue.questions
             continue
         if stage == 1:
-            assert counts["fact"] == 1 and set(counts) <= {"fact", "small talk"} and short_exchanges(dialogue) \
-                == bool(counts["small talk"])
+            assert counts["fact"] == 1 and set(counts) <= {"fact", "small talk"}
+            assert all((turn.user, turn.bot) in HELDOUT_SHORT_EXCHANGES[language] for turn in dialogue.turns[1:])
             assert [qa.kind for qa in dialogue.questions] == list(dialogue.facts) and not dialogue.previous
             continue
         assert sorted(qa.kind for qa in dialogue.questions) == sorted(KINDS) == sorted(dialogue.facts)
